@@ -1,0 +1,11 @@
+"""Command-line interface. Each stage's commands live in their own module and register on `app`."""
+
+from vqtok.cli.app import app
+from vqtok.cli import info  # noqa: F401  (registers commands)
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,39 @@
+"""The Typer application object and the user-error handling shared by every command."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from vqtok.errors import UserError
+
+
+class _VqtokGroup(TyperGroup):
+    """Turns a `UserError` raised by any command into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            message = " ".join(str(exc).split())
+            sys.stderr.write(f"error: {message}\n")
+            sys.stderr.flush()
+            raise typer.Exit(code=exc.exit_code) from None
+
+
+app = typer.Typer(
+    name="vqtok",
+    cls=_VqtokGroup,
+    help="Discrete image tokenizers and the RAR autoregressive generator, end to end.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """vqtok: train-tokenizer -> encode -> train-ar -> sample, each stage a file contract."""

@@ -1,0 +1,1 @@
+"""Image tokenizers: conv autoencoders + quantizers, behind one `Tokenizer` facade."""
