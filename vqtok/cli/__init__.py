@@ -2,6 +2,7 @@
 
 from vqtok.cli.app import app
 from vqtok.cli import info  # noqa: F401  (registers commands)
+from vqtok.cli import convert  # noqa: F401,E402  (registers convert)
 
 
 def main() -> None:

@@ -1,0 +1,139 @@
+import math
+
+import pytest
+import torch
+
+from vqtok.ar.orders import scan_order
+from vqtok.ar.presets import SAMPLING_PRESETS, paper_sampling
+from vqtok.ar.rar import RAR, RARConfig
+from vqtok.ar.sampling import SamplingConfig, filter_logits, guidance_scale_at, guidance_schedule, sample
+from vqtok.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed=0, **kw) -> RAR:
+    base = dict(hidden_size=32, depth=2, num_heads=4, intermediate_size=64, vocab_size=23, seq_len=16,
+                num_classes=5, dropout=0.0, attn_dropout=0.0, class_dropout=0.0)
+    base.update(kw)
+    model = RAR(RARConfig(**base))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-zero everywhere: the adaLN-Zero init would make every block the identity
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.4 if p.ndim > 1 else 0.1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("order", ["row-major", "spiral-in", "z-curve"])
+def test_kv_cache_equals_full_recomputation_token_by_token(order):
+    model = make_model(order=order)
+    classes = torch.tensor([0, 3, 4])
+    cfg = SamplingConfig(guidance_scale=3.0, guidance_schedule="power-cosine", guidance_power=1.5, top_k=15)
+    cached = sample(model, classes, cfg, generator=torch.Generator().manual_seed(7), return_probs=True)
+    full = sample(model, classes, cfg, generator=torch.Generator().manual_seed(7), kv_cache=False, return_probs=True)
+    assert torch.equal(cached.tokens, full.tokens)
+    torch.testing.assert_close(cached.probs, full.probs, atol=1e-5, rtol=1e-4)
+    assert len(set(cached.tokens.flatten().tolist())) > 3  # actually sampled something varied
+
+
+def test_kv_cache_equals_full_recomputation_without_cfg_on_a_rectangular_grid():
+    model = make_model(seq_len=12, grid=[3, 4], order="alternate")
+    cfg = SamplingConfig(guidance_scale=0.0, temperature=0.8, top_p=0.9)
+    a = sample(model, torch.tensor([1, 2]), cfg, generator=torch.Generator().manual_seed(1))
+    b = sample(model, torch.tensor([1, 2]), cfg, generator=torch.Generator().manual_seed(1), kv_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and a.tokens.shape == (2, 12)
+
+
+def test_cached_probs_match_teacher_forced_forward():
+    # the distribution at step t with forced tokens equals the training forward's output at slot t
+    model = make_model(order="spiral-out")
+    tokens = torch.randint(0, 23, (2, 16))
+    classes = torch.tensor([1, 2])
+    out = sample(model, classes, SamplingConfig(guidance_scale=0.0), forced_tokens=tokens, return_probs=True)
+    assert torch.equal(out.tokens, tokens)  # returned in raster order whatever the generation order
+    orders = scan_order("spiral-out", 4, 4).expand(2, 16)
+    with torch.no_grad():
+        logits, _ = model(tokens, classes, orders)
+    torch.testing.assert_close(out.probs, logits[:, :-1].softmax(-1), atol=1e-6, rtol=1e-4)
+
+
+def test_sampling_is_deterministic_under_a_seed():
+    model = make_model()
+    cfg = SamplingConfig(guidance_scale=2.0)
+    classes = torch.tensor([0, 1])
+    a = sample(model, classes, cfg, generator=torch.Generator().manual_seed(5)).tokens
+    b = sample(model, classes, cfg, generator=torch.Generator().manual_seed(5)).tokens
+    c = sample(model, classes, cfg, generator=torch.Generator().manual_seed(6)).tokens
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_temperature_zero_is_greedy():
+    model = make_model()
+    out = sample(model, torch.tensor([2]), SamplingConfig(guidance_scale=1.5, temperature=0.0), return_probs=True)
+    assert torch.equal(out.tokens, out.probs.argmax(-1))  # raster order, so generation order == raster
+    assert torch.equal(out.probs.sum(-1), torch.ones(1, 16))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("rar-b", [1.0, 1.02, 1.8, 7.4, 16.0]),
+    ("rar-l", [1.0, 1.03, 2.09, 7.96, 15.5]),
+    ("rar-xl", [1.0, 1.22, 2.64, 5.29, 6.9]),
+    ("rar-xxl", [1.0, 1.6, 3.79, 6.63, 8.0]),
+])
+def test_power_cosine_values_for_the_paper_presets(name, expected):
+    schedule = guidance_schedule(paper_sampling(name), 256)
+    got = [schedule[s].item() for s in (0, 64, 128, 192, 255)]
+    assert got == pytest.approx(expected, abs=0.01)
+    assert SAMPLING_PRESETS[name].guidance_schedule == "power-cosine"
+
+
+def test_schedule_edge_cases():
+    # pow 0 is constant, step 0 included (0**0 = 1); step/N never reaches 1
+    assert guidance_schedule(SamplingConfig(guidance_scale=4.0, guidance_schedule="power-cosine", guidance_power=0.0), 256).unique().tolist() == [4.0]
+    assert guidance_scale_at(255, 256, 4.0, "power-cosine", 2.75).item() < 4.0
+    lin = guidance_schedule(SamplingConfig(guidance_scale=3.0, guidance_schedule="linear"), 4)
+    assert lin.tolist() == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    assert guidance_scale_at(10, 256, 2.5).item() == 2.5
+    assert not SamplingConfig(guidance_scale=1.0).uses_cfg and not SamplingConfig(guidance_scale=0.0).uses_cfg
+    assert SamplingConfig(guidance_scale=1.0, guidance_schedule="power-cosine", guidance_power=1.0).uses_cfg
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(4, 50)
+    kept = filter_logits(logits, top_k=7).isfinite()
+    assert kept.sum(-1).tolist() == [7] * 4
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(-1, logits.topk(7).indices, True))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    assert filter_logits(logits, top_p=0.8).isfinite().tolist() == [[True, False, True, False]]
+    assert filter_logits(logits, top_p=0.81).isfinite().tolist() == [[True, False, True, True]]
+    assert filter_logits(logits, top_p=0.1).isfinite().tolist() == [[True, False, False, False]]
+    assert filter_logits(logits, top_p=1.0).isfinite().all()
+
+
+def test_sampled_tokens_respect_top_k():
+    model = make_model()
+    out = sample(model, torch.tensor([0, 1, 2, 3]), SamplingConfig(guidance_scale=2.0, top_k=1), return_probs=True)
+    assert torch.equal((out.probs > 0).sum(-1), torch.ones(4, 16, dtype=torch.long))
+
+
+def test_bad_sampling_settings_are_user_errors():
+    model = make_model()
+    with pytest.raises(UserError, match="class id 9"):
+        sample(model, torch.tensor([9]))
+    with pytest.raises(UserError, match="schedule"):
+        SamplingConfig(guidance_schedule="cosine")
+    with pytest.raises(UserError, match="top-p"):
+        SamplingConfig(top_p=0.0)
+    assert math.isclose(paper_sampling("rar-l").temperature, 1.02)
+    with pytest.raises(UserError):
+        paper_sampling("rar-tiny")

@@ -1,0 +1,295 @@
+"""Conformance against the official implementations' fixtures (../shared/fixtures or $VQTOK_FIXTURES).
+
+One test case per top-level fixture JSON, driven by the JSON alone: its `fixture` kind picks the runner,
+and sizes, file names, shapes and tolerances all come from the JSON. Weights go through the same
+`vqtok.interop` conversion users get. A second group checks that every full-size key listing in
+`keys/*.json` maps exactly (every key used, none missing, shapes equal), on the meta device.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("VQTOK_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def _params(paths: list[Path], what: str):
+    if not paths:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {what} found under {FIXTURES} (set VQTOK_FIXTURES)"))]
+    return [pytest.param(p, id=p.stem) for p in paths]
+
+
+FIXTURE_JSONS = sorted(FIXTURES.glob("*.json")) if FIXTURES.is_dir() else []
+KEY_LISTINGS = sorted((FIXTURES / "keys").glob("*.json")) if (FIXTURES / "keys").is_dir() else []
+
+
+@pytest.fixture(autouse=True)
+def _fp32_exact():
+    """fp32 without TF32, as the fixtures were produced."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class Checker:
+    """Compares outputs against the fixture with the JSON's suggested tolerances; collects every failure."""
+
+    def __init__(self, meta: dict, expected: dict):
+        self.tolerances = meta["tolerances"]["suggested"]
+        self.expected = expected
+        self.failures: list[str] = []
+        self.checked: set[str] = set()
+
+    def tol(self, name: str) -> dict:
+        if name not in self.tolerances:
+            raise AssertionError(f"fixture gives no suggested tolerance for {name}")
+        return self.tolerances[name]
+
+    def compare(self, name: str, actual, expected=None, tol_name: str | None = None) -> bool:
+        expected = self.expected[name] if expected is None else expected
+        tol = self.tol(tol_name or name)
+        self.checked.add(name.split("[")[0])
+        actual = torch.as_tensor(actual).detach().cpu()
+        expected = torch.as_tensor(expected)
+        if tol.get("exact_match_expected"):
+            actual = actual.reshape(expected.shape) if actual.numel() == expected.numel() else actual
+            if actual.shape != expected.shape or not torch.equal(actual.long(), expected.long()):
+                wrong = (actual.reshape(-1) != expected.reshape(-1)).sum().item() if actual.numel() == expected.numel() else "all"
+                self.failures.append(f"{name}: {wrong} of {expected.numel()} indices differ")
+                return False
+            return True
+        try:
+            torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"], rtol=tol["rtol"])
+        except AssertionError as exc:
+            diff = (actual.float() - expected.float()).abs().max().item() if actual.shape == expected.shape else "shape"
+            self.failures.append(f"{name}: max abs diff {diff} > atol {tol['atol']} ({str(exc).splitlines()[0]})")
+            return False
+        return True
+
+    def compare_scales(self, name: str, actual: list, expected: list) -> None:
+        """Per-scale lists: report the first scale that differs (later ones follow from it)."""
+        if len(actual) != len(expected):
+            self.failures.append(f"{name}: {len(actual)} scales, expected {len(expected)}")
+            return
+        for k, (a, e) in enumerate(zip(actual, expected)):
+            if not self.compare(f"{name}[{k}]", a, e):
+                self.failures[-1] = f"first differing scale {k}: " + self.failures[-1]
+                return
+
+    def finish(self) -> None:
+        stored = set(self.expected)
+        unchecked = stored - self.checked
+        assert not unchecked, f"outputs stored in the fixture but not reproduced: {sorted(unchecked)}"
+        assert not self.failures, "fixture mismatch:\n  " + "\n  ".join(self.failures)
+
+
+def _load(root: Path, rel: str) -> dict:
+    return torch.load(root / rel, map_location="cpu", weights_only=True)
+
+
+def _load_fixture(json_path: Path):
+    meta = json.loads(json_path.read_text())
+    root = json_path.parent
+    state: dict[str, torch.Tensor] = {}
+    for shard in meta["weights"]["files"]:
+        state.update(_load(root, shard["file"]))
+    listed = meta["weights"]["state_dict"]
+    assert list(state) == list(listed), "weight shards do not merge into the listed state dict"
+    for k, spec in listed.items():
+        assert list(state[k].shape) == spec["shape"], k
+    inputs = _load(root, meta["inputs"]["file"])
+    outputs: dict = {}
+    files = meta["outputs"].get("files") or [meta["outputs"]["file"]]
+    for rel in files:
+        outputs.update(_load(root, rel))
+    return meta, state, inputs, outputs
+
+
+def _tokenizer(module, state, cfg):
+    from vqtok.interop.common import convert_state
+    from vqtok.tokenizer.tokenizer import Tokenizer
+
+    converted = convert_state(state, cfg, module.rename, module.DESCRIPTION)  # the mapping users get
+    tok = Tokenizer(cfg)
+    tok.load_state_dict(converted, strict=True)
+    return tok.eval()
+
+
+def _to_unit(tok, x):
+    lo, hi = tok.config.value_range
+    return (x - lo) / (hi - lo)
+
+
+def _to_native(tok, y):
+    lo, hi = tok.config.value_range
+    return y * (hi - lo) + lo
+
+
+# ------------------------------------------------------------------------------------------- runners
+
+
+def run_maskgit_vqgan(meta, state, inputs, expected):
+    from vqtok.interop import maskgit
+
+    conv = meta["constructor"]["conv_config"]
+    quant = meta["constructor"]["quantizer"]
+    x = inputs["images"]
+    cfg = maskgit.to_config(state, resolution=x.shape[-1])
+    ae = cfg.autoencoder
+    assert (ae.ch, ae.ch_mult, ae.num_res_blocks, ae.z_channels) == (
+        conv["hidden_channels"], conv["channel_mult"], conv["num_res_blocks"], conv["z_channels"]
+    ), "architecture detected from the shapes differs from the fixture's constructor"
+    cfg.quantizer.params["beta"] = quant["commitment_cost"]
+    tok = _tokenizer(maskgit, state, cfg)
+    check = Checker(meta, expected)
+    with torch.no_grad():
+        features = tok.encoder(x)
+        check.compare("encoder_features", features)
+        indices = tok.encode(_to_unit(tok, x))
+        check.compare("indices", indices)
+        z_q, _, aux = tok.quantize(features)
+        check.compare("quantized", z_q)
+        check.compare("quantizer_loss", aux["loss"])
+        ref = expected["indices"]
+        check.compare("decoded", _to_native(tok, tok.decode(ref)))
+        check.compare("decoded_unclamped", tok.decode_latent(tok.codes_from_indices(ref)))
+    check.finish()
+
+
+def run_var_vqvae(meta, state, inputs, expected):
+    from vqtok.interop import var
+    from vqtok.tokenizer.quantizers.multiscale import phi_ticks
+
+    kw = meta["constructor"]["kwargs"]
+    x = inputs["images"]
+    cfg = var.to_config(state, resolution=x.shape[-1], patch_nums=kw["v_patch_nums"], quant_resi=kw["quant_resi"])
+    ae, params = cfg.autoencoder, cfg.quantizer.params
+    assert (ae.ch, ae.z_channels, ae.quant_conv_kernel, params["codebook_size"], params["share_quant_resi"]) == (
+        kw["ch"], kw["z_channels"], kw["quant_conv_ks"], kw["vocab_size"], kw["share_quant_resi"]
+    ), "architecture detected from the shapes differs from the fixture's constructor"
+    fixed = meta["constructor"].get("fixed_inside_VQVAE", {})
+    if fixed:
+        assert (ae.ch_mult, ae.num_res_blocks) == (fixed["ch_mult"], fixed["num_res_blocks"])
+    params.update(beta=kw["beta"], using_znorm=kw["using_znorm"])
+    tok = _tokenizer(var, state, cfg)
+    ticks = meta["constructor"].get("phi_selection", {}).get("ticks")
+    if ticks is not None:
+        assert phi_ticks(len(ticks)).tolist() == pytest.approx(ticks, abs=1e-12)
+    q = tok.quantize
+    check = Checker(meta, expected)
+    with torch.no_grad():
+        features = tok.encoder(x)
+        check.compare("encoder_features", features)
+        f = tok.quant_conv(features)
+        check.compare("f", f)
+        # the facade's path from images to tokens, then split per scale
+        idx = q.split_scales(tok.encode(_to_unit(tok, x)))
+        check.compare_scales("idx_Bl", idx, expected["idx_Bl"])
+        check.compare_scales("f_hat_per_scale", q.f_hat_per_scale(f), expected["f_hat_per_scale"])
+        ref = torch.cat(expected["idx_Bl"], 1)
+        check.compare("decoder_input_f_hat", tok.codes_from_indices(ref))
+        check.compare("image", _to_native(tok, tok.decode(ref)))
+        per_scale = [_to_native(tok, img) for img in tok.decode_progressive(ref)]
+        check.compare_scales("images_per_scale", per_scale, expected["images_per_scale"])
+        check.compare("var_teacher_forcing_input", q.teacher_forcing_input(expected["idx_Bl"]))
+        x01 = _to_unit(tok, x)
+        check.compare("img_to_reconstructed_img", _to_native(tok, tok.decode(tok.encode(x01))))
+        out = tok(x01)
+        check.compare("forward_reconstruction", _to_native(tok, out.recon))
+        check.compare("forward_vq_loss", out.aux["loss"])
+    check.finish()
+
+
+def run_llamagen_vq(meta, state, inputs, expected):
+    from vqtok.interop import llamagen
+
+    args = meta["constructor"]["model_args"]
+    x = inputs["images"]
+    cfg = llamagen.to_config(state, resolution=x.shape[-1])
+    ae, params = cfg.autoencoder, cfg.quantizer.params
+    ch = meta["constructor"].get("encoder_decoder_ch", ae.ch)
+    assert (ae.ch, ae.ch_mult, ae.z_channels, params["codebook_size"], params["dim"]) == (
+        ch, args["encoder_ch_mult"], args["z_channels"], args["codebook_size"], args["codebook_embed_dim"]
+    ), "architecture detected from the shapes differs from the fixture's constructor"
+    params.update(l2_norm=args["codebook_l2_norm"], beta=args["commit_loss_beta"], entropy_weight=args["entropy_loss_ratio"])
+    tok = _tokenizer(llamagen, state, cfg)
+    check = Checker(meta, expected)
+    with torch.no_grad():
+        features = tok.encoder(x)
+        check.compare("encoder_features", features)
+        z = tok.quant_conv(features)
+        check.compare("pre_quant_z", z)
+        check.compare("indices", tok.encode(_to_unit(tok, x)).reshape(-1))  # official layout: flat, batch-major
+        quant, _, _ = tok.quantize(z)
+        check.compare("quant", quant)
+        ref = expected["indices"].reshape(x.shape[0], -1)
+        codes = tok.codes_from_indices(ref)
+        check.compare("codebook_entry", codes)
+        check.compare("decode_code", tok.decode_latent(codes))
+        check.compare("decode_of_quant", tok.decode_latent(quant))
+        check.compare("forward_dec", _to_native(tok, tok(_to_unit(tok, x)).recon))
+        trainer = copy.deepcopy(tok.quantize).train()
+        _, _, aux = trainer(z)
+        check.compare("train_mode_vq_loss", aux["codebook_loss"])
+        check.compare("train_mode_commit_loss", params["beta"] * aux["commitment_loss"])
+    check.finish()
+
+
+TOKENIZER_RUNNERS = {"maskgit_vqgan": run_maskgit_vqgan, "var_vqvae": run_var_vqvae, "llamagen_vq": run_llamagen_vq}
+
+
+@pytest.mark.parametrize("json_path", _params(FIXTURE_JSONS, "fixture JSONs"))
+def test_fixture(json_path: Path):
+    kind = json.loads(json_path.read_text()).get("fixture")
+    if kind == "rar":
+        try:
+            conformance = importlib.import_module("vqtok.ar.conformance")
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("vqtok.ar.conformance", "vqtok.ar"):
+                raise
+            pytest.skip("RAR conformance needs vqtok.ar.conformance.check_rar_fixture, which is not in this build yet")
+        conformance.check_rar_fixture(json_path)
+        return
+    assert kind in TOKENIZER_RUNNERS, f"{json_path.name}: unknown fixture kind {kind!r}"
+    TOKENIZER_RUNNERS[kind](*_load_fixture(json_path))
+
+
+# ------------------------------------------------------------------------------------------- key listings
+
+
+@pytest.mark.parametrize("json_path", _params(KEY_LISTINGS, "key listings"))
+def test_key_listing_maps_exactly(json_path: Path):
+    from vqtok.interop import detect
+    from vqtok.tokenizer.tokenizer import Tokenizer
+
+    listing = json.loads(json_path.read_text())
+    shapes = listing["state_dict"]
+    assert len(shapes) == listing["num_state_dict_entries"]
+    # meta tensors: shapes without memory, so the full-size models cost nothing
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    module = detect(state)
+    if hasattr(module, "save_converted"):  # a generator format (RAR): its own exact-mapping check
+        converted = module.convert(state)
+        assert {k: list(v.shape) for k, v in converted.items()} == dict(shapes.items())
+        return
+    cfg, converted = module.convert(state)  # raises on an unused key, a missing key or a wrong shape
+    assert {k: list(v.shape) for k, v in converted.items()} == {module.rename(k): list(s) for k, s in shapes.items()}
+    with torch.device("meta"):
+        model = Tokenizer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == listing["num_parameters"]
+    table = listing.get("phi_index_used_at_each_scale")
+    if table is not None:
+        assert model.quantize.phi_table == table, "VAR's scale -> Phi table (exact float64 ties) differs"

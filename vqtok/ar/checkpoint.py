@@ -1,0 +1,81 @@
+"""Generator checkpoint directories: model.safetensors + config.yaml (RARConfig) + generator.json.
+
+generator.json records what the generator is (preset, vocabulary, tokens, classes, scan order) and the
+identity of the tokenizer whose tokens it was trained on, so `sample` can refuse a mismatched tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from vqtok.ar.rar import RAR, RARConfig
+from vqtok.config import dump_yaml, from_dict
+from vqtok.errors import UserError
+from vqtok.weights import read_model_dir, save_model_dir
+
+IDENTITY_FILE = "generator.json"
+FORMAT = "vqtok-generator"
+VERSION = 1
+
+
+def generator_identity(cfg: RARConfig, tokenizer_identity: dict | None, num_parameters: int, extra: dict | None = None) -> dict[str, Any]:
+    from vqtok.ar.presets import preset_for
+
+    identity: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "family": "rar",
+        "preset": preset_for(cfg),
+        "vocab_size": cfg.vocab_size,
+        "seq_len": cfg.seq_len,
+        "num_classes": cfg.num_classes,
+        "order": cfg.order,
+        "num_parameters": num_parameters,
+        "tokenizer": tokenizer_identity,
+    }
+    identity.update(extra or {})
+    return identity
+
+
+def save_generator(
+    out_dir: str | Path,
+    model: nn.Module | dict[str, torch.Tensor],
+    config: RARConfig,
+    tokenizer_identity: dict | None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a generator checkpoint atomically. `model` is a RAR (or a wrapper holding one) or its state dict."""
+    if isinstance(model, nn.Module):
+        model = getattr(model, "module", model)  # unwrap DDP
+        state = model.state_dict()
+    else:
+        state = model
+    num_parameters = sum(v.numel() for v in state.values())
+    identity = generator_identity(config, tokenizer_identity, num_parameters, extra)
+    return save_model_dir(out_dir, state, dump_yaml(config), IDENTITY_FILE, identity)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[RAR, dict[str, Any]]:
+    """Load (model in eval mode, generator.json identity) from a checkpoint directory."""
+    state, config_text, identity = read_model_dir(path, IDENTITY_FILE)
+    if identity.get("format") != FORMAT:
+        raise UserError(f"{Path(path) / IDENTITY_FILE} is not a vqtok generator identity (format {identity.get('format')!r})")
+    try:
+        data = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{Path(path) / 'config.yaml'} is not valid YAML") from None
+    cfg = from_dict(RARConfig, data, "generator")
+    model = RAR(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise UserError(f"generator checkpoint {path} does not match its config.yaml ({str(exc).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(f"generator checkpoint {path} does not match its config.yaml ({what}); it is damaged or was edited")
+    return model.to(device).eval(), identity

@@ -1,0 +1,62 @@
+"""Named RAR sizes and the paper's sampling settings for each.
+
+Sizes are the official ones (reference rar.md §1.1); `rar-tiny` is a CPU-sized model for tests and
+demos. Sampling presets are the README/paper values per size (rar.md §2.4): temperature, the
+power-cosine guidance scale and its power.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from vqtok.ar.rar import RARConfig
+from vqtok.ar.sampling import SamplingConfig
+
+
+def _size(hidden: int, depth: int, heads: int, intermediate: int) -> Callable[[], RARConfig]:
+    return lambda: RARConfig(hidden_size=hidden, depth=depth, num_heads=heads, intermediate_size=intermediate)
+
+
+PRESETS: dict[str, Callable[[], RARConfig]] = {
+    "rar-b": _size(768, 24, 16, 3072),
+    "rar-l": _size(1024, 24, 16, 4096),
+    "rar-xl": _size(1280, 32, 16, 5120),
+    "rar-xxl": _size(1408, 40, 16, 6144),
+    # ~0.54M parameters (most in the official-size positional tables): the fixture's shape
+    "rar-tiny": _size(64, 2, 4, 256),
+}
+
+SAMPLING_PRESETS: dict[str, SamplingConfig] = {
+    "rar-b": SamplingConfig(guidance_scale=16.0, guidance_schedule="power-cosine", guidance_power=2.75, temperature=1.0),
+    "rar-l": SamplingConfig(guidance_scale=15.5, guidance_schedule="power-cosine", guidance_power=2.5, temperature=1.02),
+    "rar-xl": SamplingConfig(guidance_scale=6.9, guidance_schedule="power-cosine", guidance_power=1.5, temperature=1.02),
+    "rar-xxl": SamplingConfig(guidance_scale=8.0, guidance_schedule="power-cosine", guidance_power=1.2, temperature=1.02),
+}
+
+
+def get_preset(name: str) -> RARConfig:
+    if name not in PRESETS:
+        from vqtok.errors import UserError
+
+        raise UserError(f"unknown generator preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def paper_sampling(name: str) -> SamplingConfig:
+    """The paper's sampling settings for a size preset (a fresh copy)."""
+    if name not in SAMPLING_PRESETS:
+        from vqtok.errors import UserError
+
+        raise UserError(f"no paper sampling settings for '{name}'; they exist for {', '.join(SAMPLING_PRESETS)}")
+    return dataclasses.replace(SAMPLING_PRESETS[name])
+
+
+def preset_for(cfg: RARConfig) -> str | None:
+    """The preset whose architecture `cfg` has (ignoring dropout/order settings), or None."""
+    arch = ("hidden_size", "depth", "num_heads", "intermediate_size", "vocab_size", "seq_len", "num_classes")
+    for name, make in PRESETS.items():
+        ref = make()
+        if all(getattr(ref, k) == getattr(cfg, k) for k in arch):
+            return name
+    return None

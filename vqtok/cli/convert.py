@@ -1,0 +1,29 @@
+"""`vqtok convert`: official tokenizer / generator weights -> a vqtok checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vqtok.cli.app import app
+from vqtok.errors import UserError
+
+
+@app.command(name="convert")
+def convert(
+    file: Path = typer.Argument(..., help="Official weights: .bin / .pt / .pth / .safetensors."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq or rar (default: detected from the keys)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow files that need full unpickling (only for files you trust)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Convert MaskGIT-VQGAN, VAR or LlamaGen (and RAR) weights into a vqtok checkpoint, atomically."""
+    from vqtok.interop.convert import convert_checkpoint
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    summary = convert_checkpoint(file, out, arch=arch, trust_pickle=trust_pickle)
+    details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("out", "arch", "kind"))
+    typer.echo(f"wrote {summary['kind']} checkpoint {summary['out']} ({summary['arch']}{': ' + details if details else ''})")

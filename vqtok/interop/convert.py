@@ -1,0 +1,37 @@
+"""Turn an official weights file into a vqtok checkpoint directory (what `vqtok convert` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vqtok.errors import UserError
+from vqtok.interop import by_name, detect
+from vqtok.weights import load_state_dict_file
+
+
+def convert_checkpoint(path: str | Path, out: str | Path, arch: str | None = None, trust_pickle: bool = False) -> dict[str, Any]:
+    """Load `path` safely, detect (or take) its architecture, write `out` atomically; return a summary."""
+    state = load_state_dict_file(path, trust_pickle=trust_pickle)
+    module = by_name(arch) if arch else detect(state)
+    if arch and not module.matches(state):
+        raise UserError(f"{path} does not look like a {module.NAME} checkpoint (its keys do not match)")
+    if hasattr(module, "save_converted"):  # generator formats write their own checkpoint type
+        written = module.save_converted(state, out)
+        return {"arch": module.NAME, "out": str(written or out), "kind": "generator"}
+    from vqtok.tokenizer.tokenizer import Tokenizer
+
+    cfg, converted = module.convert(state)
+    tokenizer = Tokenizer(cfg)
+    tokenizer.load_state_dict(converted, strict=True)
+    tokenizer.save(out)
+    identity = tokenizer.identity()
+    return {
+        "arch": module.NAME,
+        "out": str(out),
+        "kind": "tokenizer",
+        "preset": cfg.preset or "(custom)",
+        "parameters": sum(p.numel() for p in tokenizer.parameters()),
+        "tensors": len(converted),
+        **{k: identity[k] for k in ("vocab_size", "tokens_per_image", "resolution", "hash")},
+    }

@@ -1,0 +1,310 @@
+"""VAR's multi-scale residual quantizer (FoundationVision/VAR `models/quant.py::VectorQuantizer2`).
+
+One shared codebook quantizes the full-resolution residual at K scales, coarse to fine:
+
+    f_rest = f;  f_hat = 0
+    for k, (h, w) in enumerate(patch_nums):
+        idx_k = nearest(area_downsample(f_rest, (h, w)))           # last scale: f_rest as is
+        r_k   = Phi_k(bicubic_upsample(E[idx_k], (H, W)))          # Phi after the upsample, also at the last scale
+        f_hat += r_k;  f_rest -= r_k
+
+Phi(h) = (1 - r) h + r conv3x3(h), r = |quant_resi|. `share_quant_resi` K' convs serve the K scales; scale k
+uses the conv whose tick is nearest to k / (K - 1). The table must come from float64 numpy: two scales of
+the released 10-scale model are exact ties that float32 or exact arithmetic resolve differently.
+
+Indices of all scales are concatenated coarse-first, each in raster order: (B, sum_k h_k * w_k).
+Module and buffer names follow VAR so `quantize.*` of its checkpoints loads with strict=True.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok.errors import ConfigError, UserError
+from vqtok.tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
+from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_
+from vqtok.tokenizer.quantizers.vq import nearest_code
+
+PatchNum = int | tuple[int, int]
+
+
+@dataclass
+class MultiScaleVQConfig:
+    codebook_size: int = 4096
+    dim: int = 32
+    patch_nums: tuple[PatchNum, ...] = field(default_factory=lambda: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    beta: float = 0.25
+    quant_resi: float = 0.5          # Phi's residual ratio r; |r| <= 1e-6 means no conv (identity)
+    share_quant_resi: int = 4        # K' convs: 0 = one per scale, 1 = one shared, else partially shared
+    default_qresi_counts: int = 0    # with share_quant_resi=0: number of convs (0 = one per scale)
+    using_znorm: bool = False        # nearest code by cosine instead of squared L2
+
+    def __post_init__(self) -> None:
+        if self.codebook_size < 1 or self.dim < 1:
+            raise ConfigError(f"multiscale codebook_size and dim must be positive, got {self.codebook_size}, {self.dim}")
+        if not self.patch_nums:
+            raise ConfigError("multiscale patch_nums must list at least one scale")
+        for hw in scale_sizes(self.patch_nums):
+            if min(hw) < 1:
+                raise ConfigError(f"multiscale patch_nums must be positive, got {list(self.patch_nums)}")
+        if self.share_quant_resi < 0 or self.default_qresi_counts < 0:
+            raise ConfigError("multiscale share_quant_resi and default_qresi_counts must not be negative")
+
+
+def scale_sizes(patch_nums) -> list[tuple[int, int]]:
+    """Patch numbers as (h, w) pairs: an int p means a p x p grid."""
+    return [(int(p), int(p)) if isinstance(p, (int, np.integer)) else (int(p[0]), int(p[1])) for p in patch_nums]
+
+
+def phi_ticks(num_phi: int) -> np.ndarray:
+    """Positions in [0, 1] of the K' Phi convs, as VAR spaces them (1/(3K') margins for K'=4, else 1/(2K'))."""
+    margin = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi
+    return np.linspace(margin, 1 - margin, num_phi)
+
+
+def phi_index_table(num_scales: int, num_phi: int) -> list[int]:
+    """Which Phi each scale uses: argmin |ticks - k/(K-1)| in float64 numpy, first index on ties."""
+    if num_phi <= 1:
+        return [0] * num_scales
+    ticks = phi_ticks(num_phi)
+    at = [k / (num_scales - 1) if num_scales > 1 else 1.0 for k in range(num_scales)]
+    return [int(np.argmin(np.abs(ticks - a))) for a in at]
+
+
+class Phi(nn.Conv2d):
+    """The residual refinement h -> (1 - r) h + r conv3x3(h)."""
+
+    def __init__(self, dim: int, quant_resi: float) -> None:
+        super().__init__(dim, dim, kernel_size=3, stride=1, padding=1)
+        self.resi_ratio = abs(quant_resi)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * (1 - self.resi_ratio) + super().forward(h) * self.resi_ratio
+
+
+class PhiShared(nn.Module):
+    """K' = 1: one Phi for every scale (state-dict key `qresi`)."""
+
+    def __init__(self, qresi: nn.Module) -> None:
+        super().__init__()
+        self.qresi = qresi
+
+
+class PhiPartiallyShared(nn.Module):
+    """1 < K' : K' Phis shared among scales (state-dict keys `qresi_ls.{i}`)."""
+
+    def __init__(self, qresi_ls: nn.ModuleList) -> None:
+        super().__init__()
+        self.qresi_ls = qresi_ls
+
+
+def _make_phi(dim: int, quant_resi: float) -> nn.Module:
+    return Phi(dim, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity()
+
+
+class MultiScaleResidualVQ(Quantizer):
+    """z (B, C, H, W) with (H, W) = the last patch size -> (z_q, indices (B, L), aux)."""
+
+    def __init__(self, config: MultiScaleVQConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        self.config = cfg = config if config is not None else MultiScaleVQConfig(**kwargs)
+        self.codebook_size, self.dim = cfg.codebook_size, cfg.dim
+        self.scales = scale_sizes(cfg.patch_nums)
+        self.boundaries = np.cumsum([0] + [h * w for h, w in self.scales]).tolist()
+        K = len(self.scales)
+        if cfg.share_quant_resi == 0:
+            n_phi = cfg.default_qresi_counts or K
+            self.quant_resi = nn.ModuleList([_make_phi(cfg.dim, cfg.quant_resi) for _ in range(n_phi)])
+            self._phis = list(self.quant_resi)
+        elif cfg.share_quant_resi == 1:
+            self.quant_resi = PhiShared(_make_phi(cfg.dim, cfg.quant_resi))
+            self._phis = [self.quant_resi.qresi]
+        else:
+            convs = nn.ModuleList([_make_phi(cfg.dim, cfg.quant_resi) for _ in range(cfg.share_quant_resi)])
+            self.quant_resi = PhiPartiallyShared(convs)
+            self._phis = list(convs)
+        self.phi_table = phi_index_table(K, len(self._phis))
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(K, cfg.codebook_size))
+        self.record_hit = 0  # like VAR, a plain counter (not saved): 0 copies, <100 blends 0.9, then 0.99
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.dim)
+        # VAR leaves the init to its caller; uniform(+-1/V) is what its eini(-1) would give.
+        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.boundaries[-1]
+
+    def phi(self, scale: int) -> nn.Module:
+        return self._phis[self.phi_table[scale]]
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        if z.ndim != 4 or z.shape[1] != self.dim:
+            raise ValueError(f"MultiScaleResidualVQ expects (B, {self.dim}, H, W), got {tuple(z.shape)}")
+        if tuple(z.shape[2:]) != self.scales[-1]:
+            raise UserError(
+                f"the multi-scale quantizer needs a {self.scales[-1][0]}x{self.scales[-1][1]} latent (its last "
+                f"patch size), got {z.shape[2]}x{z.shape[3]}; use images of the tokenizer's resolution"
+            )
+
+    def _nearest(self, rest: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) residual -> (B, h, w) code indices."""
+        B, C, h, w = rest.shape
+        flat = rest.detach().permute(0, 2, 3, 1).reshape(-1, C)
+        return nearest_code(flat, self.embedding.weight.detach(), l2_norm=self.config.using_znorm).view(B, h, w)
+
+    def _residual_of(self, idx: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
+        """Phi_k(bicubic_upsample(E[idx])) for (B, h, w) indices of scale k; the last scale is not resampled."""
+        h = self.embedding(idx).permute(0, 3, 1, 2)
+        if scale != len(self.scales) - 1:
+            h = F.interpolate(h, size=size, mode="bicubic", align_corners=False)
+        return self.phi(scale)(h.contiguous())
+
+    def _downsample(self, f: torch.Tensor, scale: int) -> torch.Tensor:
+        if scale == len(self.scales) - 1:
+            return f
+        return F.interpolate(f, size=self.scales[scale], mode="area")
+
+    @torch.no_grad()
+    def _residual_steps(self, z: torch.Tensor):
+        """Yield (indices (B, h, w), cumulative f_hat) after each scale, without gradients."""
+        self._check_latent(z)
+        with fp32_no_autocast(z.device.type):
+            f_rest = z.detach().float().clone()
+            f_hat = torch.zeros_like(f_rest)
+            for k in range(len(self.scales)):
+                idx = self._nearest(self._downsample(f_rest, k))
+                r = self._residual_of(idx, k, f_rest.shape[2:])
+                f_hat.add_(r)
+                f_rest.sub_(r)
+                yield idx, f_hat.clone()
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Training forward: VAR's cumulative per-scale loss and the straight-through f_hat."""
+        self._check_latent(z)
+        B, C, H, W = z.shape
+        cfg = self.config
+        with fp32_no_autocast(z.device.type):
+            f = z.float()
+            f_no_grad = f.detach()
+            f_rest = f_no_grad.clone()
+            f_hat = torch.zeros_like(f_rest)
+            loss = f.new_zeros(())
+            all_idx, scale_usage = [], []
+            for k in range(len(self.scales)):
+                idx = self._nearest(self._downsample(f_rest, k))
+                r = self._residual_of(idx, k, (H, W))
+                f_hat = f_hat + r
+                f_rest = f_rest - r.detach()  # only feeds the next argmin
+                # beta pulls the encoder toward sg(f_hat); the second term trains codebook and Phi
+                loss = loss + cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_no_grad)
+                hits = self._record_hits(idx, k)
+                scale_usage.append((hits > 0).float().mean())
+                all_idx.append(idx.reshape(B, -1))
+            loss = loss / len(self.scales)
+            z_q = ((f_hat.detach() - f_no_grad) + f).to(z.dtype)
+        indices = torch.cat(all_idx, 1)
+        aux = {"loss": loss, "vq_loss": loss.detach(), "usage_per_scale": torch.stack(scale_usage)}
+        aux.update(usage_stats(indices, cfg.codebook_size))
+        return QuantizerOutput(z_q, indices, aux)
+
+    @torch.no_grad()
+    def _record_hits(self, idx: torch.Tensor, scale: int) -> torch.Tensor:
+        """Code histogram of one scale (all-reduced); in training also VAR's per-scale EMA of hits.
+
+        VAR only updates the EMA when a process group exists; here single-process training updates it too.
+        """
+        hits = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
+        if self.training:
+            all_reduce_sum_(hits)
+            ema = self.ema_vocab_hit_SV[scale]
+            if self.record_hit == 0:
+                ema.copy_(hits)
+            elif self.record_hit < 100:
+                ema.mul_(0.9).add_(hits, alpha=0.1)
+            else:
+                ema.mul_(0.99).add_(hits, alpha=0.01)
+            self.record_hit += 1
+        return hits
+
+    def encode_scales(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale token maps, coarse first: [(B, h_k * w_k)] int64 (VAR's img_to_idxBl after the encoder)."""
+        return [idx.reshape(idx.shape[0], -1) for idx, _ in self._residual_steps(z)]
+
+    def f_hat_per_scale(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Cumulative f_hat (B, C, H, W) after each scale."""
+        return [f_hat for _, f_hat in self._residual_steps(z)]
+
+    def _as_grid(self, idx: torch.Tensor, scale: int) -> torch.Tensor:
+        h, w = self.scales[scale]
+        if idx.ndim == 2 and idx.shape[1] == h * w:
+            return idx.view(idx.shape[0], h, w)
+        if idx.ndim == 3 and tuple(idx.shape[1:]) == (h, w):
+            return idx
+        raise UserError(f"scale {scale} needs {h}x{w} = {h * w} tokens per image, got shape {tuple(idx.shape)}")
+
+    def decode_scales(self, idx_per_scale: list[torch.Tensor], upto: int | None = None) -> torch.Tensor:
+        """f_hat (B, C, H, W) = sum of the first `upto` scales' residuals (all given scales by default)."""
+        upto = len(idx_per_scale) if upto is None else upto
+        if not 1 <= upto <= len(idx_per_scale) or len(idx_per_scale) > len(self.scales):
+            raise UserError(
+                f"cannot decode {upto} of {len(idx_per_scale)} given scales; this quantizer has {len(self.scales)}"
+            )
+        grids = [self._as_grid(idx.long(), k) for k, idx in enumerate(idx_per_scale[:upto])]
+        for g in grids:
+            self.check_indices(g)
+        with fp32_no_autocast(grids[0].device.type):
+            f_hat = None
+            for k, g in enumerate(grids):
+                r = self._residual_of(g, k, self.scales[-1])
+                f_hat = r if f_hat is None else f_hat + r
+        return f_hat
+
+    def split_scales(self, indices: torch.Tensor) -> list[torch.Tensor]:
+        """(B, L) -> [(B, h_k * w_k)] for the K scales, or for a prefix when L ends on a scale boundary."""
+        L = indices.shape[-1]
+        if indices.ndim != 2 or L not in self.boundaries[1:]:
+            raise UserError(
+                f"multi-scale indices must be (batch, tokens) with tokens one of {self.boundaries[1:]}, "
+                f"got shape {tuple(indices.shape)}"
+            )
+        n = self.boundaries.index(L)
+        return [indices[:, self.boundaries[k]:self.boundaries[k + 1]] for k in range(n)]
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Flat indices (B, L) -> f_hat (B, C, H, W); a prefix of scales decodes to its partial sum."""
+        return self.decode_scales(self.split_scales(indices))
+
+    def teacher_forcing_input(self, idx_per_scale: list[torch.Tensor]) -> torch.Tensor:
+        """VAR's idxBl_to_var_input: (B, L - h_0 w_0, C), the cumulative f_hat after scale k area-downsampled
+        to scale k + 1, tokens row-major with channels last, for k = 0 .. K-2."""
+        grids = [self._as_grid(idx.long(), k) for k, idx in enumerate(idx_per_scale)]
+        if len(grids) != len(self.scales):
+            raise UserError(f"teacher forcing needs all {len(self.scales)} scales, got {len(grids)}")
+        B = grids[0].shape[0]
+        with fp32_no_autocast(grids[0].device.type):
+            f_hat = torch.zeros(B, self.dim, *self.scales[-1], device=grids[0].device)
+            out = []
+            for k in range(len(self.scales) - 1):
+                f_hat = f_hat + self._residual_of(grids[k], k, self.scales[-1])
+                nxt = F.interpolate(f_hat, size=self.scales[k + 1], mode="area")
+                out.append(nxt.flatten(2).transpose(1, 2))
+        return torch.cat(out, 1) if out else torch.zeros(B, 0, self.dim, device=grids[0].device)
+
+
+__all__ = [
+    "MultiScaleVQConfig",
+    "MultiScaleResidualVQ",
+    "Phi",
+    "phi_index_table",
+    "phi_ticks",
+    "scale_sizes",
+]
