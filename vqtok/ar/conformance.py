@@ -105,7 +105,7 @@ def check_rar_fixture(json_path: str | Path) -> dict[str, Any]:
 
     tol = meta["tolerances"]["forward"]["suggested"]
     runs = {"raster": None, "random_order": inputs["random_orders"]}
-    for file, spec in meta["outputs"].items():
+    for file in meta["outputs"]:
         kind = "random_order" if "random_order" in file else "raster" if "forward" in file else None
         if kind is None:
             continue
