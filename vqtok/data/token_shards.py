@@ -1,0 +1,366 @@
+"""Token shards: the output of `vqtok encode` and the input of `train-ar` (contract in DESIGN.md).
+
+A token directory holds `manifest.json`, `skipped.jsonl` and either webdataset tar shards
+(`tokens-000000.tar`, ...: per sample `<key>.tokens.npy` of shape (views, tokens) in uint16, or uint32
+above 65,536 codes, and `<key>.cls`) or one HDF5 file `tokens.h5` (datasets `tokens` (N, views,
+tokens), `cls` (N,), `keys` (N,)) for random access.
+
+Writing is crash-safe: each shard is written under a temporary name and renamed when complete, and
+its count and skipped inputs go to a small sidecar in `progress/` first, so "the shard file exists"
+means "the shard is done". The manifest is written last, by one process, once every shard is done.
+
+Reading (`open_token_dataset`) gives training an infinite, DDP-safe stream for tar shards (every rank
+and worker resamples shards on its own, so none starves when there are fewer shards than workers) or a
+map-style dataset for HDF5; both yield `(tokens, cls)` with one view per sample, and memory stays flat
+(a bounded shuffle buffer; HDF5 rows read on demand).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from vqtok.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SKIPPED = "skipped.jsonl"
+PROGRESS_DIR = "progress"
+H5_NAME = "tokens.h5"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds codebooks up to 65,536 codes; larger ones (18-bit LFQ) need uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"tokens-{index:06d}.tar" if fmt == "wds" else f"tokens-{index:06d}.h5"
+
+
+def shard_path(out_dir: Path, index: int, fmt: str) -> Path:
+    """Where a finished shard lives: tar shards in the output dir, HDF5 parts in progress/ until merged."""
+    name = shard_name(index, fmt)
+    return out_dir / name if fmt == "wds" else out_dir / PROGRESS_DIR / name
+
+
+def sidecar_path(out_dir: Path, index: int) -> Path:
+    return out_dir / PROGRESS_DIR / f"tokens-{index:06d}.json"
+
+
+def shard_is_complete(out_dir: Path, index: int, fmt: str) -> bool:
+    return shard_path(out_dir, index, fmt).is_file() and sidecar_path(out_dir, index).is_file()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class TokenShardWriter:
+    """Writes one shard: `write(key, tokens, cls)` per sample, `skip(...)` per bad input, then `close()`.
+
+    Samples go to `.<name>.tmp` (a webdataset TarWriter, or rows buffered for an HDF5 part); `close()`
+    writes the sidecar, then renames the shard into place. A writer that is never closed leaves only
+    a temporary file that the next run overwrites.
+    """
+
+    def __init__(self, out_dir: str | Path, index: int, fmt: str, dtype: np.dtype, views: int, tokens_per_view: int):
+        import webdataset as wds
+
+        self.out_dir = Path(out_dir)
+        self.index, self.fmt, self.dtype = index, fmt, np.dtype(dtype)
+        self.shape = (views, tokens_per_view)
+        self.final = shard_path(self.out_dir, index, fmt)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp")
+        self.count = 0
+        self.skipped: list[dict] = []
+        self._rows: list[tuple[str, np.ndarray, int]] = []
+        self._file = None
+        self._tar = None
+        if fmt == "wds":
+            self._file = open(self.tmp, "wb")
+            # mtime fixed so the same inputs give byte-identical shards, whichever rank or run wrote them.
+            self._tar = wds.TarWriter(self._file, mtime=0.0)
+
+    def write(self, key: str, tokens: np.ndarray, cls: int) -> None:
+        if tokens.shape != self.shape or tokens.dtype != self.dtype:
+            raise ValueError(f"tokens for {key} are {tokens.dtype}{tokens.shape}, expected {self.dtype}{self.shape}")
+        if self._tar is not None:
+            self._tar.write({"__key__": key, "tokens.npy": tokens, "cls": int(cls)})
+        else:
+            self._rows.append((key, tokens, int(cls)))
+        self.count += 1
+
+    def skip(self, key: str, source: str, reason: str) -> None:
+        self.skipped.append({"key": key, "source": source, "reason": reason})
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()  # closes the file object too
+        else:
+            self._write_h5_part()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        write_json_atomic(
+            sidecar_path(self.out_dir, self.index),
+            {"name": self.final.name, "count": self.count, "skipped": self.skipped},
+        )
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        """Drop an unfinished shard (an error or --strict stop): its temporary file is removed."""
+        if self._tar is not None:
+            self._tar.close()
+        self._rows = []
+        self.tmp.unlink(missing_ok=True)
+
+    def _write_h5_part(self) -> None:
+        import h5py
+
+        with h5py.File(self.tmp, "w") as f:
+            n = len(self._rows)
+            data = np.stack([r[1] for r in self._rows]) if n else np.zeros((0, *self.shape), self.dtype)
+            f.create_dataset("tokens", data=data)
+            f.create_dataset("cls", data=np.array([r[2] for r in self._rows], dtype=np.int64))
+            f.create_dataset("keys", data=np.array([r[0] for r in self._rows], dtype=h5py.string_dtype()))
+        self._rows = []
+
+
+def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> None:
+    """Copy the per-shard HDF5 parts, in shard order, into one `tokens.h5` (one part in memory at a time)."""
+    import h5py
+
+    final = out_dir / H5_NAME
+    tmp = out_dir / f".{H5_NAME}.tmp"
+    with h5py.File(tmp, "w") as out:
+        chunk_rows = max(1, min(total, 256))
+        tokens = out.create_dataset("tokens", shape=(total, *shape), dtype=dtype, chunks=(chunk_rows, *shape) if total else None)
+        cls = out.create_dataset("cls", shape=(total,), dtype=np.int64)
+        keys = out.create_dataset("keys", shape=(total,), dtype=h5py.string_dtype())
+        row = 0
+        for index in range(num_shards):
+            with h5py.File(shard_path(out_dir, index, "h5"), "r") as part:
+                n = part["tokens"].shape[0]
+                tokens[row : row + n] = part["tokens"][:]
+                cls[row : row + n] = part["cls"][:]
+                keys[row : row + n] = part["keys"][:]
+                row += n
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"token directory {path} does not exist")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        hint = " (an unfinished encode: rerun the same `vqtok encode` command to finish it)" if (path / PROGRESS_DIR).is_dir() else ""
+        raise UserError(f"{path} has no {MANIFEST}; it is not a finished `vqtok encode` output{hint}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{mpath} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    for key in ("format", "version", "tokenizer", "views", "shards", "num_samples", "dtype"):
+        if key not in manifest:
+            raise UserError(f"{mpath} lacks the '{key}' entry; it was not written by `vqtok encode`")
+    if manifest["format"] not in ("wds", "h5"):
+        raise UserError(f"{mpath} has unknown format {manifest['format']!r} (expected wds or h5)")
+    if manifest["version"] > FORMAT_VERSION:
+        raise UserError(f"{mpath} is format version {manifest['version']}; this vqtok reads up to {FORMAT_VERSION}, so upgrade vqtok")
+    return manifest
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, np.ndarray, int]]:
+    """(key, tokens, cls) for each sample of one tar shard, in file order, one sample in memory at a time."""
+    current: str | None = None
+    fields: dict[str, bytes] = {}
+    with tarfile.open(path, "r:") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            key, _, ext = base.partition(".")
+            key = os.path.join(os.path.dirname(member.name), key)
+            if current is not None and key != current:
+                yield _decode_fields(current, fields)
+                fields = {}
+            current = key
+            fields[ext] = tf.extractfile(member).read()
+    if current is not None:
+        yield _decode_fields(current, fields)
+
+
+def _decode_fields(key: str, fields: dict[str, bytes]) -> tuple[str, np.ndarray, int]:
+    if "tokens.npy" not in fields or "cls" not in fields:
+        raise ValueError(f"sample {key} lacks tokens.npy or cls (has {sorted(fields)})")
+    tokens = np.load(io.BytesIO(fields["tokens.npy"]), allow_pickle=False)
+    return key, tokens, int(fields["cls"].decode())
+
+
+def iter_samples(path: str | Path, manifest: dict | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Every sample of a token directory once, in shard order: (key, tokens (views, tokens), cls)."""
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    if manifest["format"] == "wds":
+        for shard in manifest["shards"]:
+            yield from iter_tar_samples(path / shard["name"])
+        return
+    import h5py
+
+    with h5py.File(path / H5_NAME, "r") as f:
+        n = f["tokens"].shape[0]
+        for start in range(0, n, 256):
+            tokens, cls = f["tokens"][start : start + 256], f["cls"][start : start + 256]
+            keys = f["keys"][start : start + 256]
+            for i in range(len(tokens)):
+                yield _as_str(keys[i]), tokens[i], int(cls[i])
+
+
+def _as_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _pick_view(tokens: np.ndarray, view: str | int, rng: random.Random) -> np.ndarray:
+    if view == "all":
+        return tokens
+    if view == "random":
+        return tokens[rng.randrange(tokens.shape[0])]
+    return tokens[int(view)]
+
+
+class TokenShardStream(torch.utils.data.IterableDataset):
+    """Training stream over tar shards: `(tokens int64 (T,) or (V, T), cls int64)` per sample.
+
+    `resampled=True` (training): each rank and DataLoader worker draws shards at random with
+    replacement from its own seeded RNG and never stops, so no rank runs dry or hangs when shards are
+    fewer than ranks x workers; bound an epoch by steps in the trainer. Samples pass through a shuffle
+    buffer of `shuffle_buffer` entries. `resampled=False`: one pass, shards dealt round-robin to
+    (rank, worker) streams (for evaluation; a stream may be empty when shards are few).
+    """
+
+    def __init__(self, root: str | Path, manifest: dict, view: str | int = "random", resampled: bool = True,
+                 shuffle_buffer: int = 1000, seed: int = 0):
+        super().__init__()
+        self.root = Path(root)
+        self.shards = [str(self.root / s["name"]) for s in manifest["shards"] if s["count"] > 0]
+        if not self.shards:
+            raise UserError(f"{root} holds no samples")
+        self.view, self.resampled, self.shuffle_buffer, self.seed = view, resampled, shuffle_buffer, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _stream_id(self) -> tuple[int, int]:
+        rank, world = _rank_and_world()
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def __iter__(self):
+        sid, nstreams = self._stream_id()
+        rng = random.Random(hash((self.seed, self.epoch, sid)) & 0xFFFFFFFF)
+        if self.resampled:
+            shard_iter = (rng.choice(self.shards) for _ in iter(int, 1))
+        else:
+            shard_iter = iter(self.shards[sid::nstreams])
+        buffer: list[tuple[np.ndarray, int]] = []
+        for shard in shard_iter:
+            for _key, tokens, cls in iter_tar_samples(shard):
+                item = (np.ascontiguousarray(_pick_view(tokens, self.view, rng)), cls)
+                if self.shuffle_buffer <= 1:
+                    yield _to_torch(item)
+                    continue
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], item = item, buffer[j]
+                yield _to_torch(item)
+        rng.shuffle(buffer)
+        for item in buffer:
+            yield _to_torch(item)
+
+
+def _to_torch(item: tuple[np.ndarray, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, cls = item
+    return torch.from_numpy(tokens.astype(np.int64)), torch.tensor(cls, dtype=torch.long)
+
+
+class TokenH5Dataset(torch.utils.data.Dataset):
+    """Random-access dataset over `tokens.h5`; the file is opened lazily in each process (h5py handles
+    do not survive fork). Use with a (Distributed)Sampler; a "random" view is drawn with torch's RNG,
+    which DataLoader seeds per worker."""
+
+    def __init__(self, root: str | Path, manifest: dict, view: str | int = "random"):
+        super().__init__()
+        self.path = Path(root) / H5_NAME
+        if not self.path.is_file():
+            raise UserError(f"{self.path} is missing; the token directory is incomplete")
+        self.view = view
+        self.length = int(manifest["num_samples"])
+        self.num_views = len(manifest["views"])
+        self._file = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._file is None:
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+        if self.view == "all":
+            tokens = self._file["tokens"][index]
+        else:
+            v = int(torch.randint(self.num_views, ()).item()) if self.view == "random" else int(self.view)
+            tokens = self._file["tokens"][index, v]
+        return torch.from_numpy(tokens.astype(np.int64)), torch.tensor(int(self._file["cls"][index]), dtype=torch.long)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_file"] = None
+        return state
+
+
+def open_token_dataset(path: str | Path, view: str | int = "random", resampled: bool = True,
+                       shuffle_buffer: int = 1000, seed: int = 0):
+    """`(manifest, dataset)` for a `vqtok encode` output directory.
+
+    `view`: "random" (one of the views per access: the ten-crop augmentation), "all" ((V, T) per
+    sample) or a view index. Tar shards give a `TokenShardStream` (IterableDataset); HDF5 gives a
+    `TokenH5Dataset` (map-style). Items are `(tokens int64, cls int64)`.
+    """
+    manifest = read_manifest(path)
+    if isinstance(view, int) and not 0 <= view < len(manifest["views"]):
+        raise UserError(f"view {view} is out of range: {path} has {len(manifest['views'])} views {manifest['views']}")
+    if manifest["format"] == "h5":
+        return manifest, TokenH5Dataset(path, manifest, view=view)
+    return manifest, TokenShardStream(path, manifest, view=view, resampled=resampled, shuffle_buffer=shuffle_buffer, seed=seed)
