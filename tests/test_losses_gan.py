@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok.losses.gan import (
+    LeCam, adaptive_weight, disc_factor, hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss,
+    r1_penalty,
+)
+
+
+def test_hinge_losses_match_formula():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 3.0])
+    expected = 0.5 * ((0 + 0.5 + 2.0) / 3 + (0 + 1.0 + 4.0) / 3)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(expected)
+    assert hinge_g_loss(fake).item() == pytest.approx(-1.0 / 3)
+
+
+def test_non_saturating_losses_use_logits_first():
+    real = torch.tensor([1.5, -0.3]).requires_grad_()
+    fake = torch.tensor([0.7, -2.0]).requires_grad_()
+    d = non_saturating_d_loss(real, fake)
+    expected = 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+    assert d.item() == pytest.approx(expected.item())
+    d.backward()
+    # With LlamaGen's swapped BCE arguments the fake term has zero gradient; here it must not.
+    assert fake.grad.abs().min() > 0
+    assert torch.all(fake.grad > 0) and torch.all(real.grad < 0)
+    g = non_saturating_g_loss(torch.tensor([0.0, 2.0]))
+    assert g.item() == pytest.approx(F.softplus(-torch.tensor([0.0, 2.0])).mean().item())
+
+
+def test_non_saturating_g_averages_patch_logits_per_image_first():
+    patches = torch.tensor([[[[4.0, -4.0]]], [[[1.0, 1.0]]]])  # (2,1,1,2)
+    got = non_saturating_g_loss(patches, per_image_mean=True)
+    assert got.item() == pytest.approx(F.softplus(-torch.tensor([0.0, 1.0])).mean().item())
+
+
+def test_adaptive_weight_is_grad_norm_ratio_with_eps_and_clamp():
+    layer = nn.Linear(3, 2, bias=False)
+    x = torch.randn(4, 3)
+    y = layer(x)
+    nll = y.pow(2).mean()
+    g = -(3.0 * y).mean()
+    w = adaptive_weight(nll, g, layer.weight)
+    gn = torch.autograd.grad(nll, layer.weight, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, layer.weight, retain_graph=True)[0].norm()
+    assert w.item() == pytest.approx((gn / (gg + 1e-4)).item(), rel=1e-6)
+    assert not w.requires_grad
+    # a generator loss with no gradient at W: the ratio explodes and is clamped to 1e4
+    g_zero = (y * 0).sum()
+    nll = 100 * nll  # ||grad nll|| / 1e-4 is then far above the clamp
+    assert adaptive_weight(nll, g_zero, layer.weight).item() == pytest.approx(1e4)
+    assert adaptive_weight(nll, g_zero, layer.weight, max_weight=5.0).item() == pytest.approx(5.0)
+
+
+def test_adaptive_weight_is_fp32_for_low_precision_grads():
+    layer = nn.Linear(3, 2, bias=False).to(torch.bfloat16)
+    y = layer(torch.randn(4, 3, dtype=torch.bfloat16))
+    w = adaptive_weight(y.float().pow(2).mean(), -y.float().mean(), layer.weight)
+    assert w.dtype == torch.float32 and math.isfinite(w.item())
+
+
+def test_disc_factor_start_and_warmup():
+    assert disc_factor(9, 10) == 0.0
+    assert disc_factor(10, 10) == 1.0
+    assert disc_factor(10, 10, warmup=4) == pytest.approx(0.25)
+    assert disc_factor(13, 10, warmup=4) == 1.0
+    assert disc_factor(100, 10, warmup=4) == 1.0
+
+
+def test_lecam_value_and_ema_update():
+    lecam = LeCam(decay=0.9)
+    real = torch.tensor([1.0, 3.0])
+    fake = torch.tensor([-1.0, 1.0])
+    reg = lecam(real, fake)  # EMAs start at 0: relu(real - 0)^2 mean + relu(0 - fake)^2 mean
+    assert reg.item() == pytest.approx((1 + 9) / 2 + (1 + 0) / 2)
+    assert lecam.ema_real.item() == pytest.approx(0.1 * 2.0)
+    assert lecam.ema_fake.item() == pytest.approx(0.1 * 0.0)
+    lecam(real, fake)
+    assert lecam.ema_real.item() == pytest.approx(0.9 * 0.2 + 0.1 * 2.0)
+    assert set(lecam.state_dict()) == {"ema_real", "ema_fake"}
+
+
+def test_r1_penalty_of_a_linear_discriminator():
+    d = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    real = torch.randn(5, 3, 2, 2)
+    expected = d[1].weight.pow(2).sum()
+    got = r1_penalty(d, real)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.backward()  # double backward reaches D's weights
+    assert d[1].weight.grad is not None and d[1].weight.grad.abs().sum() > 0

@@ -1,0 +1,64 @@
+"""`vqtok sample`: class-conditional images (or tokens) from a RAR generator checkpoint; see vqtok.ar.generate."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vqtok.cli.app import app
+
+
+class CfgPreset(str, Enum):
+    paper = "paper"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@app.command(name="sample")
+def sample_command(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Generator checkpoint directory (from train-ar or convert)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (default: the one the generator records)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale; alone it is constant (0 disables CFG). Default 4.0."),
+    cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | linear | power-cosine."),
+    cfg_power: Optional[float] = typer.Option(None, "--cfg-power", help="Power-cosine exponent (implies power-cosine; 0 = constant)."),
+    cfg_preset: Optional[CfgPreset] = typer.Option(None, "--cfg-preset", help="'paper': the tuned scale, power and temperature of this RAR size."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Softmax temperature (0 = argmax). Default 1.0."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass to keep (1 = all)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class ids, one image each: 1,207,360."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class, class-balanced (50 -> the FID-50k set)."),
+    num: Optional[int] = typer.Option(None, "--num", help="N images with labels drawn from the seed (default 16)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward batch (CFG doubles the rows)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same tokens at any batch size or rank count (and same images at the same batch size)."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Output directory."),
+    npz: bool = typer.Option(False, "--npz", help="Write samples.npz for the ADM evaluator (arr_0 uint8 NHWC, labels)."),
+    png: bool = typer.Option(False, "--png", help="Write one PNG per image, images/{index:06d}.png."),
+    tokens_only: bool = typer.Option(False, "--tokens-only", help="Skip decoding: write tokens.npy and labels.npy."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
+    dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="fp32, or bf16 autocast for the generator."),
+) -> None:
+    """Sample class-conditional images with a KV-cached RAR generator and classifier-free guidance.
+
+    Writes grid.png (class id under each image), labels.npy and sample.json into --out, plus samples.npz (--npz), per-image PNGs (--png) or token grids instead of pixels (--tokens-only).
+
+    Under torchrun the ranks split the label list and rank 0 writes the outputs.
+    """
+    from vqtok.ar.generate import SampleOptions, describe, parse_class_list, run_sampling
+
+    options = SampleOptions(
+        ckpt=ckpt, out=out, tokenizer=tokenizer,
+        classes=parse_class_list(classes) if classes is not None else None, per_class=per_class, num=num,
+        guidance=cfg, schedule=cfg_schedule, power=cfg_power, paper=cfg_preset is not None,
+        temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
+        npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite, device=device, dtype=dtype.value,
+    )
+    result = run_sampling(options)
+    if result.files:  # rank 0 only
+        typer.echo(describe(result))

@@ -1,0 +1,61 @@
+"""`vqtok train-ar TOKENS_DIR --tokenizer CKPT --preset rar-b --anneal START END [key=value ...] --out RUN_DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vqtok.cli.app import app
+from vqtok.errors import UserError
+
+
+@app.command(name="train-ar")
+def train_ar_command(
+    tokens: Path = typer.Argument(..., help="Token directory written by `vqtok encode` (manifest.json + shards)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key.sub=value, e.g. train.batch_size=256."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="The tokenizer checkpoint the tokens were encoded with."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, previews, final/."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Generator size: rar-b, rar-l, rar-xl, rar-xxl or rar-tiny."),
+    anneal: Optional[tuple[float, float]] = typer.Option(
+        None, "--anneal", help="START END of permutation annealing: r=1 before START, linear to 0 at END."
+    ),
+    anneal_unit: Optional[str] = typer.Option(None, "--anneal-unit", help="Unit of --anneal: epochs (passes over the images) or steps."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Training length in epochs (one pass over the source images)."),
+    order: Optional[str] = typer.Option(
+        None, "--order", help="Scan order annealed to and sampled in: raster, spiral-in, spiral-out, z-curve, subsample, alternate."
+    ),
+    config: Optional[str] = typer.Option(
+        None, "--config", "-c", help="Recipe name (recipes/ar/NAME.yaml) or a YAML file; default: rar-b paper settings."
+    ),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto': continue from the latest checkpoint in --out."),
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="Start from these weights: a generator checkpoint dir or an official RAR .bin (fine-tuning)."
+    ),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow an --init file that needs full unpickling (only files you trust)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
+) -> None:
+    """Train the RAR generator on token shards, with permutation annealing."""
+    from vqtok.train.ar_task import cli_overrides, train_ar
+    from vqtok.train.distributed import shutdown_distributed
+
+    if resume not in (None, "auto"):
+        raise UserError(f"--resume takes 'auto' (continue from the latest checkpoint in --out), got '{resume}'")
+    if anneal_unit not in (None, "epochs", "steps"):
+        raise UserError(f"--anneal-unit must be epochs or steps, got '{anneal_unit}'")
+    flags = cli_overrides(preset, anneal, anneal_unit, epochs, order)
+    try:
+        result = train_ar(
+            tokens, tokenizer, out, config=config, overrides=flags + list(overrides or []), resume=resume == "auto",
+            device=device, init=init, trust_pickle=trust_pickle,
+        )
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        raise typer.Exit(code=0)
+    if result.final_dir is not None:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"generator saved to {result.final_dir}")

@@ -1,0 +1,45 @@
+"""`vqtok train-tokenizer DATA --config RECIPE [key=value ...] --out RUN_DIR [--resume auto]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vqtok.cli.app import app
+from vqtok.errors import UserError
+
+
+@app.command(name="train-tokenizer")
+def train_tokenizer_command(
+    data: Path = typer.Argument(..., help="ImageNet-layout folder, flat image folder, or a folder of webdataset .tar shards."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key.sub=value, e.g. train.steps=1000."),
+    config: str = typer.Option(..., "--config", "-c", help="Recipe name (recipes/tokenizer/NAME.yaml) or a YAML file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, previews, final/."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto': continue from the latest checkpoint in --out."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
+    lpips_weights: Optional[str] = typer.Option(
+        None, "--lpips-weights", help="VGG16 ImageNet weights file (vgg16-397923af.pth); default: the torch hub cache."
+    ),
+) -> None:
+    """Train a discrete image tokenizer (VQGAN, FSQ, LFQ, multi-scale VQ) with LPIPS and GAN losses."""
+    from vqtok.train.distributed import shutdown_distributed
+    from vqtok.train.tokenizer_task import train_tokenizer
+
+    if resume not in (None, "auto"):
+        raise UserError(f"--resume takes 'auto' (continue from the latest checkpoint in --out), got '{resume}'")
+    try:
+        result = train_tokenizer(
+            data, config, out, overrides=list(overrides or []), resume=resume == "auto",
+            device=device, lpips_weights=lpips_weights,
+        )
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        raise typer.Exit(code=0)
+    if result.final_dir is not None:
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"tokenizer saved to {result.final_dir}")

@@ -1,0 +1,1 @@
+"""Tokenizer training losses: LPIPS, discriminators, GAN terms and the weighted total."""

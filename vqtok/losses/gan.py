@@ -1,0 +1,110 @@
+"""Adversarial losses, taming's adaptive generator weight, the discriminator schedule, LeCam and R1.
+
+Conventions (reference: quantizers_losses.md §4, §5, §8.6-8.7, §9; var_llamagen.md §B2):
+- logits are raw D outputs: (B,) per image or (B,1,h,w) patch maps; losses average over every logit.
+- non-saturating losses call `binary_cross_entropy_with_logits(logits, target)`: logits first. LlamaGen
+  swaps the two arguments (LlamaGen#84), which silently turns the D fake term into a constant.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+def hinge_g_loss(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+def non_saturating_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """0.5 * (BCE(D(x), 1) + BCE(D(x_hat), 0)); the 'vanilla' taming loss is the same quantity."""
+    real_term = F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+    fake_term = F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    return 0.5 * (real_term + fake_term)
+
+
+def non_saturating_g_loss(fake: torch.Tensor, per_image_mean: bool = False) -> torch.Tensor:
+    """BCE(D(x_hat), 1). `per_image_mean` averages patch logits per image first (Open-MAGVIT2)."""
+    if per_image_mean and fake.dim() > 1:
+        fake = fake.flatten(1).mean(1)
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "non_saturating": non_saturating_d_loss}
+
+
+def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "hinge":
+        return hinge_g_loss(fake)
+    if kind == "non_saturating":
+        return non_saturating_g_loss(fake, per_image_mean=True)
+    raise ValueError(f"unknown generator GAN loss {kind}")
+
+
+def disc_factor(step: int, start: int, warmup: int = 0) -> float:
+    """0 before `start` (neither G's adversarial term nor D trains), then a linear ramp over `warmup` steps."""
+    if step < start:
+        return 0.0
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (step - start + 1) / warmup)
+
+
+def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def adaptive_weight(
+    nll: torch.Tensor, g: torch.Tensor, last_layer: nn.Parameter, max_weight: float = 1e4
+) -> torch.Tensor:
+    """taming: ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped to [0, max_weight], detached.
+
+    W is the decoder's final conv weight. Norms are taken in fp32 (latent-diffusion#176: fp16 NaNs).
+    Under DDP the gradients are averaged over ranks first, so the weight is that of the global batch
+    (and every rank applies the same one).
+    """
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
+    g_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0].float()
+    nll_grad, g_grad = _mean_across_ranks(nll_grad), _mean_across_ranks(g_grad)
+    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+class LeCam(nn.Module):
+    """LeCam regulariser: EMAs (decay 0.999) of the batch-mean real and fake logits, persisted as buffers.
+
+    reg = mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(x_hat))^2); the EMAs are updated after
+    the term is computed (1d-tokenizer order), with batch means averaged over DDP ranks.
+    """
+
+    def __init__(self, decay: float = 0.999):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        reg = F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()
+        with torch.no_grad():
+            means = _mean_across_ranks(torch.stack([real.detach().float().mean(), fake.detach().float().mean()]))
+            self.ema_real.mul_(self.decay).add_((1 - self.decay) * means[0])
+            self.ema_fake.mul_(self.decay).add_((1 - self.decay) * means[1])
+        return reg
+
+
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
+    """Zero-centred gradient penalty on real images: mean over images of ||grad_x sum D(x)||^2."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(real)
+    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()

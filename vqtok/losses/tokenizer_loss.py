@@ -1,0 +1,128 @@
+"""The tokenizer training loss: reconstruction + perceptual + quantizer aux + adversarial, all weighted.
+
+Generator:  l1_weight*|x-x̂| + l2_weight*(x-x̂)^2 + perceptual_weight*LPIPS(x,x̂)            (= nll)
+            + quantizer_weight*aux["loss"] + factor(step)*w_adv*G_loss(D(x̂))
+with w_adv = disc_weight * ||∇nll|| / (||∇G|| + 1e-4) on the decoder's last layer (taming) when
+`adaptive_weight` is on, else disc_weight (LlamaGen / Open-MAGVIT2 / 1d-tokenizer).
+Discriminator: factor(step)*D_loss(D(x), D(x̂)) + lecam_weight*LeCam + lazy R1 every `r1_every` steps.
+Images arrive in [0,1]; all terms are computed on the [-1,1] scale the anchors use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok.losses.discriminators import DiscriminatorConfig, build_discriminator
+from vqtok.losses.gan import D_LOSSES, LeCam, adaptive_weight, disc_factor, g_loss, r1_penalty
+from vqtok.losses.lpips import build_lpips
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0
+    # None: the torch hub cache; a path to vgg16-397923af.pth; or 'random-for-tests' (not a real metric).
+    lpips_weights: str | None = None
+    quantizer_weight: float = 1.0
+    disc_weight: float = 0.8  # 0 disables the discriminator entirely
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1e4
+    disc_start: int = 0
+    disc_warmup: int = 0
+    d_loss: Literal["hinge", "non_saturating"] = "hinge"
+    g_loss: Literal["hinge", "non_saturating"] = "hinge"
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    r1_weight: float = 0.0  # gamma; the lazy penalty is gamma/2 * r1_every * R1
+    r1_every: int = 16
+    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+class TokenizerLoss(nn.Module):
+    def __init__(self, cfg: LossConfig, resolution: int, lpips_weights: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        weights = lpips_weights if lpips_weights is not None else cfg.lpips_weights
+        self.lpips = build_lpips(weights) if cfg.perceptual_weight > 0 else None
+        self.discriminator = build_discriminator(cfg.disc, resolution) if cfg.disc_weight > 0 else None
+        self.lecam = LeCam(cfg.lecam_decay) if (self.discriminator is not None and cfg.lecam_weight > 0) else None
+
+    @property
+    def uses_random_lpips(self) -> bool:
+        return self.lpips is not None and self.lpips.random_trunk
+
+    def disc_active(self, step: int) -> bool:
+        return self.discriminator is not None and disc_factor(step, self.cfg.disc_start, self.cfg.disc_warmup) > 0
+
+    def generator_loss(
+        self,
+        images: torch.Tensor,
+        recon: torch.Tensor,
+        aux: dict[str, torch.Tensor],
+        step: int,
+        last_layer: nn.Parameter | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        x, xr = images * 2 - 1, recon * 2 - 1
+        metrics: dict[str, torch.Tensor] = {}
+        nll = x.new_zeros((), dtype=torch.float32)
+        if cfg.l1_weight > 0:
+            metrics["rec_l1"] = (x - xr).abs().float().mean()
+            nll = nll + cfg.l1_weight * metrics["rec_l1"]
+        if cfg.l2_weight > 0:
+            metrics["rec_l2"] = F.mse_loss(xr.float(), x.float())
+            nll = nll + cfg.l2_weight * metrics["rec_l2"]
+        if self.lpips is not None:
+            metrics["lpips"] = self.lpips(x, xr).mean()
+            nll = nll + cfg.perceptual_weight * metrics["lpips"]
+        quant = aux["loss"].float()
+        metrics["quant"] = quant
+        total = nll + cfg.quantizer_weight * quant
+        factor = disc_factor(step, cfg.disc_start, cfg.disc_warmup) if self.discriminator is not None else 0.0
+        if factor > 0:
+            # D's parameters are frozen for this pass: G's loss must not train D.
+            requires = [p.requires_grad for p in self.discriminator.parameters()]
+            self.discriminator.requires_grad_(False)
+            try:
+                g = g_loss(cfg.g_loss, self.discriminator(xr).float())
+            finally:
+                for p, r in zip(self.discriminator.parameters(), requires):
+                    p.requires_grad_(r)
+            if cfg.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
+                w = adaptive_weight(nll, g, last_layer, cfg.adaptive_weight_max) * cfg.disc_weight
+            else:
+                w = torch.tensor(cfg.disc_weight, device=g.device)
+            metrics["g_adv"] = g
+            metrics["adv_weight"] = w * factor
+            total = total + factor * w * g
+        for name, value in aux.items():
+            if name != "loss" and torch.is_tensor(value) and value.numel() == 1:
+                metrics[f"q_{name}"] = value.detach().float().reshape(())
+        metrics["loss"] = total
+        return total, metrics
+
+    def discriminator_loss(
+        self, images: torch.Tensor, recon: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        d = self.discriminator
+        x, xr = images * 2 - 1, recon.detach() * 2 - 1
+        real, fake = d(x).float(), d(xr).float()  # separate calls: BatchNorm sees real and fake apart (taming)
+        factor = disc_factor(step, cfg.disc_start, cfg.disc_warmup)
+        d_main = D_LOSSES[cfg.d_loss](real, fake)
+        total = factor * d_main
+        metrics = {"d_loss": d_main, "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
+        if self.lecam is not None:
+            metrics["lecam"] = self.lecam(real, fake)
+            total = total + cfg.lecam_weight * metrics["lecam"]
+        if cfg.r1_weight > 0 and step % cfg.r1_every == 0:
+            metrics["r1"] = r1_penalty(d, x)
+            total = total + 0.5 * cfg.r1_weight * cfg.r1_every * metrics["r1"]
+        metrics["d_total"] = total
+        return total, metrics

@@ -1,0 +1,232 @@
+"""Token shards as a random-access dataset for `train-ar`: exact epochs, exact resume, any number of ranks.
+
+`vqtok encode` writes webdataset tar shards (or one HDF5 file). A streaming reader cannot restart
+mid-epoch without re-reading everything before the resume point, and its per-rank streams make a
+2-rank run read different samples than a 1-rank run. So train-ar reads the shards by position:
+
+- tar shards: one scan of the tar headers at start-up records, per sample, where its `tokens.npy`
+  bytes lie (shard, offset, size) and its class: about 20 bytes per sample (26 MB for ImageNet), held
+  in numpy arrays that DataLoader workers share copy-on-write. Tokens are read on demand with one
+  `pread` each, so memory does not grow with the dataset. HDF5 rows are read on demand as well.
+- batches come from `StreamBatchSampler` (vqtok/train/sampler.py): global slot p of the run is image
+  `perm(seed, epoch)[p % N]` of epoch p // N, and rank r of W takes the r-th 1/W of each global batch.
+  No rank can run dry (the stream is endless and every rank gets exactly B/W samples per step), every
+  epoch is one pass over the source images, and the samples of step s are a function of (seed, s) alone.
+- the view (one of the ten crops) of image i in epoch e is a hash of (seed, e, i): a fresh random view per
+  pass, identical on resume and whatever the number of ranks or workers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import mmap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqtok.data.token_shards import TokenH5Dataset
+from vqtok.errors import UserError
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 64-bit hash of integers: independent-looking streams from (seed, purpose, step, ...)."""
+    h = 0
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h
+
+
+def view_for(seed: int, epoch: int, index: int, num_views: int) -> int:
+    """The crop view image `index` uses in `epoch`: uniform, stateless, the same on every rank and resume."""
+    return mix_seed(seed, epoch, index) % num_views
+
+
+class TarTokens(torch.utils.data.Dataset):
+    """Random access to the samples of webdataset token shards: item i -> (tokens (views, T) ndarray, cls)."""
+
+    def __init__(self, root: str | Path, manifest: dict):
+        self.root = Path(root)
+        self.names = [s["name"] for s in manifest["shards"]]
+        shard_ids, offsets, sizes, classes = [], [], [], []
+        for sid, shard in enumerate(manifest["shards"]):
+            o, s, c = _scan_tar(self.root / shard["name"])
+            if len(o) != int(shard["count"]):
+                raise UserError(
+                    f"shard {self.root / shard['name']} holds {len(o)} samples but the manifest says {shard['count']}; "
+                    "the token directory is damaged, so re-run `vqtok encode`"
+                )
+            shard_ids.append(np.full(len(o), sid, dtype=np.int32))
+            offsets.append(np.asarray(o, dtype=np.int64))
+            sizes.append(np.asarray(s, dtype=np.int32))
+            classes.append(np.asarray(c, dtype=np.int32))
+        self.shard_ids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
+        self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        self.sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+        self.classes = np.concatenate(classes) if classes else np.zeros(0, np.int32)
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        sid = int(self.shard_ids[index])
+        fd = self._fds.get(sid)
+        if fd is None:  # opened lazily in each process: descriptors do not survive DataLoader's fork
+            fd = self._fds[sid] = os.open(self.root / self.names[sid], os.O_RDONLY)
+        data = os.pread(fd, int(self.sizes[index]), int(self.offsets[index]))
+        return np.load(io.BytesIO(data), allow_pickle=False), int(self.classes[index])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _scan_tar(path: Path) -> tuple[list[int], list[int], list[int]]:
+    """(tokens.npy data offsets, their sizes, classes) of one shard, in file order.
+
+    Parses the 512-byte tar headers directly from a memory map (about 30x faster than `tarfile`, which
+    matters at ImageNet scale: 2.6M members), handling ustar prefixes, PAX and GNU long names.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return [], [], []
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _scan_members(mm, size, path)
+    except OSError as exc:
+        raise UserError(f"token shard {path} cannot be read ({exc.strerror or exc}); re-run `vqtok encode`") from None
+
+
+def _scan_members(mm, total: int, path: Path) -> tuple[list[int], list[int], list[int]]:
+    offsets, sizes, classes = [], [], []
+    pending: dict[str, dict] = {}
+    pos, long_name = 0, None
+    while pos + 512 <= total:
+        header = mm[pos : pos + 512]
+        if header[0] == 0 and header.count(0) == 512:  # end-of-archive blocks
+            break
+        try:
+            size = _tar_number(header[124:136])
+        except ValueError:
+            raise UserError(f"token shard {path} has a corrupt tar header at byte {pos}; re-run `vqtok encode`") from None
+        kind = header[156:157]
+        start = pos + 512
+        if start + size > total:
+            raise UserError(f"token shard {path} is truncated at byte {pos}; re-run `vqtok encode`")
+        if kind == b"x":  # PAX extended header: its `path` record names the next member
+            long_name = _pax_path(mm[start : start + size]) or long_name
+        elif kind == b"L":  # GNU long name
+            long_name = mm[start : start + size].split(b"\0", 1)[0].decode()
+        elif kind in (b"0", b"\0"):
+            name = long_name or _header_name(header)
+            long_name = None
+            head, base = os.path.split(name)
+            stem, _, ext = base.partition(".")
+            key = os.path.join(head, stem)
+            entry = pending.setdefault(key, {})
+            if ext == "tokens.npy":
+                entry["tokens"] = (start, size)
+            elif ext == "cls":
+                entry["cls"] = int(mm[start : start + size].decode())
+            if "tokens" in entry and "cls" in entry:
+                del pending[key]
+                offsets.append(entry["tokens"][0])
+                sizes.append(entry["tokens"][1])
+                classes.append(entry["cls"])
+        else:
+            long_name = None
+        pos = start + (size + 511) // 512 * 512
+    if pending:
+        key = next(iter(pending))
+        raise UserError(f"sample {key} in {path} lacks tokens.npy or cls; the shard is damaged, so re-run `vqtok encode`")
+    return offsets, sizes, classes
+
+
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # base-256 (GNU) for large values
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _header_name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0].decode()
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        if prefix:
+            name = f"{prefix}/{name}"
+    return name
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The `path` value of PAX records (`<len> key=value\\n` each)."""
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(records[pos:space])
+        key, _, value = records[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            return value.decode()
+        pos += length
+    return None
+
+
+class H5Tokens(torch.utils.data.Dataset):
+    """Random access to `tokens.h5`: item i -> (tokens (views, T) ndarray, cls)."""
+
+    def __init__(self, root: str | Path, manifest: dict):
+        self.base = TokenH5Dataset(root, manifest, view="all")
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        tokens, cls = self.base[index]
+        return tokens.numpy(), int(cls)
+
+
+class EpochViewTokens(torch.utils.data.Dataset):
+    """Keys (epoch, index) from StreamBatchSampler -> (tokens int64 (T,), class int64) with that epoch's view."""
+
+    def __init__(self, base: TarTokens | H5Tokens, num_views: int, seed: int, view: str | int = "random"):
+        self.base, self.num_views, self.seed = base, num_views, seed
+        if view != "random" and not (isinstance(view, int) and 0 <= view < num_views):
+            raise UserError(f"data.view must be 'random' or a view index in 0..{num_views - 1}, got {view!r}")
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        tokens, cls = self.base[index]
+        v = view_for(self.seed, epoch, index, self.num_views) if self.view == "random" else self.view
+        return torch.from_numpy(tokens[v].astype(np.int64)), torch.tensor(cls, dtype=torch.long)
+
+
+def open_ar_tokens(root: str | Path, manifest: dict) -> TarTokens | H5Tokens:
+    if manifest["format"] == "h5":
+        return H5Tokens(root, manifest)
+    return TarTokens(root, manifest)

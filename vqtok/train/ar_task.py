@@ -1,0 +1,411 @@
+"""`train-ar` as a TrainTask: RAR on token shards with permutation annealing, through the shared engine.
+
+The run config is one dataclass, `TrainARConfig`; recipes in recipes/ar/ fill it. What this task adds
+to the engine (vqtok/train/engine.py):
+
+- the model: a RAR preset plus RARConfig overrides, with vocabulary, sequence length, classes and
+  token grid taken from the token shards (their manifest), which must come from `--tokenizer`;
+- data: token shards read by position (vqtok/train/ar_data.py), one random crop view per image per
+  epoch, where one epoch is one pass over the source images;
+- per step, from a generator seeded by (seed, step) alone: the orders (a uniform random permutation
+  with probability r, else the target scan order; vectorised) and the class-label dropout. They are
+  drawn for the whole global batch and sliced per rank, so a resumed run and a run on any number of
+  ranks see the same orders, and nothing but the step needs checkpointing;
+- AdamW in two groups: decay exactly the weight matrices of the Linear layers; no decay on biases, norm
+  parameters, the embedding table, the cls token and the positional / target-aware / timestep tables
+  (rar.md §5.3 has the official substring rule; it also decays cls_token and, through a case quirk,
+  skips the final adaLN weight, which this rule treats like every other Linear weight);
+- warm-up then cosine to `end_lr`, both in epochs unless given in steps;
+- a sample grid (KV-cached sampling, decoded by the tokenizer) as the engine's preview, and the final
+  export as a generator checkpoint that records the tokenizer identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vqtok.ar.annealing import PermutationAnnealing
+from vqtok.ar.orders import canonical_order_name, sample_orders, scan_order
+from vqtok.ar.rar import RAR, RARConfig, ar_loss
+from vqtok.config import from_dict, to_dict
+from vqtok.errors import UserError
+from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
+from vqtok.train.distributed import DistEnv, broadcast_module
+from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
+from vqtok.train.schedule import ScheduleConfig
+from vqtok.train.sampler import StreamBatchSampler
+
+# RARConfig fields the token shards decide; a recipe may set them only to the same values.
+DATA_FIELDS = ("vocab_size", "seq_len", "grid")
+
+
+@dataclass
+class ARDataConfig:
+    view: str | int = "random"  # "random": a fresh random crop view per image per epoch; or a fixed view index
+    preview_classes: list[int] | None = None  # classes in the sample grid; None: 8 spread over the class range
+    preview_guidance: float = 4.0  # constant CFG scale of the sample grid (0: none)
+    preview_seed: int = 0  # the grid uses its own generator: same noise every time, training RNG untouched
+
+
+@dataclass
+class AROptimConfig:
+    lr: float = 4e-4
+    end_lr: float = 1e-5  # the cosine ends here at the last step
+    betas: tuple[float, float] = (0.9, 0.96)
+    weight_decay: float = 0.03
+    grad_clip: float = 1.0
+    warmup_epochs: float = 100.0
+    warmup_steps: int | None = None  # when set, replaces warmup_epochs
+
+
+@dataclass
+class AnnealConfig:
+    """Permutation annealing (RAR Eq. 5): r = 1 before start, linear to 0 at end, 0 after."""
+
+    start: float = 200.0
+    end: float = 300.0
+    unit: Literal["epochs", "steps"] = "epochs"
+
+
+@dataclass
+class TrainARConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "rar-b"})  # preset + RARConfig overrides
+    data: ARDataConfig = field(default_factory=ARDataConfig)
+    optim: AROptimConfig = field(default_factory=AROptimConfig)
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    epochs: float | None = 400.0  # run length in passes over the source images; None: train.steps decides
+    train: EngineConfig = field(default_factory=lambda: EngineConfig(ema=False))
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def resolve_model(model: dict[str, Any], manifest: dict) -> tuple[RARConfig, dict[str, Any]]:
+    """(RARConfig, the resolved `model` section) from `preset` + overrides + what the token shards hold."""
+    from vqtok.ar.presets import get_preset
+
+    spec = dict(model)
+    preset = spec.pop("preset", None)
+    base = to_dict(get_preset(preset)) if preset is not None else {}
+    tok = manifest["tokenizer"]
+    scales = [tuple(int(v) for v in s) for s in tok["scales"]]
+    seq_len = int(tok["tokens_per_view"])
+    # single-scale tokens keep their 2-D grid for the scan orders; multi-scale ones are one row (raster only)
+    grid = list(scales[0]) if len(scales) == 1 else [1, seq_len]
+    data = {"vocab_size": int(tok["vocab_size"]), "seq_len": seq_len, "grid": grid}
+    for name, value in data.items():
+        if name in spec and spec[name] is not None and spec[name] != value:
+            raise UserError(f"model.{name} is {spec[name]} but the token shards have {value}; leave it unset, the shards decide it")
+    merged = {**base, **spec, **data}
+    classes = len(manifest.get("classes") or [])
+    if "num_classes" not in spec and classes:
+        merged["num_classes"] = classes
+    cfg = from_dict(RARConfig, merged, "model")
+    if classes and cfg.num_classes < classes:
+        raise UserError(f"model.num_classes {cfg.num_classes} is smaller than the {classes} classes in the token shards")
+    if len(scales) > 1 and cfg.order != "row-major":
+        raise UserError(f"--order {cfg.order} needs a 2-D token grid; multi-scale tokens train in their stored order (raster)")
+    resolved = {"preset": preset, **to_dict(cfg)} if preset is not None else to_dict(cfg)
+    return cfg, resolved
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay the weight matrices of Linear layers only (see the module docstring for the rule)."""
+    decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if id(p) in decay_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_tokenizer_matches(manifest: dict, identity: dict, tokens_dir: Path, tokenizer_path: str | Path) -> None:
+    """Refuse token shards made by another tokenizer than `--tokenizer` (hash, vocabulary, grid)."""
+    made = manifest["tokenizer"]
+    problems = []
+    if made.get("hash") and identity.get("hash") and made["hash"] != identity["hash"]:
+        problems.append(f"weights hash {made['hash'][:12]} vs {identity['hash'][:12]}")
+    if int(made["vocab_size"]) != int(identity["vocab_size"]):
+        problems.append(f"vocabulary {made['vocab_size']} vs {identity['vocab_size']}")
+    grid, native = [list(s) for s in made["scales"]], [list(s) for s in identity["scales"]]
+    if grid != native and (len(grid) > 1 or len(native) > 1):  # one-scale tokenizers may encode other sizes
+        problems.append(f"token grid {grid} vs {native}")
+    if problems:
+        raise UserError(
+            f"the token shards in {tokens_dir} were made by another tokenizer ({made.get('preset')}) than "
+            f"--tokenizer {tokenizer_path} ({identity.get('preset')}): {', '.join(problems)}; "
+            "pass the tokenizer the shards were encoded with, or re-encode them with this one"
+        )
+
+
+def load_init_weights(model: RAR, path: str | Path, tokenizer_identity: dict, trust_pickle: bool = False) -> None:
+    """Start from a generator checkpoint directory or an official RAR state dict (`rar_b.bin`)."""
+    path = Path(path)
+    if path.is_dir():
+        from vqtok.ar.checkpoint import load_generator
+
+        source, identity = load_generator(path)
+        state = source.state_dict()
+        made = identity.get("tokenizer") or {}
+        if made.get("hash") and made["hash"] != tokenizer_identity.get("hash"):
+            raise UserError(f"--init {path} was trained on another tokenizer (hash {made['hash'][:12]}) than --tokenizer")
+    elif path.is_file():
+        from vqtok.interop.rar import convert
+        from vqtok.weights import load_state_dict_file
+
+        state = convert(load_state_dict_file(path, trust_pickle=trust_pickle))
+    else:
+        raise UserError(f"--init {path} does not exist")
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise UserError(f"--init {path} lacks {key}; it is not a RAR generator")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(
+                f"--init {path} does not fit this model: {key} is {list(state[key].shape)}, the model needs "
+                f"{list(value.shape)}; choose the --preset it was trained with"
+            )
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+# ------------------------------------------------------------------------------------------- task
+
+
+class ARTrainTask:
+    unit = "tok/s"
+    progress_keys = ("loss", "acc", "r")
+
+    def __init__(self, cfg: TrainARConfig, env: DistEnv, tokens_dir: str | Path, tokenizer_path: str | Path,
+                 init: str | Path | None = None, trust_pickle: bool = False):
+        from vqtok.data.token_shards import read_manifest
+        from vqtok.tokenizer.tokenizer import load_tokenizer
+
+        self.cfg, self.env = cfg, env
+        self.tokens_dir = Path(tokens_dir)
+        self.tokenizer_path = Path(tokenizer_path).resolve()
+        manifest = read_manifest(self.tokens_dir)
+        self.tokenizer = load_tokenizer(tokenizer_path, device=env.device)
+        identity = self.tokenizer.identity()
+        check_tokenizer_matches(manifest, identity, self.tokens_dir, tokenizer_path)
+        # the generator records the grid it was trained on (encode may have used another image size)
+        self.tokenizer_identity = dict(identity, scales=manifest["tokenizer"]["scales"],
+                                       tokens_per_image=int(manifest["tokenizer"]["tokens_per_view"]))
+        self.model_config, cfg.model = resolve_model(cfg.model, manifest)
+        self.num_samples = int(manifest["num_samples"])
+        if self.num_samples < 1:
+            raise UserError(f"{self.tokens_dir} holds no samples")
+        self.steps_per_epoch = self.num_samples / cfg.train.batch_size
+        if cfg.epochs is not None:
+            if cfg.epochs <= 0:
+                raise UserError(f"epochs must be positive, got {cfg.epochs}")
+            cfg.train.steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        unit = "epoch" if cfg.anneal.unit == "epochs" else "step"
+        self.annealing = PermutationAnnealing(cfg.anneal.start, cfg.anneal.end, unit)
+        warmup = cfg.optim.warmup_steps
+        if warmup is None:
+            warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        if warmup < 0 or cfg.optim.lr <= 0 or not 0 <= cfg.optim.end_lr <= cfg.optim.lr:
+            raise UserError("optim needs lr > 0, 0 <= end_lr <= lr and a warm-up >= 0")
+        self.optim_config = OptimizerConfig(
+            kind="adamw", lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+            grad_clip=cfg.optim.grad_clip,
+            schedule=ScheduleConfig(kind="cosine", warmup_steps=int(warmup), min_lr_ratio=cfg.optim.end_lr / cfg.optim.lr),
+        )
+
+        mcfg = self.model_config
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
+        self.model = RAR(mcfg).to(env.device)
+        if init is not None:
+            load_init_weights(self.model, init, identity, trust_pickle)
+        broadcast_module(self.model, env)
+        self._forward_loss = self._loss_terms
+        if cfg.train.compile:
+            self._forward_loss = torch.compile(self._loss_terms)
+        optimizer = build_optimizer(self.optim_config, weight_decay_groups(self.model, cfg.optim.weight_decay), env.device)
+        self._phases = [Phase("generator", self.model, optimizer, self.optim_config, ema=True)]
+
+        self.target_order = scan_order(mcfg.order, *mcfg.grid_shape).to(env.device)
+        self.tokens = EpochViewTokens(open_ar_tokens(self.tokens_dir, manifest), len(manifest["views"]),
+                                      cfg.train.seed, cfg.data.view)
+        classes = cfg.data.preview_classes
+        if classes is None:
+            n = min(8, mcfg.num_classes)
+            classes = torch.linspace(0, mcfg.num_classes - 1, n).round().long().tolist()
+        bad = [c for c in classes if not 0 <= c < mcfg.num_classes]
+        if bad:
+            raise UserError(f"data.preview_classes holds class {bad[0]}, outside 0..{mcfg.num_classes - 1}")
+        self.preview_classes = classes
+        self._preview_model: RAR | None = None
+
+    # -- TrainTask ----------------------------------------------------------------------------------
+
+    def phases(self) -> list[Phase]:
+        return self._phases
+
+    def phase_active(self, phase: str, step: int) -> bool:
+        return True
+
+    def epoch(self, step: int) -> float:
+        """Passes over the source images after `step` steps (the unit of --anneal epochs)."""
+        return step / self.steps_per_epoch
+
+    def random_ratio(self, step: int) -> float:
+        """r for the batch of step `step` (0-based, before its update)."""
+        return self.annealing.ratio(step, self.steps_per_epoch)
+
+    def step_conditions(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(orders (b, N), class-drop mask (b,), r) of this rank's share of step `step`'s global batch."""
+        cfg, env = self.cfg, self.env
+        B, local = cfg.train.batch_size, cfg.train.batch_size // env.world
+        r = self.random_ratio(step)
+        gen_device = env.device if env.device.type == "cuda" else torch.device("cpu")
+        gen = torch.Generator(device=gen_device)
+        gen.manual_seed(mix_seed(cfg.train.seed, 0x0A3D, step) & (2**63 - 1))
+        orders = sample_orders(B, self.target_order, r, generator=gen, device=env.device)
+        drop = torch.rand(B, generator=gen, device=gen_device).to(env.device) < self.model_config.class_dropout
+        part = slice(env.rank * local, (env.rank + 1) * local)
+        return orders[part], drop[part], r
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        cfg, env = self.cfg, self.env
+        sampler = StreamBatchSampler(len(self.tokens), cfg.train.batch_size, cfg.train.seed, start_step, env.rank, env.world)
+        workers = cfg.train.num_workers
+        # its own generator: creating the loader iterator would otherwise draw from the global torch RNG
+        # (which dropout uses) at a different point in a resumed run than in an uninterrupted one
+        loader = DataLoader(self.tokens, batch_sampler=sampler, num_workers=workers,
+                            pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None,
+                            generator=torch.Generator().manual_seed(cfg.train.seed))
+        step = start_step
+        for tokens, classes in loader:
+            tokens = tokens.to(env.device, non_blocking=True)
+            classes = classes.to(env.device, non_blocking=True)
+            orders, drop, r = self.step_conditions(step)
+            cond = self.model.condition_ids(classes)
+            cond = torch.where(drop, torch.full_like(cond, self.model_config.null_class_id), cond)
+            yield {"tokens": tokens, "cond": cond, "orders": orders, "r": r}
+            step += 1
+
+    def split(self, batch: dict, parts: int) -> list[dict]:
+        keys = ("tokens", "cond", "orders")
+        chunks = [batch[k].chunk(parts) for k in keys]
+        return [dict(zip(keys, c), r=batch["r"]) for c in zip(*chunks)]
+
+    def batch_size(self, batch: dict) -> int:
+        return batch["tokens"].numel()  # tokens, so the progress line reads tok/s
+
+    def _loss_terms(self, tokens: torch.Tensor, cond: torch.Tensor, orders: torch.Tensor):
+        logits, labels = self.model.forward_conditions(tokens, cond, orders)
+        return ar_loss(logits, labels)
+
+    def loss(self, phase: str, mb: dict, micro_index: int, step: int):
+        loss, acc = self._forward_loss(mb["tokens"], mb["cond"], mb["orders"])
+        return loss, {"loss": loss.detach(), "acc": acc, "r": torch.tensor(mb["r"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        # orders, class dropout and data are functions of (seed, step); the engine saves step and RNGs
+        return {"seed": self.cfg.train.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state.get("num_samples", self.num_samples)) != self.num_samples:
+            raise UserError(
+                f"the run was trained on {state['num_samples']} samples but {self.tokens_dir} holds {self.num_samples}; "
+                "resume with the same token shards"
+            )
+
+    @torch.no_grad()
+    def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
+        from vqtok.ar.sampling import SamplingConfig, sample
+        from vqtok.train.images import make_grid
+
+        model = self.model
+        if weights is not None:  # sample with the EMA weights, from a second copy of the model
+            if self._preview_model is None:
+                self._preview_model = RAR(self.model_config).to(self.env.device)
+            self._preview_model.load_state_dict(weights["generator"])
+            model = self._preview_model
+        gen = torch.Generator(device=self.env.device)
+        gen.manual_seed(self.cfg.data.preview_seed)
+        scfg = SamplingConfig(guidance_scale=self.cfg.data.preview_guidance)
+        classes = torch.tensor(self.preview_classes, dtype=torch.long)
+        tokens = sample(model, classes, scfg, generator=gen).tokens
+        images = self.tokenizer.decode(tokens)
+        return make_grid(images.float(), rows=1 if len(classes) <= 8 else 2)
+
+    def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        from vqtok.ar.checkpoint import save_generator
+
+        state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
+        # `vqtok sample` finds the tokenizer through this path when --tokenizer is not given
+        extra = {"trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
+                 "epochs": round(self.epoch(self.cfg.train.steps), 4)}
+        save_generator(dest, state, self.model_config, self.tokenizer_identity, extra)
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def load_run_config(config: str | Path | dict | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainARConfig:
+    from vqtok.config import load_config
+
+    return load_config(TrainARConfig, config, list(overrides), kind="ar")
+
+
+def train_ar(
+    tokens_dir: str | Path,
+    tokenizer: str | Path,
+    out: str | Path,
+    config: str | Path | dict | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+    device: str | None = None,
+    init: str | Path | None = None,
+    trust_pickle: bool = False,
+    stop_after: int | None = None,
+):
+    """Library entry of `vqtok train-ar`. Bad input raises UserError before any training starts."""
+    import yaml
+
+    from vqtok.train.distributed import init_distributed
+    from vqtok.train.engine import Engine
+
+    cfg = load_run_config(config, overrides)
+    if not Path(tokenizer).exists():
+        raise UserError(f"tokenizer checkpoint {tokenizer} does not exist")
+    env = init_distributed(device)
+    task = ARTrainTask(cfg, env, tokens_dir, tokenizer, init=init, trust_pickle=trust_pickle)
+    run_dir = Path(out)
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file():
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if previous.get("model") != to_dict(cfg.model):
+            raise UserError(f"--resume: the model in {saved} differs from this config's model; resume with the same recipe and flags")
+    engine = Engine(cfg.train, env, run_dir, resolved_config=cfg)
+    return engine.run(task, resume=resume, stop_after=stop_after)
+
+
+def cli_overrides(preset: str | None, anneal: tuple[float, float] | None, anneal_unit: str | None,
+                  epochs: float | None, order: str | None) -> list[str]:
+    """The typed CLI flags as config overrides (applied before the free-form key=value ones)."""
+    out = []
+    if preset is not None:
+        out.append(f"model.preset={preset}")
+    if anneal is not None:
+        out += [f"anneal.start={anneal[0]}", f"anneal.end={anneal[1]}"]
+    if anneal_unit is not None:
+        out.append(f"anneal.unit={anneal_unit}")
+    if epochs is not None:
+        out.append(f"epochs={epochs}")
+    if order is not None:
+        out.append(f"model.order={canonical_order_name(order)}")
+    return out
+
+
+__all__ = ["TrainARConfig", "ARTrainTask", "train_ar", "resolve_model", "weight_decay_groups", "check_tokenizer_matches"]

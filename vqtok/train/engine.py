@@ -1,0 +1,379 @@
+"""The ONE training engine, shared by `train-tokenizer` and `train-ar`.
+
+A trainer is a `TrainTask`: it builds its models, optimizers and data, and computes a loss for a named
+*phase* on a micro-batch. The engine owns everything else: device and bf16 autocast, optional
+torch.compile (done by the task on the modules it chooses), gradient accumulation, gradient averaging
+across ranks, clipping, LR schedules, EMA, checkpoints and exact resume, SIGINT/SIGTERM, NaN stops,
+progress, metrics.jsonl, preview grids and the final export.
+
+One engine step = for each active phase in order (e.g. "generator" then "discriminator"):
+zero grads -> for each of `grad_accum` micro-batches: loss/accum backward -> average grads over ranks
+-> clip -> optimizer step -> EMA update. The task sees the same micro-batches in every phase, so a
+discriminator phase can reuse the reconstructions its generator phase cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from vqtok.config import save_config
+from vqtok.device import autocast
+from vqtok.errors import UserError
+from vqtok.train import checkpoint as ckpt
+from vqtok.train.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
+from vqtok.train.ema import EMA
+from vqtok.train.progress import MetricsLog, Progress
+from vqtok.train.schedule import ScheduleConfig, lr_factor
+
+
+@dataclass
+class EngineConfig:
+    """The `train` section of every training recipe."""
+
+    steps: int = 1000
+    batch_size: int = 8  # global: all ranks x all accumulation micro-steps
+    grad_accum: int = 1
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    compile: bool = False
+    ema: bool = True
+    ema_decay: float = 0.999
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    preview_every: int = 500
+    num_workers: int = 2
+
+    def validate(self, world: int) -> None:
+        if self.steps < 1:
+            raise UserError("train.steps must be at least 1")
+        if self.batch_size % (self.grad_accum * world):
+            raise UserError(
+                f"train.batch_size {self.batch_size} must be divisible by train.grad_accum ({self.grad_accum}) "
+                f"x the number of processes ({world})"
+            )
+        for name in ("log_every", "ckpt_every", "preview_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be at least 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError("train.ema_decay must lie in [0, 1)")
+
+
+@dataclass
+class OptimizerConfig:
+    """One optimizer with its LR schedule and clipping (Adam/AdamW)."""
+
+    kind: str = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.kind not in kinds:
+        raise UserError(f"unknown optimizer '{cfg.kind}'; use adam or adamw")
+    # fused kernels on GPU; multi-tensor (foreach) on CPU, where torch's default is one tensor at a time
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return kinds[cfg.kind](list(params), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, **fast)
+
+
+@dataclass
+class Phase:
+    """One optimizer update per step: the module it trains, its optimizer and schedule, optional EMA."""
+
+    name: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: OptimizerConfig
+    ema: bool = False  # keep an EMA of this module (when train.ema is on)
+
+
+class TrainTask(Protocol):
+    """What a trainer supplies to the engine."""
+
+    unit: str  # throughput unit for the progress line, e.g. "img/s" or "tok/s"
+    progress_keys: tuple[str, ...]  # metric names shown on the progress line
+
+    def phases(self) -> list[Phase]: ...
+
+    def phase_active(self, phase: str, step: int) -> bool: ...
+
+    def batches(self, start_step: int) -> Iterator[Any]:
+        """This rank's share of the global batch for steps start_step, start_step+1, ..., on device."""
+
+    def split(self, batch: Any, parts: int) -> list[Any]: ...
+
+    def batch_size(self, batch: Any) -> int: ...
+
+    def loss(self, phase: str, micro_batch: Any, micro_index: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
+        """An image grid (3,H,W) in [0,1] for RUN/previews, or None."""
+
+    def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None: ...
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: the run stops without writing anything over the last good checkpoint."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    interrupted: bool
+    final_dir: Path | None
+    last_checkpoint: Path | None
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM request a clean stop at the end of the current step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, env: DistEnv, run_dir: Path, resolved_config: Any = None):
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        self.resolved_config = resolved_config
+        cfg.validate(env.world)
+        self.emas: dict[str, EMA] = {}
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _set_lr(self, phase: Phase, step: int) -> float:
+        lr = phase.config.lr * lr_factor(phase.config.schedule, step, self.cfg.steps)
+        for group in phase.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _ema_weights(self, phases: list[Phase]) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for p in phases:
+            ema = self.emas.get(p.name)
+            out[p.name] = ema.weights_for(p.module) if ema is not None else p.module.state_dict()
+        return out
+
+    def _state(self, phases: list[Phase], task: TrainTask, step: int) -> dict[str, Any]:
+        rng = ckpt.capture_rng()
+        if self.env.enabled:
+            gathered: list[Any] = [None] * self.env.world
+            torch.distributed.all_gather_object(gathered, rng)
+            rng_all = gathered
+        else:
+            rng_all = [rng]
+        return {
+            "step": step,
+            "modules": {p.name: p.module.state_dict() for p in phases},
+            "optimizers": {p.name: p.optimizer.state_dict() for p in phases},
+            "ema": {name: e.state_dict() for name, e in self.emas.items()},
+            "task": task.state_dict(),
+            "rng": rng_all,
+        }
+
+    def save_checkpoint(self, phases: list[Phase], task: TrainTask, step: int) -> Path:
+        state = self._state(phases, task, step)  # collective: every rank calls it
+        dest = ckpt.checkpoint_dir(self.run_dir, step)
+        if self.env.is_main:
+            meta = {"step": step, "world_size": self.env.world, "batch_size": self.cfg.batch_size, "time": time.time()}
+            dest = ckpt.write_checkpoint(self.run_dir, step, state, meta, self.cfg.keep_last)
+        barrier(self.env)
+        return dest
+
+    def _load(self, path: Path, phases: list[Phase], task: TrainTask) -> int:
+        state, meta = ckpt.read_checkpoint(path)
+        if meta.get("batch_size") != self.cfg.batch_size:
+            raise UserError(
+                f"{path} was trained with global batch {meta.get('batch_size')}, the config now says {self.cfg.batch_size}; "
+                "an exact resume needs the same train.batch_size"
+            )
+        for p in phases:
+            p.module.load_state_dict(state["modules"][p.name])
+            p.optimizer.load_state_dict(state["optimizers"][p.name])
+        for name, e in self.emas.items():
+            if name not in state["ema"]:
+                raise UserError(f"{path} has no EMA for {name}; resume with the same train.ema setting")
+            e.load_state_dict(state["ema"][name])
+        task.load_state_dict(state["task"])
+        rngs = state["rng"]
+        ckpt.restore_rng(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
+        return int(state["step"])
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
+        """Train to `train.steps` (or stop early after `stop_after` total steps, for tests and demos)."""
+        cfg, env = self.cfg, self.env
+        phases = task.phases()
+        if cfg.ema:
+            self.emas = {p.name: EMA(p.module, cfg.ema_decay) for p in phases if p.ema}
+        start = 0
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None and not resume:
+            raise UserError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue that run or choose another --out")
+        if resume and latest is not None:
+            start = self._load(latest, phases, task)
+            self.log(f"resumed from {latest} at step {start}")
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resolved_config is not None:
+                save_config(self.resolved_config, self.run_dir / "config.yaml")
+        barrier(env)
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", start if resume else None) if env.is_main else None
+        if not resume and metrics_log is not None:
+            metrics_log.fh.truncate(0)
+        end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        progress = Progress(cfg.steps, start, task.unit, env.is_main, task.progress_keys)
+        last_ckpt, step, interrupted = latest, start, False
+        window_t, window_samples = time.perf_counter(), 0
+        sums: dict[str, float] = {}
+        count = 0
+        try:
+            with _StopFlag() as stop:
+                batches = task.batches(start)
+                while step < end:
+                    batch = next(batches)
+                    metrics, lrs = self._train_step(task, phases, batch, step)
+                    step += 1
+                    window_samples += task.batch_size(batch) * env.world
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    if step % cfg.log_every == 0 or step == end:
+                        elapsed = time.perf_counter() - window_t
+                        averaged = self._average_metrics(sums, count)
+                        throughput = window_samples / max(elapsed, 1e-9)
+                        if metrics_log is not None:
+                            row = {"step": step, "epoch": task.epoch(step) if hasattr(task, "epoch") else None}
+                            row.update({f"lr_{n}" if n != phases[0].name else "lr": v for n, v in lrs.items()})
+                            row.update(averaged)
+                            row["throughput"] = throughput
+                            metrics_log.write(row)
+                        progress.update(step, throughput, averaged, lrs[phases[0].name])
+                        sums, count = {}, 0
+                        window_t, window_samples = time.perf_counter(), 0
+                    if step % cfg.preview_every == 0:
+                        self._preview(task, phases, step)
+                    stop_now = any_rank(stop.requested, env)
+                    if step % cfg.ckpt_every == 0 or stop_now:
+                        last_ckpt = self.save_checkpoint(phases, task, step)
+                    if stop_now:
+                        interrupted = True
+                        progress.message(f"stopped by signal at step {step}; checkpoint {last_ckpt}; continue with --resume auto")
+                        break
+        finally:
+            progress.close()
+            if metrics_log is not None:
+                metrics_log.close()
+        final_dir = None
+        if not interrupted:
+            if last_ckpt is None or ckpt.checkpoint_dir(self.run_dir, step) != last_ckpt:
+                last_ckpt = self.save_checkpoint(phases, task, step)
+            if step >= cfg.steps:
+                final_dir = self.run_dir / "final"
+                weights = self._ema_weights(phases)
+                self._preview(task, phases, step)
+                if env.is_main:
+                    task.save_final(final_dir, weights)
+                barrier(env)
+        return RunResult(step=step, interrupted=interrupted, final_dir=final_dir, last_checkpoint=last_ckpt)
+
+    def _average_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        names = sorted(sums)
+        if not names:
+            return {}
+        values = torch.tensor([sums[n] / count for n in names], dtype=torch.float64)
+        if self.env.enabled:
+            values = mean_over_ranks(values.to(self.env.device), self.env).cpu()
+        return {n: float(v) for n, v in zip(names, values.tolist())}
+
+    def _preview(self, task: TrainTask, phases: list[Phase], step: int) -> None:
+        # Every rank runs the forward (models may hold collectives, e.g. all-reduced codebook stats);
+        # only rank 0 writes the PNG.
+        grid = task.preview(step, self._ema_weights(phases) if self.emas else None)
+        if grid is None or not self.env.is_main:
+            return
+        from vqtok.train.images import save_image_grid
+
+        save_image_grid(grid, self.run_dir / "previews" / f"step-{step:08d}.png")
+
+    def _train_step(self, task: TrainTask, phases: list[Phase], batch: Any, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        cfg, env = self.cfg, self.env
+        micro = task.split(batch, cfg.grad_accum)
+        metrics: dict[str, float] = {}
+        lrs: dict[str, float] = {}
+        for phase in phases:
+            lrs[phase.name] = self._set_lr(phase, step)
+            if not task.phase_active(phase.name, step):
+                continue
+            phase.optimizer.zero_grad(set_to_none=True)
+            phase_metrics: dict[str, torch.Tensor] = {}
+            losses = []
+            for i, mb in enumerate(micro):
+                with autocast(env.device, enabled=cfg.amp):
+                    loss, m = task.loss(phase.name, mb, i, step)
+                (loss / len(micro)).backward()
+                losses.append(loss.detach().float())
+                for k, v in m.items():
+                    v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                    phase_metrics[k] = phase_metrics.get(k, 0.0) + v / len(micro)
+            total = torch.stack(losses).sum()
+            if any_rank(not bool(torch.isfinite(total)), env):
+                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in phase_metrics.items())
+                last = ckpt.latest_checkpoint(self.run_dir)
+                raise TrainingDiverged(
+                    f"the {phase.name} loss became non-finite at step {step} ({terms}); stopped without saving, "
+                    f"the last good checkpoint is {last if last is not None else 'none'}; lower the learning rate "
+                    "or enable gradient clipping and resume with --resume auto"
+                )
+            params = [p for p in phase.module.parameters() if p.requires_grad]
+            average_gradients(params, env)
+            if phase.config.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, phase.config.grad_clip)
+                phase_metrics[f"grad_norm_{phase.name}"] = norm.detach().float()
+            phase.optimizer.step()
+            ema = self.emas.get(phase.name)
+            if ema is not None:
+                ema.update(phase.module)
+            for k, v in phase_metrics.items():
+                metrics[k] = float(v)
+        return metrics, lrs

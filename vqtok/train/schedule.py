@@ -1,0 +1,25 @@
+"""Learning-rate schedules as pure functions of the step (nothing to checkpoint, exact on resume)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the base LR
+
+
+def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up from 1/warmup to 1, then constant or cosine down to `min_lr_ratio` at total_steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.kind == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

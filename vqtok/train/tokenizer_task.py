@@ -1,0 +1,237 @@
+"""`train-tokenizer` as a TrainTask: the Tokenizer is the generator phase, the GAN discriminator the second.
+
+The run config is one dataclass, `TrainTokenizerConfig` (model via `tokenizer_config_from_dict`, data,
+loss, optim, train); recipes in recipes/tokenizer/ fill it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vqtok.config import to_dict
+from vqtok.errors import UserError
+from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
+from vqtok.train.distributed import DistEnv, broadcast_module
+from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
+from vqtok.train.images import make_grid
+from vqtok.train.image_dataset import TrainImageDataset, collate, preview_images
+from vqtok.train.sampler import StreamBatchSampler
+
+
+@dataclass
+class DataConfig:
+    resolution: int | None = None  # None: the model's resolution
+    scale_range: tuple[float, float] = (1.0, 1.25)  # short side drawn from resolution x [low, high] (ADM / LlamaGen)
+    hflip: bool = True
+    split: str = "train"  # sub-folder used when DATA has one (ImageNet layout)
+    preview_images: int = 8
+
+
+@dataclass
+class TokenizerOptimConfig:
+    generator: OptimizerConfig = field(default_factory=OptimizerConfig)
+    discriminator: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class TrainTokenizerConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny-vqgan"})
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    train: EngineConfig = field(default_factory=EngineConfig)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_model(cfg: TrainTokenizerConfig):
+    """The TokenizerConfig, with the whole config's `model` section replaced by its resolved form."""
+    from vqtok.tokenizer.config import tokenizer_config_to_dict
+    from vqtok.tokenizer.tokenizer import tokenizer_config_from_dict
+
+    tok_cfg = tokenizer_config_from_dict(dict(cfg.model))
+    cfg.model = tokenizer_config_to_dict(tok_cfg)
+    res = cfg.data.resolution or tok_cfg.resolution
+    if res % tok_cfg.downsample:
+        raise UserError(f"data.resolution {res} is not divisible by the tokenizer's downsampling factor {tok_cfg.downsample}")
+    if tok_cfg.quantizer.kind == "msvq" and res != tok_cfg.resolution:
+        raise UserError(f"a multi-scale tokenizer trains at its own resolution {tok_cfg.resolution}; got data.resolution {res}")
+    cfg.data.resolution = res
+    return tok_cfg
+
+
+class TokenizerTrainTask:
+    unit = "img/s"
+    progress_keys = ("loss", "rec_l1", "rec_l2", "lpips", "quant", "d_loss")
+
+    def __init__(self, cfg: TrainTokenizerConfig, env: DistEnv, data: str | Path, run_dir: Path, lpips_weights: str | None = None):
+        from vqtok.data.images import list_images
+        from vqtok.tokenizer.tokenizer import build_tokenizer
+
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        tok_cfg = resolve_model(cfg)
+        listing = list_images(data, split=cfg.data.split)
+        if not listing.records:
+            raise UserError(f"found no images under {data}")
+        self.records = listing.records
+        res = cfg.data.resolution
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank and every run
+        device = env.device
+        self.tokenizer = build_tokenizer(tok_cfg).to(device)
+        self.loss_fn = TokenizerLoss(cfg.loss, res, lpips_weights).to(device)
+        if self.loss_fn.uses_random_lpips and env.is_main:
+            print("warning: LPIPS uses a RANDOM VGG16 trunk (lpips_weights: random-for-tests): not a perceptual metric", flush=True)
+        broadcast_module(self.tokenizer, env)
+        if self.loss_fn.discriminator is not None:
+            broadcast_module(self.loss_fn.discriminator, env)
+        if cfg.train.compile:
+            self.tokenizer.compile()
+        self.dataset = TrainImageDataset(self.records, res, tuple(cfg.data.scale_range), cfg.data.hflip, cfg.train.seed)
+        self._phases = [
+            Phase("generator", self.tokenizer, build_optimizer(cfg.optim.generator, self.tokenizer.parameters(), device),
+                  cfg.optim.generator, ema=True),
+        ]
+        if self.loss_fn.discriminator is not None:
+            d = self.loss_fn.discriminator
+            self._phases.append(Phase("discriminator", d, build_optimizer(cfg.optim.discriminator, d.parameters(), device),
+                                      cfg.optim.discriminator))
+        self._recon: dict[int, torch.Tensor] = {}
+        self.skipped_total = 0
+        self._preview = preview_images(self.records, res, cfg.data.preview_images)
+
+    # -- TrainTask ----------------------------------------------------------------------------------
+
+    def phases(self) -> list[Phase]:
+        return self._phases
+
+    def phase_active(self, phase: str, step: int) -> bool:
+        return phase == "generator" or self.loss_fn.disc_active(step)
+
+    def epoch(self, step: int) -> float:
+        return step * self.cfg.train.batch_size / len(self.records)
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        sampler = StreamBatchSampler(len(self.dataset), self.cfg.train.batch_size, self.cfg.train.seed, start_step,
+                                     self.env.rank, self.env.world)
+        workers = self.cfg.train.num_workers
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                            pin_memory=self.env.device.type == "cuda", persistent_workers=workers > 0,
+                            prefetch_factor=4 if workers > 0 else None)
+        for batch in loader:
+            if batch["skipped"]:
+                self._record_skips(batch["skipped"])
+            yield {"images": batch["images"].to(self.env.device, non_blocking=True)}
+
+    def _record_skips(self, skipped: list[tuple[str, str]]) -> None:
+        self.skipped_total += len(skipped)
+        if self.env.is_main:
+            with open(self.run_dir / "skipped.jsonl", "a") as fh:
+                for source, reason in skipped:
+                    fh.write(json.dumps({"source": source, "reason": reason}) + "\n")
+
+    def split(self, batch: dict, parts: int) -> list[dict]:
+        return [{"images": x} for x in batch["images"].chunk(parts)]
+
+    def batch_size(self, batch: dict) -> int:
+        return batch["images"].shape[0]
+
+    def loss(self, phase: str, mb: dict, micro_index: int, step: int):
+        images = mb["images"]
+        if phase == "generator":
+            out = self.tokenizer(images)
+            recon = out.recon.float()
+            if len(self._phases) > 1:
+                self._recon[micro_index] = recon.detach()
+            loss, metrics = self.loss_fn.generator_loss(images, recon, out.aux, step, self.tokenizer.last_layer_weight())
+            metrics["skipped_images"] = torch.tensor(float(self.skipped_total))
+            return loss, metrics
+        loss, metrics = self.loss_fn.discriminator_loss(images, self._recon.pop(micro_index), step)
+        return loss, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"skipped_total": self.skipped_total}
+        if self.loss_fn.lecam is not None:
+            out["lecam"] = self.loss_fn.lecam.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped_total = int(state.get("skipped_total", 0))
+        if self.loss_fn.lecam is not None and "lecam" in state:
+            self.loss_fn.lecam.load_state_dict(state["lecam"])
+
+    @torch.no_grad()
+    def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
+        if self._preview is None:
+            return None
+        images = self._preview.to(self.env.device)
+        was_training = self.tokenizer.training
+        self.tokenizer.eval()
+        try:
+            if weights is not None:
+                recon = torch.func.functional_call(self.tokenizer, weights["generator"], (images,)).recon
+            else:
+                recon = self.tokenizer(images).recon
+        finally:
+            self.tokenizer.train(was_training)
+        # top row: inputs; bottom row: reconstructions
+        return make_grid(torch.cat([images, recon.float().clamp(0, 1)]), rows=2)
+
+    def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
+        self.tokenizer.save(dest, state_dict=state)
+
+
+def run_config_dict(cfg: TrainTokenizerConfig) -> dict:
+    return to_dict(cfg)
+
+
+def load_run_config(config: str | Path | dict | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainTokenizerConfig:
+    from vqtok.config import load_config
+
+    return load_config(TrainTokenizerConfig, config, list(overrides), kind="tokenizer")
+
+
+def train_tokenizer(
+    data: str | Path,
+    config: str | Path | dict | None,
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+    device: str | None = None,
+    lpips_weights: str | None = None,
+    stop_after: int | None = None,
+):
+    """Library entry of `vqtok train-tokenizer`. Bad input raises UserError before any training starts."""
+    import yaml
+
+    from vqtok.train.distributed import init_distributed
+    from vqtok.train.engine import Engine
+
+    cfg = load_run_config(config, overrides)
+    if lpips_weights is not None:
+        cfg.loss.lpips_weights = str(lpips_weights)
+    run_dir = Path(out)
+    if not Path(data).exists():
+        raise UserError(f"data path {data} does not exist")
+    env = init_distributed(device)
+    task = TokenizerTrainTask(cfg, env, data, run_dir, cfg.loss.lpips_weights)
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file():
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if previous.get("model") != to_dict(cfg.model):
+            raise UserError(f"--resume: the model in {saved} differs from this config's model; resume with the same recipe")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    engine = Engine(cfg.train, env, run_dir, resolved_config=cfg)
+    return engine.run(task, resume=resume, stop_after=stop_after)
