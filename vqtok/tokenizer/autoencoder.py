@@ -14,6 +14,14 @@ each official checkpoint loads with its own keys unchanged:
 Level i has width ch * ch_mult[i]; the encoder halves the resolution after every level but the last,
 the decoder mirrors it (level L-1 first). Attention (var/llamagen) follows each residual block of the
 lowest-resolution level and sits in the middle block.
+
+Memory layout: on CPU both networks run in channels-last (NHWC) internally for batches of at least
+CHANNELS_LAST_MIN_PIXELS image pixels, and hand back ordinary contiguous tensors. oneDNN's NHWC convolutions
+take and return that layout directly, while NCHW input makes every conv reorder its input into a blocked
+layout and its output back; GroupNorm, SiLU, pooling and the adds have NHWC kernels too. That is worth
+~10-15% at 256 px (bench/README.md). The price is a channels-last copy of each (NCHW) weight per call,
+which outweighs the gain on small batches (64 px, batch 1: 7-9% slower), hence the threshold. Other
+devices keep the caller's layout (the CUDA bench converts model and input to channels-last itself).
 """
 
 from __future__ import annotations
@@ -22,8 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtok.tokenizer.blocks import AttnBlock, Downsample, ResnetBlock, Upsample, conv1x1, conv3x3, group_norm, nearest_up2
+from vqtok.tokenizer.blocks import (
+    AttnBlock, Downsample, ResnetBlock, Upsample, conv1x1, conv3x3, group_norm, norm_silu, upsample2x_conv3x3,
+)
 from vqtok.tokenizer.config import AutoencoderConfig
+
+
+# Measured break-even of channels-last on CPU (maskgit-vqgan-f16: 64 px x 4 images or 128 px x 1), doubled.
+CHANNELS_LAST_MIN_PIXELS = 32768
+
+
+def _to_internal_layout(x: torch.Tensor, image_pixels: int) -> torch.Tensor:
+    """x in channels-last when on CPU and the batch covers at least CHANNELS_LAST_MIN_PIXELS image pixels."""
+    if x.device.type == "cpu" and image_pixels >= CHANNELS_LAST_MIN_PIXELS:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class _Level(nn.Module):
@@ -61,7 +82,7 @@ class _Level(nn.Module):
         elif self.resample == "up_conv":
             h = self.upsample(h)
         elif self.resample == "up_conv_flat":
-            h = self.upsample_conv(nearest_up2(h))
+            h = upsample2x_conv3x3(h, self.upsample_conv)
         return h
 
 
@@ -129,11 +150,11 @@ class Encoder(nn.Module):
         return self.conv_blocks if self.style == "llamagen" else self.down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(_to_internal_layout(x, x.shape[0] * x.shape[-2] * x.shape[-1]))
         for level in self.levels:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h)).contiguous()
 
 
 class Decoder(nn.Module):
@@ -143,6 +164,7 @@ class Decoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.style = cfg.style
+        self.upscale = cfg.downsample
         maskgit = cfg.style == "maskgit"
         widths = [cfg.ch * m for m in cfg.ch_mult]
         n_blocks = cfg.decoder_blocks_per_level
@@ -175,10 +197,11 @@ class Decoder(nn.Module):
         return list(reversed(self.up))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        image_pixels = z.shape[0] * z.shape[-2] * z.shape[-1] * self.upscale**2
+        h = self.mid(self.conv_in(_to_internal_layout(z, image_pixels)))
         for level in self.levels_in_order():
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h)).contiguous()
 
     @property
     def last_layer_weight(self) -> nn.Parameter:

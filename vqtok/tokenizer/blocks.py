@@ -11,6 +11,12 @@ module attribute names can reproduce each family's state-dict keys unchanged:
   VAR fuses q/k/v into one `qkv` 1x1 conv; LlamaGen keeps separate `q`, `k`, `v`.
 
 Every GroupNorm uses 32 groups and eps 1e-6, as all three references do.
+
+Speed (measured in bench/bench_tokenizer.py; numbers in bench/README.md): without autograd the SiLUs and
+residual adds run in place, because on CPU every fresh full-resolution tensor (33 MB per image at
+128 x 256 x 256) costs more in page faults than the op itself; with autograd they stay out of place so
+backward sees the values it needs. Nearest-x2-then-3x3-conv runs as one 2x2 conv per output phase on the
+low-resolution input (`upsample2x_conv3x3`): the same sums with 4/9 of the multiplies.
 """
 
 from __future__ import annotations
@@ -37,6 +43,21 @@ def conv1x1(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
 
 
+def in_place_ok() -> bool:
+    """True when no autograd graph is being recorded, so activations may be overwritten in place."""
+    return not torch.is_grad_enabled()
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)); the norm's output is a fresh tensor, so without autograd SiLU reuses it."""
+    return F.silu(norm(x), inplace=in_place_ok())
+
+
+def add_residual(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other, accumulating into `fresh` (a tensor this block just made) when autograd is off."""
+    return fresh.add_(other) if in_place_ok() else fresh + other
+
+
 class ResnetBlock(nn.Module):
     """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> dropout -> conv2, plus a shortcut.
 
@@ -58,13 +79,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = conv1x1(cout if maskgit else cin, cout, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         if not self.changes_width:
-            return x + h
+            return add_residual(h, x)
         if self.maskgit:
-            return h + self.nin_shortcut(h)  # the port's quirk: shortcut of the output, input dropped
-        return self.nin_shortcut(x) + h
+            return add_residual(self.nin_shortcut(h), h)  # the port's quirk: shortcut of the output, input dropped
+        return add_residual(self.nin_shortcut(x), h)
 
 
 class AttnBlock(nn.Module):
@@ -97,7 +118,7 @@ class AttnBlock(nn.Module):
         q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, hh, ww)
-        return x + self.proj_out(out)
+        return add_residual(self.proj_out(out), x)
 
 
 class Downsample(nn.Module):
@@ -119,8 +140,44 @@ class Upsample(nn.Module):
         self.conv = conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample2x_conv3x3(x, self.conv)
 
 
-def nearest_up2(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a 3-tap kernel axis into the two 2-tap kernels that act on the un-upsampled input.
+
+    After nearest x2, output row 2i sees input rows (i-1, i, i) through taps (w0, w1, w2), so its kernel on the
+    original rows (i-1, i) is (w0, w1 + w2); output row 2i+1 sees (i, i, i+1), i.e. rows (i, i+1) with
+    (w0 + w1, w2). Columns fold the same way.
+    """
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+# Below this many input pixels (batch x H x W) folding the kernels costs more than the saved multiplies
+# (measured on CPU: 8x8 inputs 1.4-1.8x slower in the phase form, 16x16 and up 0.5-0.85x the time).
+UPSAMPLE_PHASES_MIN_PIXELS = 256
+
+
+def upsample2x_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest_upsample_x2(x)) for a 3x3, stride-1, padding-1 conv, without the 4x upsampled tensor.
+
+    One conv with 2x2 kernels and 4 * C_out channels (one block per output phase (a, b)) over x padded by one
+    gives each phase on an (H+1, W+1) grid; phase (a, b) is its [a:a+H, b:b+W] window, written to the
+    output pixels (2i+a, 2j+b). This does 16/36 of the multiply-adds of the direct form (about 1.7-2x
+    faster on CPU at the decoder's sizes); results differ from it only by float rounding (~1e-6 relative).
+    Small inputs take the direct form: there the (H+1)(W+1) border and the kernel folding dominate.
+    """
+    if x.shape[0] * x.shape[-2] * x.shape[-1] < UPSAMPLE_PHASES_MIN_PIXELS:
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    weight, bias = conv.weight, conv.bias
+    c_out = weight.shape[0]
+    kernels = [kr for kr_row in _phase_taps(weight, 2) for kr in _phase_taps(kr_row, 3)]  # phases 00, 01, 10, 11
+    phases = F.conv2d(x, torch.cat(kernels, 0), None if bias is None else bias.repeat(4), padding=1)
+    b, _, h, w = x.shape
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if nhwc else torch.contiguous_format  # keep the caller's layout
+    out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=fmt)
+    for p, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, a::2, c::2] = phases[:, p * c_out:(p + 1) * c_out, a:a + h, c:c + w]
+    return out
