@@ -318,15 +318,11 @@ def _make_work_dir(out: Path) -> Path:
 
 def _publish(work: Path, out: Path) -> None:
     """Move the finished work directory to `out` in one rename (replacing an old `out` only at the very end)."""
+    from vqtok.weights import replace_dir
+
     for sub in ("_tokens", "_pixels"):
         shutil.rmtree(work / sub, ignore_errors=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    replace_dir(work, out)
 
 
 # ---------------------------------------------------------------------------------------------- run

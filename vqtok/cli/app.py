@@ -34,6 +34,25 @@ app = typer.Typer(
 )
 
 
+def run_training(train, what: str) -> None:
+    """Run a trainer entry point (`train()` -> RunResult), tear down torch.distributed, report the result.
+
+    An interrupted run (SIGINT/SIGTERM) has already saved a checkpoint, so it exits 0; only rank 0 prints.
+    """
+    import os
+
+    from vqtok.train.distributed import shutdown_distributed
+
+    try:
+        result = train()
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        raise typer.Exit(code=0)
+    if result.final_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"{what} saved to {result.final_dir}")
+
+
 @app.callback()
 def _root() -> None:
     """vqtok: train-tokenizer -> encode -> train-ar -> sample, each stage a file contract."""

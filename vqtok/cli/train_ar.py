@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vqtok.cli.app import app
+from vqtok.cli.app import app, run_training
 from vqtok.errors import UserError
 
 
@@ -38,24 +38,16 @@ def train_ar_command(
 ) -> None:
     """Train the RAR generator on token shards, with permutation annealing."""
     from vqtok.train.ar_task import cli_overrides, train_ar
-    from vqtok.train.distributed import shutdown_distributed
 
     if resume not in (None, "auto"):
         raise UserError(f"--resume takes 'auto' (continue from the latest checkpoint in --out), got '{resume}'")
     if anneal_unit not in (None, "epochs", "steps"):
         raise UserError(f"--anneal-unit must be epochs or steps, got '{anneal_unit}'")
     flags = cli_overrides(preset, anneal, anneal_unit, epochs, order)
-    try:
-        result = train_ar(
+    run_training(
+        lambda: train_ar(
             tokens, tokenizer, out, config=config, overrides=flags + list(overrides or []), resume=resume == "auto",
             device=device, init=init, trust_pickle=trust_pickle,
-        )
-    finally:
-        shutdown_distributed()
-    if result.interrupted:
-        raise typer.Exit(code=0)
-    if result.final_dir is not None:
-        import os
-
-        if int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(f"generator saved to {result.final_dir}")
+        ),
+        "generator",
+    )

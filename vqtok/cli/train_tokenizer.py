@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vqtok.cli.app import app
+from vqtok.cli.app import app, run_training
 from vqtok.errors import UserError
 
 
@@ -24,22 +24,14 @@ def train_tokenizer_command(
     ),
 ) -> None:
     """Train a discrete image tokenizer (VQGAN, FSQ, LFQ, multi-scale VQ) with LPIPS and GAN losses."""
-    from vqtok.train.distributed import shutdown_distributed
     from vqtok.train.tokenizer_task import train_tokenizer
 
     if resume not in (None, "auto"):
         raise UserError(f"--resume takes 'auto' (continue from the latest checkpoint in --out), got '{resume}'")
-    try:
-        result = train_tokenizer(
+    run_training(
+        lambda: train_tokenizer(
             data, config, out, overrides=list(overrides or []), resume=resume == "auto",
             device=device, lpips_weights=lpips_weights,
-        )
-    finally:
-        shutdown_distributed()
-    if result.interrupted:
-        raise typer.Exit(code=0)
-    if result.final_dir is not None:
-        import os
-
-        if int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(f"tokenizer saved to {result.final_dir}")
+        ),
+        "tokenizer",
+    )
