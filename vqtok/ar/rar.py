@@ -104,7 +104,78 @@ class RARConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    # x * (1 + scale) + shift in one fused kernel: one temporary fewer than the two-op form
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of a single query per head, q (B, H, 1, hd), over cache slices k, v (B, H, L, hd).
+
+    The cache slice k[:, :, :L] is strided (rows are Lmax apart per head), which SDPA's CPU flash kernel
+    handles slowly (0.98 ms vs 0.38 ms per layer on contiguous keys, bench/README.md). Each head's
+    (L, hd) block is contiguous, and B and H merge into one batch dim without a copy, so two batched
+    matmuls and a softmax over (B*H, 1, L) do the same work with no copy of the keys.
+    """
+    B, H, _, hd = q.shape
+    q = q.reshape(B * H, 1, hd) * (1.0 / math.sqrt(hd))
+    scores = torch.bmm(q, k.flatten(0, 1).transpose(1, 2)).softmax(dim=-1)
+    return torch.bmm(scores, v.flatten(0, 1)).view(B, H, 1, hd)
+
+
+class _CPUDropout(torch.autograd.Function):
+    """Inverted dropout whose mask costs one 32-bit draw of torch's generator per two elements.
+
+    torch's CPU dropout draws a Bernoulli per element (`bernoulli_`, ~6 ns/element here), which made
+    dropout 0.1 cost 0.63 vs 0.90 of GEMM peak in training (bench/README.md). Here each element gets 16
+    uniform bits (the two halves of a 32-bit draw) and is dropped when they fall below round(p * 2^16),
+    so the drop probability is p to within 2^-17 (exact for p = k / 2^16); kept elements are scaled
+    by 1 / (1 - p) as nn.Dropout does. The bits come from torch's default generator, so seeding,
+    `get_rng_state`/`set_rng_state` and bit-exact resume work as before.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        n = x.numel()
+        # [-2^31, 2^31 - 1): one 32-bit draw each (a full 2^32 range would take two); both int16
+        # halves are uniform to within 2^-32
+        bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_(-2**31, 2**31 - 1)
+        drop = bits.view(torch.int16)[:n].view(x.shape) < round(p * 65536) - 32768
+        ctx.save_for_backward(drop)
+        ctx.scale = 1.0 / (1.0 - p)
+        return (x * ctx.scale).masked_fill_(drop, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (drop,) = ctx.saved_tensors
+        return (grad * ctx.scale).masked_fill_(drop, 0.0), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":  # GPUs draw Bernoulli masks cheaply (Philox); keep torch's own kernel
+        return F.dropout(x, p, True)
+    return _CPUDropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the cheaper CPU mask of `_CPUDropout` (no parameters: the state dict is unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal softmax attention with dropout on the weights: SDPA's math path, but with `dropout`'s mask.
+
+    SDPA's CPU flash kernel does not take dropout, so with dropout > 0 torch runs this same math path
+    with a `bernoulli_` mask over (B, H, T, T); the mask here is the cheaper one.
+    """
+    T = q.shape[-2]
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    weights = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
+    return dropout(weights, p, True) @ v
 
 
 class KVCache:
@@ -120,6 +191,22 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.max_len = max_len
         self.length = 0  # slots filled; advanced by the model after all layers have written
+        self._groups_of: torch.Tensor | None = None  # the condition tensor `_groups` was computed from
+        self._groups: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
+
+    def condition_groups(self, cond_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(distinct condition rows (U, D), row -> distinct row index (B,)), or (cond_emb, None) if all differ.
+
+        Rows with the same class (every null row of a CFG batch, repeated classes) get identical adaLN
+        modulation, and the per-token adaLN Linear(D, 6D) is a third of a decode step's matmul work, so
+        the blocks compute it once per distinct row and gather. Computed once per sample loop: the
+        sampler passes the same condition tensor every step.
+        """
+        if self._groups_of is not cond_emb:
+            distinct, inverse = torch.unique(cond_emb, dim=0, return_inverse=True)
+            self._groups = (distinct, inverse) if distinct.shape[0] < cond_emb.shape[0] else (cond_emb, None)
+            self._groups_of = cond_emb
+        return self._groups
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -141,21 +228,23 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(cfg.head_dim, eps=LN_EPS)
         self.attn_dropout = cfg.attn_dropout
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.proj_drop = nn.Dropout(cfg.dropout)
+        self.proj_drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout = self.attn_dropout if self.training else 0.0
-        if cache is None:
+        p_drop = self.attn_dropout if self.training else 0.0
+        if cache is None and p_drop > 0 and x.device.type == "cpu":
+            out = causal_attention_with_dropout(q, k, v, p_drop)
+        elif cache is None:
             # a purely causal mask as a flag (not a float mask), so fused kernels can run on CUDA
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
         else:
             start = cache.length
             k, v = cache.update(layer, k, v)
             if T == 1:  # one new token sees the whole prefix
-                out = F.scaled_dot_product_attention(q, k, v)
+                out = one_query_attention(q, k, v)
             else:  # a block of new tokens (prefill): causal among themselves, full view of the prefix
                 rows = torch.arange(start, start + T, device=x.device)[:, None]
                 mask = torch.arange(start + T, device=x.device)[None, :] <= rows
@@ -170,7 +259,7 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = nn.GELU()  # exact erf GELU, as the reference (timm Mlp default)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -190,11 +279,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cache, layer)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows` (B,), when given: c holds distinct condition rows and row b of x uses c[rows[b]]."""
+        mod = self.adaLN_modulation(c)
+        if rows is not None:
+            mod = mod.index_select(0, rows)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        # residual + gate * branch fused (addcmul): saves a full-size temporary per branch
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cache, layer))
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -205,8 +299,11 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        mod = self.adaLN_modulation(c)
+        if rows is not None:  # c holds distinct condition rows (see Block.forward)
+            mod = mod.index_select(0, rows)
+        scale, shift = mod.chunk(2, dim=-1)
         return modulate(self.norm_final(x), shift, scale)
 
 
@@ -347,8 +444,9 @@ class RAR(nn.Module):
                 x = block(x, c)
         return self.head(x[:, 1:], c[:, 1:])
 
-    def head(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.adaln_before_head(x, c))
+    def head(self, x: torch.Tensor, c: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        # FinalLayer.forward(x, c) stays callable with two arguments (its interface for the fixture checks)
+        return self.lm_head(self.adaln_before_head(x, c) if rows is None else self.adaln_before_head(x, c, rows))
 
     # --------------------------------------------------------------------------- cached decoding
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
@@ -360,12 +458,14 @@ class RAR(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.lm_head.weight.dtype
         return KVCache(cfg.depth, batch, cfg.num_heads, PREFIX + cfg.seq_len - 1, cfg.head_dim, device, dtype)
 
-    def decode_slots(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run new slots (B, T, D) through the blocks against the cache; logits of the last slot (B, V)."""
+    def decode_slots(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new slots (B, T, D) through the blocks against the cache; logits of the last slot (B, V).
+
+        With `rows`, c holds distinct condition rows and x's row b uses c[rows[b]] (Block.forward)."""
         for i, block in enumerate(self.blocks):
-            x = block(x, c, cache, i)
+            x = block(x, c, cache, i, rows)
         cache.length += x.shape[1]
-        return self.head(x[:, -1], c[:, -1])
+        return self.head(x[:, -1], c[:, -1], rows)
 
     def prefill(self, cond_ids: torch.Tensor, orders: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Process [cls, cond] into an empty cache; returns the logits for generated token 0."""
@@ -376,5 +476,5 @@ class RAR(nn.Module):
         """Feed generated token `step-1` (B,) (slot step+1) and return the logits for token `step` (B, V)."""
         x = self.token_embeddings(token[:, None], step - 1, orders)
         slot = PREFIX + step - 1
-        c = self.slot_conditions(cond_emb, slot, slot + 1)
-        return self.decode_slots(x, c, cache)
+        cond, rows = cache.condition_groups(cond_emb)
+        return self.decode_slots(x, self.slot_conditions(cond, slot, slot + 1), cache, rows)
