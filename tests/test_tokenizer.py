@@ -286,3 +286,20 @@ def test_convert_rejects_unknown_keys_and_wrong_arch(tmp_path):
     partial = runner.invoke(app, ["convert", str(maskgit), "--out", str(tmp_path / "ckpt")])
     assert partial.exit_code == 2 and "decoder.conv_out.bias" in partial.output
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_convert_picks_the_ema_entry_with_key(tmp_path):
+    model = _randomize(Tokenizer(_small("llamagen")))
+    ema = _randomize(Tokenizer(_small("llamagen")))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)  # a different set of weights under "ema"
+    path = tmp_path / "vq_ds16_c2i.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "steps": 10}, path)
+    default = runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "model")])
+    picked = runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "ema"), "--key", "ema"])
+    assert default.exit_code == 0 and picked.exit_code == 0, default.output + picked.output
+    assert torch.equal(load_tokenizer(tmp_path / "model").quantize.embedding.weight, model.quantize.embedding.weight)
+    assert torch.equal(load_tokenizer(tmp_path / "ema").quantize.embedding.weight, ema.quantize.embedding.weight)
+    missing = runner.invoke(app, ["convert", str(path), "--out", str(tmp_path / "x"), "--key", "nope"])
+    assert missing.exit_code == 2 and "has no entry 'nope'" in missing.output

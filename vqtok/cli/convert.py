@@ -17,6 +17,7 @@ def convert(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq or rar (default: detected from the keys)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow files that need full unpickling (only for files you trust)."),
+    key: Optional[str] = typer.Option(None, "--key", help="Entry of a checkpoint dict to convert, e.g. ema (LlamaGen); default: model, ema, state_dict, module in that order."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
 ) -> None:
     """Convert MaskGIT-VQGAN, VAR or LlamaGen (and RAR) weights into a vqtok checkpoint, atomically."""
@@ -24,6 +25,6 @@ def convert(
 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    summary = convert_checkpoint(file, out, arch=arch, trust_pickle=trust_pickle)
+    summary = convert_checkpoint(file, out, arch=arch, trust_pickle=trust_pickle, key=key)
     details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("out", "arch", "kind"))
     typer.echo(f"wrote {summary['kind']} checkpoint {summary['out']} ({summary['arch']}{': ' + details if details else ''})")

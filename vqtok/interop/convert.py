@@ -10,9 +10,15 @@ from vqtok.interop import by_name, detect
 from vqtok.weights import load_state_dict_file
 
 
-def convert_checkpoint(path: str | Path, out: str | Path, arch: str | None = None, trust_pickle: bool = False) -> dict[str, Any]:
-    """Load `path` safely, detect (or take) its architecture, write `out` atomically; return a summary."""
-    state = load_state_dict_file(path, trust_pickle=trust_pickle)
+def convert_checkpoint(
+    path: str | Path, out: str | Path, arch: str | None = None, trust_pickle: bool = False, key: str | None = None
+) -> dict[str, Any]:
+    """Load `path` safely, detect (or take) its architecture, write `out` atomically; return a summary.
+
+    `key` picks an entry of a checkpoint dict (LlamaGen keeps "model" and, when trained with EMA, "ema");
+    without it the usual containers are tried in order: model, ema, state_dict, module.
+    """
+    state = load_state_dict_file(path, trust_pickle=trust_pickle, key=key)
     module = by_name(arch) if arch else detect(state)
     if arch and not module.matches(state):
         raise UserError(f"{path} does not look like a {module.NAME} checkpoint (its keys do not match)")
