@@ -4,7 +4,7 @@ Every component declares its settings as a dataclass (nested dataclasses for sec
 turns plain dicts (from YAML, from `key.sub=value` overrides) into those dataclasses, checking every
 key and type on the way, and back into dicts for writing the resolved config next to a run's outputs.
 
-    cfg = load_config(TrainConfig, "recipes/tokenizer/tiny-vqgan.yaml", ["optim.lr=1e-4"])
+    cfg = load_config(TrainConfig, "vqtok/recipes/tokenizer/tiny-vqgan.yaml", ["optim.lr=1e-4"])
     save_config(cfg, run_dir / "config.yaml")
 
 Unknown keys and wrong types raise `ConfigError` naming the key and the valid keys, which the CLI
@@ -14,6 +14,7 @@ prints as one line with exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -24,7 +25,8 @@ from vqtok.errors import ConfigError
 
 T = TypeVar("T")
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# Recipes ship inside the package (package data), so an installed wheel finds them the same way a checkout does.
+RECIPES_DIR = Path(str(importlib.resources.files("vqtok").joinpath("recipes")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def resolve_recipe(name_or_path: str | Path, kind: str) -> Path:
     if p.suffix in ("", ".yaml") and len(p.parts) == 1 and candidate.is_file():
         return candidate
     known = ", ".join(list_recipes(kind)) or "none"
-    raise ConfigError(f"config {name_or_path} not found (neither a file nor a recipe in recipes/{kind}/: {known})")
+    raise ConfigError(f"config {name_or_path} not found (neither a file nor a recipe in vqtok/recipes/{kind}/: {known})")
 
 
 def list_recipes(kind: str) -> list[str]:

@@ -27,7 +27,7 @@ def train_ar_command(
         None, "--order", help="Scan order annealed to and sampled in: raster, spiral-in, spiral-out, z-curve, subsample, alternate."
     ),
     config: Optional[str] = typer.Option(
-        None, "--config", "-c", help="Recipe name (recipes/ar/NAME.yaml) or a YAML file; default: rar-b paper settings."
+        None, "--config", "-c", help="Recipe name (vqtok/recipes/ar/NAME.yaml) or a YAML file; default: rar-b paper settings."
     ),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto': continue from the latest checkpoint in --out."),
     init: Optional[Path] = typer.Option(

@@ -15,7 +15,7 @@ from vqtok.errors import UserError
 def train_tokenizer_command(
     data: Path = typer.Argument(..., help="ImageNet-layout folder, flat image folder, or a folder of webdataset .tar shards."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key.sub=value, e.g. train.steps=1000."),
-    config: str = typer.Option(..., "--config", "-c", help="Recipe name (recipes/tokenizer/NAME.yaml) or a YAML file."),
+    config: str = typer.Option(..., "--config", "-c", help="Recipe name (vqtok/recipes/tokenizer/NAME.yaml) or a YAML file."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, previews, final/."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto': continue from the latest checkpoint in --out."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),

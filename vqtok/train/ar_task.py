@@ -1,6 +1,6 @@
 """`train-ar` as a TrainTask: RAR on token shards with permutation annealing, through the shared engine.
 
-The run config is one dataclass, `TrainARConfig`; recipes in recipes/ar/ fill it. What this task adds
+The run config is one dataclass, `TrainARConfig`; recipes in vqtok/recipes/ar/ fill it. What this task adds
 to the engine (vqtok/train/engine.py):
 
 - the model: a RAR preset plus RARConfig overrides, with vocabulary, sequence length, classes and

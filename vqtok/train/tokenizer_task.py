@@ -1,7 +1,7 @@
 """`train-tokenizer` as a TrainTask: the Tokenizer is the generator phase, the GAN discriminator the second.
 
 The run config is one dataclass, `TrainTokenizerConfig` (model via `tokenizer_config_from_dict`, data,
-loss, optim, train); recipes in recipes/tokenizer/ fill it.
+loss, optim, train); recipes in vqtok/recipes/tokenizer/ fill it.
 """
 
 from __future__ import annotations
