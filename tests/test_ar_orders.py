@@ -26,13 +26,81 @@ def test_alternate_reverses_every_other_row():
     assert scan_order("alternate", 3, 3).tolist() == [0, 1, 2, 5, 4, 3, 6, 7, 8]
 
 
-def test_spirals_run_clockwise_from_the_corner_and_back_out():
-    assert scan_order("spiral-in", 3, 3).tolist() == [0, 1, 2, 5, 8, 7, 6, 3, 4]
-    assert scan_order("spiral-in", 3, 4).tolist() == [0, 1, 2, 3, 7, 11, 10, 9, 8, 4, 5, 6]
-    assert scan_order("spiral-out", 3, 3).tolist() == [4, 3, 6, 7, 8, 5, 2, 1, 0]
-    # on 16x16 spiral-out starts in the central 2x2 block
-    first = scan_order("spiral-out", 16, 16)[0].item()
-    assert divmod(first, 16) in {(7, 7), (7, 8), (8, 7), (8, 8)}
+# Esser et al. (taming-transformers, taming/modules/transformer/permuter.py), written out by hand for 4x4:
+# raster positions 0..15 are row * 4 + col.
+TAMING_4X4 = {
+    "row-major": list(range(16)),
+    # SpiralOut: start at (row 2, col 1), then up 1, right 1, down 2, left 2, up 3, right 3, down 3
+    "spiral-out": [9, 5, 6, 10, 14, 13, 12, 8, 4, 0, 1, 2, 3, 7, 11, 15],
+    # SpiralIn: the same path reversed
+    "spiral-in": [15, 11, 7, 3, 2, 1, 0, 4, 8, 12, 13, 14, 10, 6, 5, 9],
+    # ZCurve: Morton code with the row bit above the column bit
+    "z-curve": [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15],
+    # Subsample: the four stride-2 sub-lattices (offsets (0,0), (0,1), (1,0), (1,1)), each recursively
+    "subsample": [0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15],
+    # AlternateParsing: odd rows right to left
+    "alternate": [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12],
+}
+
+
+def _turtle_spiral_out(n: int) -> list[int]:
+    """SpiralOut as a walk: from (n/2, n/2 - 1), legs of length 1, 1, 2, 2, 3, 3, ... turning up, right,
+    down, left; the walk stops when every cell is visited (independent of vqtok's ring peeling)."""
+    r, c = n // 2, n // 2 - 1
+    out = [r * n + c]
+    moves = [(-1, 0), (0, 1), (1, 0), (0, -1)]
+    leg, turn = 1, 0
+    while len(out) < n * n:
+        for _ in range(2):
+            dr, dc = moves[turn % 4]
+            for _ in range(leg):
+                r, c = r + dr, c + dc
+                if 0 <= r < n and 0 <= c < n and len(out) < n * n:
+                    out.append(r * n + c)
+            turn += 1
+        leg += 1
+    return out
+
+
+def _by_key(n: int, key) -> list[int]:
+    return sorted(range(n * n), key=lambda p: key(p // n, p % n))
+
+
+def _expected_orders(n: int) -> dict[str, list[int]]:
+    bits = n.bit_length() - 1  # n is a power of two here
+    msb_first = [bits - 1 - b for b in range(bits)]
+    spiral_out = _turtle_spiral_out(n)
+    return {
+        "row-major": list(range(n * n)),
+        "spiral-out": spiral_out,
+        "spiral-in": spiral_out[::-1],
+        # Morton: compare (row bit, col bit) pairs from the most significant down
+        "z-curve": _by_key(n, lambda r, c: [((r >> b) & 1, (c >> b) & 1) for b in msb_first]),
+        # Subsample: compare (row bit, col bit) pairs from the least significant up
+        "subsample": _by_key(n, lambda r, c: [((r >> b) & 1, (c >> b) & 1) for b in range(bits)]),
+        "alternate": [r * n + (c if r % 2 == 0 else n - 1 - c) for r in range(n) for c in range(n)],
+    }
+
+
+@pytest.mark.parametrize("name", ORDERS)
+def test_orders_match_taming_permuter_on_4x4(name):
+    assert scan_order(name, 4, 4).tolist() == TAMING_4X4[name]
+    assert _expected_orders(4)[name] == TAMING_4X4[name]  # the 16x16 construction agrees with the hand-written arrays
+
+
+@pytest.mark.parametrize("name", ORDERS)
+def test_orders_match_taming_permuter_on_16x16(name):
+    assert scan_order(name, 16, 16).tolist() == _expected_orders(16)[name]
+
+
+def test_spirals_start_at_the_centre_and_turn_clockwise():
+    out = scan_order("spiral-out", 16, 16).tolist()
+    assert [divmod(p, 16) for p in out[:4]] == [(8, 7), (7, 7), (7, 8), (8, 8)]  # up, right, down
+    assert out[-1] == 255  # ends in the bottom-right corner, having come down the right edge
+    assert scan_order("spiral-in", 16, 16).tolist() == out[::-1]
+    # odd and non-square grids (which taming does not support) still get a full counter-clockwise inward path
+    assert scan_order("spiral-in", 3, 3).tolist() == [8, 5, 2, 1, 0, 3, 6, 7, 4]
+    assert scan_order("spiral-in", 3, 4).tolist() == [11, 7, 3, 2, 1, 0, 4, 8, 9, 10, 6, 5]
 
 
 def test_z_curve_is_morton_order():

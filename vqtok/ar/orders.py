@@ -2,7 +2,10 @@
 
 An order is a LongTensor `o` of length H*W where `o[j]` is the raster position (row * W + col) of the
 j-th generated token. Row-major is the identity. The six orders follow the ordering study the paper
-cites (Esser et al.): row-major, spiral-in, spiral-out, z-curve, subsample and alternate.
+cites (Esser et al.): row-major, spiral-in, spiral-out, z-curve, subsample and alternate, each the same
+permutation as taming-transformers' `taming/modules/transformer/permuter.py` (Identity, SpiralIn, SpiralOut,
+ZCurve, Subsample, AlternateParsing) on the grids it supports (square; even sides for the spirals; powers
+of two for subsample), extended to any H x W grid.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def scan_order(name: str, height: int, width: int) -> torch.Tensor:
         return grid.flatten()
     if name == "spiral-in":
         return _spiral_in(height, width)
-    if name == "spiral-out":  # the spiral-in path walked backwards: from the centre out to the top-left corner
+    if name == "spiral-out":  # Esser et al.: from the centre outwards, clockwise, ending in the bottom-right corner
         return _spiral_in(height, width).flip(0)
     bits = max(1, (max(height, width) - 1).bit_length())
     if name == "z-curve":  # Morton order: interleave row and column bits, the row bit first in each pair
@@ -51,16 +54,20 @@ def scan_order(name: str, height: int, width: int) -> torch.Tensor:
 
 
 def _spiral_in(height: int, width: int) -> torch.Tensor:
-    """Clockwise from the top-left corner, ring by ring, towards the centre."""
+    """taming-transformers' SpiralIn: from the bottom-right corner up the right edge, then along the top
+    row leftwards, down the left edge and right along the bottom row (counter-clockwise), ring by ring,
+    to the centre. Its reverse is their SpiralOut, which starts at (H/2, W/2 - 1) and turns clockwise
+    (up, right, down, left). Ring peeling gives the same path on every even square grid (where theirs is
+    defined) and extends it to odd and non-square grids."""
     out: list[int] = []
     top, bottom, left, right = 0, height - 1, 0, width - 1
     while top <= bottom and left <= right:
-        out += [top * width + c for c in range(left, right + 1)]
-        out += [r * width + right for r in range(top + 1, bottom + 1)]
-        if top < bottom:
-            out += [bottom * width + c for c in range(right - 1, left - 1, -1)]
+        out += [r * width + right for r in range(bottom, top - 1, -1)]  # up the right edge
+        out += [top * width + c for c in range(right - 1, left - 1, -1)]  # left along the top
         if left < right:
-            out += [r * width + left for r in range(bottom - 1, top, -1)]
+            out += [r * width + left for r in range(top + 1, bottom + 1)]  # down the left edge
+        if top < bottom:
+            out += [bottom * width + c for c in range(left + 1, right)]  # right along the bottom
         top, bottom, left, right = top + 1, bottom - 1, left + 1, right - 1
     return torch.tensor(out, dtype=torch.long)
 
