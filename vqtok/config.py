@@ -13,6 +13,7 @@ prints as one line with exit code 2.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import types
@@ -33,8 +34,14 @@ RECIPES_DIR = Path(str(importlib.resources.files("vqtok").joinpath("recipes")))
 # dict -> dataclass
 
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass `cls` from a plain dict, validating every key and value."""
+def from_dict(cls: type[T], data: Any, where: str = "", base: Any = None) -> T:
+    """Build dataclass `cls` from a plain dict, validating every key and value.
+
+    Keys the dict leaves out keep their defaults, and that holds for nested sections too: a section given
+    in part (say `train: {batch_size: 64}`) starts from the default *instance* its parent declares (for
+    RAR, `EngineConfig(ema=False)`), not from a fresh instance of the section's class. `base`, when given,
+    is that instance for `cls` itself.
+    """
     if data is None:
         data = {}
     if isinstance(data, cls):
@@ -49,7 +56,15 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"unknown config key '{key}'; valid keys{_under(where)}: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, _join(where, name))
+        default = getattr(base, name) if base is not None else _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and not isinstance(default, type) and isinstance(value, dict):
+            kwargs[name] = from_dict(type(default), value, _join(where, name), base=default)
+        else:
+            kwargs[name] = _convert(hints[name], value, _join(where, name))
+    if base is not None:
+        for name in fields:
+            if name not in kwargs:
+                kwargs[name] = copy.deepcopy(getattr(base, name))
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -266,6 +281,14 @@ def load_config(
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _dataclass_of(tp: Any) -> type | None:

@@ -74,14 +74,62 @@ class AnnealConfig:
     unit: Literal["epochs", "steps"] = "epochs"
 
 
+def rar_engine_defaults() -> EngineConfig:
+    """The `train` section of the paper recipe (vqtok/recipes/ar/rar-b.yaml): what a partial `train:` keeps."""
+    return EngineConfig(batch_size=2048, grad_accum=1, seed=42, amp=True, ema=False, log_every=50, ckpt_every=5000,
+                        keep_last=3, preview_every=5000, num_workers=4)
+
+
 @dataclass
 class TrainARConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "rar-b"})  # preset + RARConfig overrides
+    """Defaults = vqtok/recipes/ar/rar-b.yaml (a test keeps the two identical), section by section."""
+
+    model: dict[str, Any] = field(default_factory=lambda: {
+        "preset": "rar-b", "dropout": 0.1, "attn_dropout": 0.1, "class_dropout": 0.1, "order": "row-major"})
     data: ARDataConfig = field(default_factory=ARDataConfig)
     optim: AROptimConfig = field(default_factory=AROptimConfig)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     epochs: float | None = 400.0  # run length in passes over the source images; None: train.steps decides
-    train: EngineConfig = field(default_factory=lambda: EngineConfig(ema=False))
+    train: EngineConfig = field(default_factory=rar_engine_defaults)
+
+
+DEFAULT_RECIPE = "rar-b"  # what `train-ar` without --config loads
+
+
+@dataclass
+class ARSchedule:
+    """A run's length and schedules in optimizer steps, from the config and the number of source images."""
+
+    num_samples: int
+    steps_per_epoch: float
+    steps: int
+    warmup_steps: int
+    anneal_start_step: int  # first step trained with r < 1
+    anneal_end_step: int  # first step trained with r = 0 (pure target order)
+
+
+def resolve_schedule(cfg: TrainARConfig, num_samples: int) -> ARSchedule:
+    """Steps per epoch, total steps (epochs, when set, decide train.steps), warm-up and annealing in steps.
+
+    Also writes the total back into cfg.train.steps. `ARTrainTask` and the --dry-run plan both use this.
+    """
+    if num_samples < 1:
+        raise UserError("the token shards hold no samples")
+    steps_per_epoch = num_samples / cfg.train.batch_size
+    if cfg.epochs is not None:
+        if cfg.epochs <= 0:
+            raise UserError(f"epochs must be positive, got {cfg.epochs}")
+        cfg.train.steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.optim.warmup_steps
+    if warmup is None:
+        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    if warmup < 0 or cfg.optim.lr <= 0 or not 0 <= cfg.optim.end_lr <= cfg.optim.lr:
+        raise UserError("optim needs lr > 0, 0 <= end_lr <= lr and a warm-up >= 0")
+    per_unit = steps_per_epoch if cfg.anneal.unit == "epochs" else 1.0
+    PermutationAnnealing(cfg.anneal.start, cfg.anneal.end, "epoch" if cfg.anneal.unit == "epochs" else "step")  # validates
+    return ARSchedule(num_samples=num_samples, steps_per_epoch=steps_per_epoch, steps=cfg.train.steps,
+                      warmup_steps=int(warmup), anneal_start_step=math.ceil(cfg.anneal.start * per_unit - 1e-9),
+                      anneal_end_step=math.ceil(cfg.anneal.end * per_unit - 1e-9))
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -114,6 +162,15 @@ def resolve_model(model: dict[str, Any], manifest: dict) -> tuple[RARConfig, dic
         raise UserError(f"--order {cfg.order} needs a 2-D token grid; multi-scale tokens train in their stored order (raster)")
     resolved = {"preset": preset, **to_dict(cfg)} if preset is not None else to_dict(cfg)
     return cfg, resolved
+
+
+def ar_optimizer_config(cfg: TrainARConfig, schedule: ARSchedule) -> OptimizerConfig:
+    """AdamW with linear warm-up then cosine to optim.end_lr at the last step."""
+    return OptimizerConfig(
+        kind="adamw", lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+        grad_clip=cfg.optim.grad_clip,
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=schedule.warmup_steps, min_lr_ratio=cfg.optim.end_lr / cfg.optim.lr),
+    )
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -201,23 +258,11 @@ class ARTrainTask:
         self.num_samples = int(manifest["num_samples"])
         if self.num_samples < 1:
             raise UserError(f"{self.tokens_dir} holds no samples")
-        self.steps_per_epoch = self.num_samples / cfg.train.batch_size
-        if cfg.epochs is not None:
-            if cfg.epochs <= 0:
-                raise UserError(f"epochs must be positive, got {cfg.epochs}")
-            cfg.train.steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.schedule = resolve_schedule(cfg, self.num_samples)
+        self.steps_per_epoch = self.schedule.steps_per_epoch
         unit = "epoch" if cfg.anneal.unit == "epochs" else "step"
         self.annealing = PermutationAnnealing(cfg.anneal.start, cfg.anneal.end, unit)
-        warmup = cfg.optim.warmup_steps
-        if warmup is None:
-            warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        if warmup < 0 or cfg.optim.lr <= 0 or not 0 <= cfg.optim.end_lr <= cfg.optim.lr:
-            raise UserError("optim needs lr > 0, 0 <= end_lr <= lr and a warm-up >= 0")
-        self.optim_config = OptimizerConfig(
-            kind="adamw", lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-            grad_clip=cfg.optim.grad_clip,
-            schedule=ScheduleConfig(kind="cosine", warmup_steps=int(warmup), min_lr_ratio=cfg.optim.end_lr / cfg.optim.lr),
-        )
+        self.optim_config = ar_optimizer_config(cfg, self.schedule)
 
         mcfg = self.model_config
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
@@ -353,9 +398,46 @@ class ARTrainTask:
 
 
 def load_run_config(config: str | Path | dict | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainARConfig:
-    from vqtok.config import load_config
+    """The recipe (rar-b when `config` is None), then the overrides; see `run_length_source` for epochs vs steps."""
+    from vqtok.config import load_config, load_yaml, resolve_recipe
 
-    return load_config(TrainARConfig, config, list(overrides), kind="ar")
+    if config is None:
+        config = DEFAULT_RECIPE
+    data = config if isinstance(config, dict) else load_yaml(resolve_recipe(config, "ar"))
+    source = run_length_source(data, overrides)
+    data = dict(data)
+    if source == "command-line train.steps":
+        data["epochs"] = None  # the command line's steps win over the recipe's epochs
+    cfg = load_config(TrainARConfig, data, list(overrides))
+    if source == "command-line train.steps":
+        cfg.epochs = None
+    return cfg
+
+
+def run_length_source(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Which setting decides the run length: epochs or train.steps, and where it came from.
+
+    The command line wins over the recipe; both on the command line, or both in the recipe, is an error.
+    """
+    from vqtok.config import parse_override
+    from vqtok.errors import ConfigError
+
+    cli = dict((".".join(k), v) for k, v in map(parse_override, overrides))
+    cli_epochs, cli_steps = cli.get("epochs") is not None, "train.steps" in cli  # epochs=null only clears epochs
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    file_epochs = data.get("epochs") is not None if "epochs" in data else False
+    file_steps = "steps" in train
+    if cli_epochs and cli_steps:
+        raise ConfigError("both epochs (--epochs) and train.steps are given on the command line; give one of them")
+    if cli_steps:
+        return "command-line train.steps"
+    if cli_epochs:
+        return "command-line epochs"
+    if file_epochs and file_steps:
+        raise ConfigError("the recipe sets both epochs and train.steps; keep one (or pick one on the command line)")
+    if file_steps or ("epochs" in data and data["epochs"] is None) or ("epochs" in cli and cli["epochs"] is None):
+        return "recipe train.steps"
+    return "recipe epochs"
 
 
 def train_ar(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -51,6 +53,8 @@ class Quantizer(nn.Module):
 
 def fp32_no_autocast(device_type: str):
     """Context that disables autocast so quantizer math stays in float32."""
+    if device_type == "meta":  # shape-only runs (the --dry-run memory estimate): there is no autocast to disable
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
 
