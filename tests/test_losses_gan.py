@@ -93,3 +93,49 @@ def test_r1_penalty_of_a_linear_discriminator():
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     got.backward()  # double backward reaches D's weights
     assert d[1].weight.grad is not None and d[1].weight.grad.abs().sum() > 0
+
+
+def test_r1_of_a_patch_discriminator_is_normalised_like_its_loss():
+    # a 1x1-conv "patch" D: logits (B,1,H,W) = w . x per pixel; per image the D loss averages the H*W logits,
+    # so grad_x mean(logits) = w / (H*W) at every pixel and ||grad||^2 = sum(w^2) / (H*W), at every resolution
+    d = nn.Conv2d(3, 1, 1, bias=False)
+    for size in (4, 8):
+        real = torch.randn(3, 3, size, size)
+        expected = d.weight.pow(2).sum() / (size * size)
+        assert r1_penalty(d, real).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _tokenizer_loss(**kw):
+    from vqtok.losses.discriminators import DiscriminatorConfig
+    from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
+
+    cfg = LossConfig(**{"perceptual_weight": 0.0, "disc_weight": 0.5, "adaptive_weight": False,
+                        "disc": DiscriminatorConfig(kind="maskgit", channels=32), **kw})
+    return TokenizerLoss(cfg, 32)
+
+
+def test_lecam_and_r1_follow_the_disc_factor_ramp_and_d_loss_weight_scales_the_d_loss():
+    from vqtok.losses.gan import LeCam, hinge_d_loss
+
+    torch.manual_seed(0)
+    loss = _tokenizer_loss(d_loss_weight=0.5, disc_start=2, disc_warmup=4, lecam_weight=0.1, r1_weight=2.0, r1_every=1)
+    images, recon = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    x, xr = images * 2 - 1, recon * 2 - 1
+    d = loss.discriminator
+    real, fake = d(x).float(), d(xr).float()
+    lecam = LeCam(0.999)(real, fake)
+    r1 = r1_penalty(d, x)
+    step = 3  # factor = (3 - 2 + 1) / 4 = 0.5
+    got, metrics = loss.discriminator_loss(images, recon, step)
+    expected = 0.5 * (0.5 * hinge_d_loss(real, fake) + 0.1 * lecam + 0.5 * 2.0 * 1 * r1)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["d_loss"].item() == pytest.approx(hinge_d_loss(real, fake).item(), rel=1e-5)
+
+
+def test_r1_with_a_batchnorm_discriminator_is_refused():
+    from vqtok.errors import ConfigError
+    from vqtok.losses.discriminators import DiscriminatorConfig
+
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        _tokenizer_loss(r1_weight=1.0, disc=DiscriminatorConfig(kind="patchgan", channels=8, layers=2))
+    _tokenizer_loss(r1_weight=1.0)  # maskgit D (GroupNorm) is fine

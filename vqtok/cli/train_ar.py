@@ -35,6 +35,9 @@ def train_ar_command(
     ),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow an --init file that needs full unpickling (only files you trust)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Resolve everything, print the plan, write RUN/plan.json and RUN/config.yaml; train nothing."
+    ),
 ) -> None:
     """Train the RAR generator on token shards, with permutation annealing."""
     from vqtok.train.ar_task import cli_overrides, train_ar
@@ -44,6 +47,11 @@ def train_ar_command(
     if anneal_unit not in (None, "epochs", "steps"):
         raise UserError(f"--anneal-unit must be epochs or steps, got '{anneal_unit}'")
     flags = cli_overrides(preset, anneal, anneal_unit, epochs, order)
+    if dry_run:
+        from vqtok.train.plan import dry_run_ar
+
+        dry_run_ar(tokens, tokenizer, out, config=config, overrides=flags + list(overrides or []), device=device)
+        return
     run_training(
         lambda: train_ar(
             tokens, tokenizer, out, config=config, overrides=flags + list(overrides or []), resume=resume == "auto",

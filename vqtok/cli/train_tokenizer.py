@@ -22,12 +22,20 @@ def train_tokenizer_command(
     lpips_weights: Optional[str] = typer.Option(
         None, "--lpips-weights", help="VGG16 ImageNet weights file (vgg16-397923af.pth); default: the torch hub cache."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Resolve everything, print the plan, write RUN/plan.json and RUN/config.yaml; train nothing."
+    ),
 ) -> None:
     """Train a discrete image tokenizer (VQGAN, FSQ, LFQ, multi-scale VQ) with LPIPS and GAN losses."""
     from vqtok.train.tokenizer_task import train_tokenizer
 
     if resume not in (None, "auto"):
         raise UserError(f"--resume takes 'auto' (continue from the latest checkpoint in --out), got '{resume}'")
+    if dry_run:
+        from vqtok.train.plan import dry_run_tokenizer
+
+        dry_run_tokenizer(data, out, config=config, overrides=list(overrides or []), device=device)
+        return
     run_training(
         lambda: train_tokenizer(
             data, config, out, overrides=list(overrides or []), resume=resume == "auto",

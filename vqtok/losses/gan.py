@@ -103,8 +103,11 @@ class LeCam(nn.Module):
 
 
 def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
-    """Zero-centred gradient penalty on real images: mean over images of ||grad_x sum D(x)||^2."""
+    """Zero-centred gradient penalty on real images: mean over images of ||grad_x D(x)||^2, where D(x) of a
+    patch discriminator is the mean of the image's patch logits, as in the D loss (its sum would scale the
+    penalty with the number of patches, i.e. with the resolution)."""
     real = real.detach().requires_grad_(True)
     logits = discriminator(real)
-    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    per_image = logits.flatten(1).mean(1) if logits.dim() > 1 else logits
+    (grad,) = torch.autograd.grad(per_image.sum(), real, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(1).mean()

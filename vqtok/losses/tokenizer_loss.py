@@ -4,7 +4,11 @@ Generator:  l1_weight*|x-x̂| + l2_weight*(x-x̂)^2 + perceptual_weight*LPIPS(x,
             + quantizer_weight*aux["loss"] + factor(step)*w_adv*G_loss(D(x̂))
 with w_adv = disc_weight * ||∇nll|| / (||∇G|| + 1e-4) on the decoder's last layer (taming) when
 `adaptive_weight` is on, else disc_weight (LlamaGen / Open-MAGVIT2 / 1d-tokenizer).
-Discriminator: factor(step)*D_loss(D(x), D(x̂)) + lecam_weight*LeCam + lazy R1 every `r1_every` steps.
+Discriminator: factor(step) * (d_loss_weight*D_loss(D(x), D(x̂)) + lecam_weight*LeCam + lazy R1 every `r1_every`
+steps): the regularisers follow the same start/warm-up ramp as the loss they regularise. LlamaGen multiplies
+D's loss by its disc_weight too (vq_loss.py: `disc_weight * self.disc_loss(...)`), hence `d_loss_weight`.
+R1 needs a discriminator without BatchNorm (its gradient through batch statistics couples the images of a
+batch, and the extra forward moves the running statistics): a BatchNorm D with r1_weight > 0 is refused.
 Images arrive in [0,1]; all terms are computed on the [-1,1] scale the anchors use.
 """
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqtok.errors import ConfigError
 from vqtok.losses.discriminators import DiscriminatorConfig, build_discriminator
 from vqtok.losses.gan import D_LOSSES, LeCam, adaptive_weight, disc_factor, g_loss, r1_penalty
 from vqtok.losses.lpips import build_lpips
@@ -31,6 +36,7 @@ class LossConfig:
     lpips_weights: str | None = None
     quantizer_weight: float = 1.0
     disc_weight: float = 0.8  # 0 disables the discriminator entirely
+    d_loss_weight: float = 1.0  # multiplies D's own loss (LlamaGen: its disc_weight, 0.5)
     adaptive_weight: bool = True
     adaptive_weight_max: float = 1e4
     disc_start: int = 0
@@ -52,6 +58,13 @@ class TokenizerLoss(nn.Module):
         self.lpips = build_lpips(weights) if cfg.perceptual_weight > 0 else None
         self.discriminator = build_discriminator(cfg.disc, resolution) if cfg.disc_weight > 0 else None
         self.lecam = LeCam(cfg.lecam_decay) if (self.discriminator is not None and cfg.lecam_weight > 0) else None
+        if self.discriminator is not None and cfg.r1_weight > 0 and _has_batchnorm(self.discriminator):
+            raise ConfigError(
+                f"loss.r1_weight {cfg.r1_weight:g} needs a discriminator without BatchNorm, and loss.disc.kind "
+                f"'{cfg.disc.kind}' uses BatchNorm; set loss.disc.kind=stylegan or maskgit, or loss.r1_weight=0"
+            )
+        if cfg.d_loss_weight <= 0:
+            raise ConfigError(f"loss.d_loss_weight must be positive, got {cfg.d_loss_weight:g}")
 
     @property
     def uses_random_lpips(self) -> bool:
@@ -116,7 +129,7 @@ class TokenizerLoss(nn.Module):
         real, fake = d(x).float(), d(xr).float()  # separate calls: BatchNorm sees real and fake apart (taming)
         factor = disc_factor(step, cfg.disc_start, cfg.disc_warmup)
         d_main = D_LOSSES[cfg.d_loss](real, fake)
-        total = factor * d_main
+        total = cfg.d_loss_weight * d_main
         metrics = {"d_loss": d_main, "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
         if self.lecam is not None:
             metrics["lecam"] = self.lecam(real, fake)
@@ -124,5 +137,10 @@ class TokenizerLoss(nn.Module):
         if cfg.r1_weight > 0 and step % cfg.r1_every == 0:
             metrics["r1"] = r1_penalty(d, x)
             total = total + 0.5 * cfg.r1_weight * cfg.r1_every * metrics["r1"]
+        total = factor * total  # D's loss and its regularisers share the start / warm-up ramp
         metrics["d_total"] = total
         return total, metrics
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
