@@ -31,9 +31,10 @@ def encode(
 ) -> None:
     """Tokenize an image dataset once into token shards (resumable; torchrun splits the work)."""
     from vqtok.data.encode import EncodeOptions, run_encode
+    from vqtok.run_dirs import resolve_checkpoint
 
     run_encode(EncodeOptions(
-        input=str(input), tokenizer=tokenizer, out=str(out), ten_crop=ten_crop, size=size, crop_range=crop_range,
+        input=str(input), tokenizer=str(resolve_checkpoint(tokenizer)), out=str(out), ten_crop=ten_crop, size=size, crop_range=crop_range,
         split=split, labels=str(labels) if labels else None, format=format, shard_size=shard_size,
         batch_size=batch_size, workers=workers, strict=strict, overwrite=overwrite, device=device,
     ))

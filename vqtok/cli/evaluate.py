@@ -39,9 +39,11 @@ def reconstruct(
     """
     from vqtok.device import pick_device
     from vqtok.eval.tokenizer_eval import reconstruct_images
+    from vqtok.run_dirs import resolve_checkpoint
     from vqtok.tokenizer.tokenizer import load_tokenizer
 
     dev = pick_device(device)
+    tokenizer = resolve_checkpoint(tokenizer)
     tok = load_tokenizer(tokenizer, device=dev)
     report = reconstruct_images(tok, images, out, size=size, device=dev, batch_size=batch_size)
     table = Table(title=f"reconstruction at {report.size}px")
@@ -75,9 +77,11 @@ def eval_tokenizer(
     """PSNR, SSIM, LPIPS, codebook usage/perplexity (per scale) and rFID of a tokenizer on an image set."""
     from vqtok.device import pick_device
     from vqtok.eval.tokenizer_eval import TokenizerEvalOptions, evaluate_tokenizer, write_report
+    from vqtok.run_dirs import resolve_checkpoint
     from vqtok.tokenizer.tokenizer import load_tokenizer
 
     dev = pick_device(device)
+    tokenizer = resolve_checkpoint(tokenizer)
     tok = load_tokenizer(tokenizer, device=dev)
     opts = TokenizerEvalOptions(
         data=str(data), num=num, batch_size=batch_size, workers=workers,

@@ -51,7 +51,9 @@ def sample_command(
     Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """
     from vqtok.ar.generate import SampleOptions, describe, parse_class_list, run_sampling
+    from vqtok.run_dirs import resolve_checkpoint
 
+    ckpt, tokenizer = resolve_checkpoint(ckpt, "--ckpt"), tokenizer and resolve_checkpoint(tokenizer, "--tokenizer")
     options = SampleOptions(
         ckpt=ckpt, out=out, tokenizer=tokenizer,
         classes=parse_class_list(classes) if classes is not None else None, per_class=per_class, num=num,

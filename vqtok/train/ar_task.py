@@ -238,6 +238,7 @@ def load_init_weights(model: RAR, path: str | Path, tokenizer_identity: dict, tr
 class ARTrainTask:
     unit = "tok/s"
     progress_keys = ("loss", "acc", "r")
+    point_metrics = ("r",)  # metrics.jsonl: r at the logged step (loss and acc are averages over the log window)
 
     def __init__(self, cfg: TrainARConfig, env: DistEnv, tokens_dir: str | Path, tokenizer_path: str | Path,
                  init: str | Path | None = None, trust_pickle: bool = False):
@@ -458,7 +459,12 @@ def train_ar(
     from vqtok.train.distributed import init_distributed
     from vqtok.train.engine import Engine
 
+    from vqtok.run_dirs import resolve_checkpoint
+
     cfg = load_run_config(config, overrides)
+    tokenizer = resolve_checkpoint(tokenizer, "--tokenizer")
+    if init is not None:
+        init = resolve_checkpoint(init, "--init")
     if not Path(tokenizer).exists():
         raise UserError(f"tokenizer checkpoint {tokenizer} does not exist")
     env = init_distributed(device)

@@ -281,6 +281,8 @@ class Engine:
                     if step % cfg.log_every == 0 or step == end:
                         elapsed = time.perf_counter() - window_t
                         averaged = self._average_metrics(sums, count)
+                        # schedule values (e.g. RAR's r) are reported at the logged step, not averaged over the window
+                        averaged.update({k: metrics[k] for k in getattr(task, "point_metrics", ()) if k in metrics})
                         throughput = window_samples / max(elapsed, 1e-9)
                         if metrics_log is not None:
                             row = {"step": step, "epoch": task.epoch(step) if hasattr(task, "epoch") else None}

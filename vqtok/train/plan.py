@@ -451,7 +451,9 @@ def dry_run_ar(tokens_dir: str | Path, tokenizer: str | Path, out: str | Path, c
     cfg = load_run_config(config, overrides)
     source_data = config if isinstance(config, dict) else load_yaml(resolve_recipe(config or DEFAULT_RECIPE, "ar"))
     length_source = run_length_source(source_data, overrides)
-    tokenizer = Path(tokenizer)
+    from vqtok.run_dirs import resolve_checkpoint
+
+    tokenizer = resolve_checkpoint(tokenizer, "--tokenizer")
     if not tokenizer.exists():
         raise UserError(f"tokenizer checkpoint {tokenizer} does not exist")
     manifest = read_manifest(tokens_dir)

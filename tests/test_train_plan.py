@@ -1,0 +1,169 @@
+"""Defaults that survive partial configs, steps vs epochs precedence, and `--dry-run` plans (vqtok/train/plan.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from vqtok.cli import app
+from vqtok.config import RECIPES_DIR, load_config, to_dict
+from vqtok.errors import ConfigError
+from vqtok.train.ar_task import TrainARConfig, load_run_config, run_length_source
+from vqtok.train.plan import memory_estimate, saved_activation_bytes
+
+runner = CliRunner()
+IMAGENET_TRAIN = 1_281_167
+
+
+def write_imagenet_tokens(root: Path, num_samples: int = IMAGENET_TRAIN) -> tuple[Path, Path]:
+    """A manifest as `vqtok encode --ten-crop` writes for ImageNet with the MaskGIT VQGAN, and that tokenizer's
+    tokenizer.json + config.yaml. No shard and no weights exist: a dry run must need neither."""
+    from vqtok.tokenizer.config import tokenizer_config_to_dict
+    from vqtok.tokenizer.presets import PRESETS
+
+    tok = root / "ckpt" / "maskgit-vqgan"
+    tok.mkdir(parents=True)
+    identity = {"preset": "maskgit-vqgan-f16", "vocab_size": 1024, "scales": [[16, 16]], "tokens_per_image": 256,
+                "resolution": 256, "downsample": 16, "index_dtype": "uint16", "hash": "ab" * 32}
+    (tok / "tokenizer.json").write_text(json.dumps(identity))
+    (tok / "config.yaml").write_text(yaml.safe_dump(tokenizer_config_to_dict(PRESETS["maskgit-vqgan-f16"]())))
+    tokens = root / "tokens"
+    tokens.mkdir()
+    manifest = {"format": "wds", "version": 1, "dtype": "uint16",
+                "tokenizer": {"preset": "maskgit-vqgan-f16", "hash": "ab" * 32, "vocab_size": 1024, "scales": [[16, 16]],
+                              "tokens_per_view": 256},
+                "views": [f"crop{i}" for i in range(10)], "classes": [f"n{i:08d}" for i in range(1000)],
+                "num_samples": num_samples, "num_skipped": 0,
+                "shards": [{"name": f"tokens-{k:06d}.tar", "count": 10_000} for k in range(129)]}
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    return tokens, tok
+
+
+@pytest.fixture
+def imagenet(tmp_path):
+    return write_imagenet_tokens(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ defaults
+
+
+def test_train_ar_without_config_is_exactly_the_rar_b_recipe():
+    recipe = to_dict(load_config(TrainARConfig, RECIPES_DIR / "ar" / "rar-b.yaml"))
+    assert to_dict(load_run_config(None)) == recipe
+    assert to_dict(TrainARConfig()) == recipe  # the dataclass defaults are the recipe, section by section
+
+
+def test_a_partial_train_section_keeps_the_tasks_defaults(tmp_path):
+    from vqtok.train.tokenizer_task import load_run_config as load_tokenizer_config
+
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("train: {batch_size: 64}\noptim: {lr: 1.0e-4}\n")
+    cfg = load_run_config(custom)
+    assert cfg.train.batch_size == 64 and cfg.optim.lr == 1e-4
+    assert cfg.train.ema is False  # RAR keeps no EMA: a fresh EngineConfig would have turned it on
+    assert (cfg.train.seed, cfg.train.ckpt_every, cfg.optim.end_lr, cfg.optim.betas) == (42, 5000, 1e-5, (0.9, 0.96))
+    tok = load_tokenizer_config({"train": {"steps": 5}, "loss": {"disc": {"channels": 32}},
+                                 "optim": {"generator": {"lr": 2e-4}}})
+    assert tok.train.steps == 5 and tok.train.ema is True and tok.train.ckpt_every == 500
+    assert (tok.loss.disc.kind, tok.loss.disc.channels, tok.loss.disc.layers) == ("patchgan", 32, 3)
+    assert tok.optim.generator.lr == 2e-4 and tok.optim.generator.betas == (0.5, 0.9)
+
+
+def test_command_line_steps_or_epochs_win_and_both_on_the_command_line_is_an_error(tmp_path):
+    cfg = load_run_config("rar-tiny", ["train.steps=4"])  # the recipe says epochs: 120
+    assert cfg.epochs is None and cfg.train.steps == 4
+    assert run_length_source({"epochs": 120}, ["train.steps=4"]) == "command-line train.steps"
+    steps_recipe = tmp_path / "steps.yaml"
+    steps_recipe.write_text("epochs: null\ntrain: {steps: 100}\n")
+    assert load_run_config(steps_recipe, ["epochs=3"]).epochs == 3
+    assert run_length_source(yaml.safe_load(steps_recipe.read_text()), ["epochs=3"]) == "command-line epochs"
+    assert run_length_source({"epochs": 400}) == "recipe epochs"
+    with pytest.raises(ConfigError, match="both epochs .* and train.steps are given on the command line"):
+        load_run_config("rar-tiny", ["epochs=3", "train.steps=4"])
+    both = tmp_path / "both.yaml"
+    both.write_text("epochs: 10\ntrain: {steps: 100}\n")
+    with pytest.raises(ConfigError, match="sets both epochs and train.steps"):
+        load_run_config(both)
+
+
+# ------------------------------------------------------------------------------------------ estimates
+
+
+def test_saved_activation_count_and_memory_formula():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.zeros(3, 4, device="meta")
+    # autograd keeps: Linear1's input (3x4; its weight is a parameter, not counted), ReLU's output (3x8),
+    # which Linear2 also saves (counted once)
+    assert saved_activation_bytes(lambda: model(x), [model], 4) == (12 + 24) * 4
+    assert saved_activation_bytes(lambda: model(x), [model], 2) == (12 + 24) * 2
+    params = 4 * 8 + 8 + 8 * 2 + 2
+    mem = memory_estimate([model], [model], [], 144)["bytes"]
+    assert mem == {"weights": 4 * params, "gradients": 4 * params, "optimizer": 8 * params, "ema": 4 * params, "frozen": 0,
+                   "activations": 144, "total": 20 * params + 144}
+
+
+# ------------------------------------------------------------------------------------------ dry runs
+
+
+def test_train_ar_dry_run_prints_and_writes_the_paper_plan(imagenet, tmp_path, monkeypatch):
+    tokens, tok = imagenet
+    monkeypatch.setenv("WORLD_SIZE", "32")  # torchrun's 4 nodes x 8 GPUs; no process group is started
+    run = tmp_path / "runs" / "rar-b"
+    # the README / examples/imagenet_rar_b.md command, plus --dry-run
+    result = runner.invoke(app, ["train-ar", str(tokens), "--tokenizer", str(tok), "--preset", "rar-b", "--anneal", "200", "300",
+                                 "--out", str(run), "--dry-run", "--device", "cuda"])
+    assert result.exit_code == 0, result.output
+    assert "global 2,048 = 32 ranks x 64 per rank" in result.output
+    assert "r = 1 until step 125,114, linear to 0 at step 187,671" in result.output
+    plan = json.loads((run / "plan.json").read_text())
+    assert (run / "config.yaml").is_file() and not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["ema"] is False
+    assert plan["world_size"] == 32 and plan["global_batch_size"] == 2048 and plan["per_rank_batch_size"] == 64
+    assert plan["steps"] == 250_228 and plan["ema"] is False and plan["run_length_from"] == "recipe epochs"
+    assert plan["parameters"]["total"] == 260_923_648
+    mem = plan["memory"]["bytes"]
+    assert mem["optimizer"] == 8 * 260_923_648 and mem["activations"] > 0 and plan["precision"] == "bf16 autocast"
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+
+
+def test_dry_run_errors_are_one_line_exit_2(imagenet, tmp_path, monkeypatch):
+    tokens, tok = imagenet
+    common = ["train-ar", str(tokens), "--tokenizer", str(tok), "--out", str(tmp_path / "run"), "--dry-run"]
+    monkeypatch.setenv("WORLD_SIZE", "48")
+    result = runner.invoke(app, common)
+    assert result.exit_code == 2 and "train.batch_size 2048 must be divisible" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    result = runner.invoke(app, [*common, "--epochs", "3", "train.steps=10"])
+    assert result.exit_code == 2 and "both epochs" in result.output
+    assert not (tmp_path / "run" / "plan.json").exists()
+    result = runner.invoke(app, [*common, "train.steps=10"])  # command-line steps win over the recipe's epochs
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["steps"] == 10 and plan["run_length_from"] == "command-line train.steps" and plan["epochs"] is not None
+
+
+def test_train_tokenizer_dry_run_counts_images_and_plans_both_phases(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "train" / "cls"
+    data.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(data / f"{i}.png")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train-tokenizer", str(tmp_path / "data"), "--config", "vqgan-f16", "--out", str(run),
+                                 "--dry-run", "--device", "cuda"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["num_images"] == 5 and plan["per_rank_batch_size"] == 16 and plan["steps"] == 400_000
+    # LlamaGen VQ-16: 71,883,403 parameters (var_llamagen.md §B1), PatchGAN 2,765,633 (§B3)
+    assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 71_883_403
+    assert plan["parameters"]["modules"]["discriminator"] == 2_765_633
+    assert plan["disc_start_step"] == 20_000 and plan["ema"] is False
+    acts = plan["activations_by_phase"]
+    assert acts["generator"] > acts["discriminator"] > 0
+    assert not (run / "checkpoints").exists()
