@@ -261,3 +261,16 @@ def test_init_loads_a_generator_dir_or_an_official_state_dict(tmp_path, tokenize
     save_generator(tmp_path / "gen-other", source, source.config, {**tokenizers[2], "hash": "0" * 64})
     with pytest.raises(UserError, match="another tokenizer"):
         ARTrainTask(load_run_config("rar-tiny", BASE), DistEnv(), tokens, tokenizers[0], init=tmp_path / "gen-other")
+
+
+def test_metrics_rows_hold_r_lr_and_epoch_at_the_logged_step(tmp_path, tokenizers, tokens):
+    run = tmp_path / "run"
+    overrides = BASE + ["train.steps=8", "train.log_every=4", "anneal.unit=steps", "anneal.start=2", "anneal.end=6",
+                        "optim.warmup_steps=4"]
+    train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=overrides, device="cpu")
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [4, 8]
+    # row k: the batch of 0-based step k-1. r there is 1 - (3-2)/4 = 0.75 (the window average would be 0.9375)
+    assert [r["r"] for r in rows] == pytest.approx([0.75, 0.0])
+    assert rows[0]["lr"] == pytest.approx(2e-3 * 4 / 4)  # warm-up (s+1)/4 at s=3: the peak
+    assert [r["epoch"] for r in rows] == pytest.approx([4 * 4 / 12, 8 * 4 / 12])

@@ -46,6 +46,8 @@ def resolve_checkpoint(path: str | Path, option: str = "--tokenizer", announce: 
             f"{option} {path} is a training run that has not finished (no final/); its latest checkpoint is {latest} "
             f"(training state): finish the run with --resume auto, then pass {path}"
         )
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        raise UserError(f"{option} {path} is a training run that has not finished and has no checkpoint yet (no final/)")
     return path
 
 
