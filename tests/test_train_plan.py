@@ -83,6 +83,10 @@ def test_command_line_steps_or_epochs_win_and_both_on_the_command_line_is_an_err
     assert load_run_config(steps_recipe, ["epochs=3"]).epochs == 3
     assert run_length_source(yaml.safe_load(steps_recipe.read_text()), ["epochs=3"]) == "command-line epochs"
     assert run_length_source({"epochs": 400}) == "recipe epochs"
+    only_steps = tmp_path / "only-steps.yaml"
+    only_steps.write_text("train: {steps: 100}\n")  # no epochs key: the task's default epochs must not win
+    cfg = load_run_config(only_steps)
+    assert cfg.epochs is None and cfg.train.steps == 100
     with pytest.raises(ConfigError, match="both epochs .* and train.steps are given on the command line"):
         load_run_config("rar-tiny", ["epochs=3", "train.steps=4"])
     both = tmp_path / "both.yaml"

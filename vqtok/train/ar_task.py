@@ -407,10 +407,10 @@ def load_run_config(config: str | Path | dict | None, overrides: list[str] | tup
     data = config if isinstance(config, dict) else load_yaml(resolve_recipe(config, "ar"))
     source = run_length_source(data, overrides)
     data = dict(data)
-    if source == "command-line train.steps":
-        data["epochs"] = None  # the command line's steps win over the recipe's epochs
+    if source.endswith("train.steps"):
+        data["epochs"] = None  # steps decide: the command line's over the recipe's epochs, or a recipe without epochs
     cfg = load_config(TrainARConfig, data, list(overrides))
-    if source == "command-line train.steps":
+    if source.endswith("train.steps"):
         cfg.epochs = None
     return cfg
 
