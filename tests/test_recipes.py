@@ -193,6 +193,11 @@ def test_lfq_recipe_is_open_magvit2s_losses_and_schedule_on_another_autoencoder(
         assert tuple(o["betas"]) == (0.5, 0.9) and o["weight_decay"] == 0 and o["grad_clip"] == 0  # lfqgan.py Adam (0.5, 0.9)
     assert plan["global_batch_size"] == 256  # lfqgan_256_L.yaml batch_size 8 x devices 8 x num_nodes 4
     assert within(plan["steps"], 270 * IMAGENET_TRAIN / 256)  # lfqgan_256_L.yaml max_epochs 270
+    for name in ("generator", "discriminator"):  # lfqgan_256_L.yaml lr_drop_epoch [200, 250]; lfqgan.py lr_drop_rate 0.1
+        sched = getattr(cfg.optim, name).schedule
+        assert sched.kind == "step" and sched.gamma == 0.1
+        assert [round(m / (IMAGENET_TRAIN / 256), 2) for m in sched.milestones] == [200.0, 250.0]
+        assert plan["optimizers"][name]["end_lr"] == pytest.approx(1e-6)
     assert plan["ema"] is True and plan["ema_decay"] == 0.999  # lfqgan_256_L.yaml use_ema; ema.py decay 0.999
     header = _header(RECIPES_DIR / "tokenizer" / "lfq-llamagen-f16.yaml")
     assert "NOT Open-MAGVIT2's architecture" in header and "LlamaGen" in header

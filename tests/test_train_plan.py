@@ -95,6 +95,13 @@ def test_command_line_steps_or_epochs_win_and_both_on_the_command_line_is_an_err
         load_run_config(both)
 
 
+def test_step_schedule_drops_by_gamma_at_each_milestone():
+    from vqtok.train.schedule import ScheduleConfig, lr_factor
+
+    drops = ScheduleConfig(kind="step", warmup_steps=2, milestones=[5, 8], gamma=0.1)
+    assert [lr_factor(drops, s, 10) for s in (0, 1, 4, 5, 7, 8, 9)] == pytest.approx([0.5, 1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
 # ------------------------------------------------------------------------------------------ estimates
 
 

@@ -152,7 +152,7 @@ def _lr_points(lr: float, schedule, steps: int) -> dict[str, float]:
 
     return {"lr_at_step_0": lr * lr_factor(schedule, 0, steps), "lr": lr,
             "lr_at_last_step": lr * lr_factor(schedule, steps - 1, steps),
-            "end_lr": lr * (schedule.min_lr_ratio if schedule.kind == "cosine" else 1.0)}
+            "end_lr": lr * lr_factor(schedule, max(steps, schedule.warmup_steps), steps)}
 
 
 def _batches(train, world: int) -> dict[str, int]:
