@@ -65,3 +65,34 @@ def test_reconstruct_and_eval_accept_a_run_directory(finished_run, tmp_path):
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and "error:" in result.output and "step-00000020" in result.output
     assert not (tmp_path / "recon2").exists()
+
+
+def test_sample_and_train_ar_dry_run_accept_run_directories(finished_run, tmp_path):
+    import json
+
+    from vqtok.ar.checkpoint import save_generator
+    from vqtok.ar.rar import RAR, RARConfig
+    from vqtok.tokenizer.tokenizer import load_tokenizer
+
+    identity = load_tokenizer(finished_run / "final").identity()
+    cfg = RARConfig(hidden_size=32, depth=1, num_heads=2, intermediate_size=64, vocab_size=512, seq_len=64, num_classes=3,
+                    dropout=0.0, attn_dropout=0.0, class_dropout=0.0)
+    gen_run = tmp_path / "gen-run"
+    save_generator(gen_run / "final", RAR(cfg), cfg, identity)
+    result = runner.invoke(app, ["sample", "--ckpt", str(gen_run), "--tokenizer", str(finished_run), "--num", "2",
+                                 "--tokens-only", "--out", str(tmp_path / "samples"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"--ckpt {gen_run} is a run directory: using {gen_run / 'final'}" in result.output
+    assert f"--tokenizer {finished_run} is a run directory" in result.output
+    # train-ar --dry-run --tokenizer RUN reads RUN/final
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    manifest = {"format": "wds", "version": 1, "dtype": "uint16", "views": ["v0"], "classes": ["a", "b", "c"],
+                "tokenizer": {"preset": "tiny-vqgan", "hash": identity["hash"], "vocab_size": 512, "scales": [[8, 8]],
+                              "tokens_per_view": 64},
+                "num_samples": 12, "num_skipped": 0, "shards": [{"name": "tokens-000000.tar", "count": 12}]}
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["train-ar", str(tokens), "--tokenizer", str(finished_run), "--config", "rar-tiny",
+                                 "--out", str(tmp_path / "plan"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["tokenizer"] == str(finished_run / "final")
