@@ -178,3 +178,15 @@ def test_train_tokenizer_dry_run_counts_images_and_plans_both_phases(tmp_path, m
     acts = plan["activations_by_phase"]
     assert acts["generator"] > acts["discriminator"] > 0
     assert not (run / "checkpoints").exists()
+
+
+def test_grad_checkpointing_shrinks_the_activation_estimate_to_block_inputs_plus_one_block(imagenet):
+    from vqtok.data.token_shards import read_manifest
+    from vqtok.train.plan import ar_plan
+
+    manifest = read_manifest(imagenet[0])
+    plain = ar_plan(load_run_config("rar-b"), manifest, 32, "recipe epochs", "cuda")["memory"]["bytes"]["activations"]
+    ckpt = ar_plan(load_run_config("rar-b", ["model.grad_checkpointing=true"]), manifest, 32, "recipe epochs", "cuda")
+    saved = ckpt["memory"]["bytes"]["activations"]
+    block_inputs = 24 * 2 * 64 * 258 * 768 * 4  # depth x (x, c) x per-rank batch x sequence x width x fp32
+    assert block_inputs + plain / 24 < saved < plain / 4

@@ -18,7 +18,8 @@ Memory estimate per rank (bytes; `memory` in plan.json, every term listed):
                    device: 4 bytes per float in fp32, 2 under bf16 autocast (train.amp on CUDA; autocast saves
                    matmul and conv inputs in bf16, and the fp32 norm statistics are a small share). Attention is
                    counted as SDPA's fused kernels store it (q, k, v, output, log-sum-exp), not the N x N
-                   probabilities. For the tokenizer it is the larger of the two phases: generator (encoder,
+                   probabilities. With model.grad_checkpointing (RAR): the activations outside the blocks, the
+                   inputs each block keeps, and one block's activations while it is recomputed. For the tokenizer it is the larger of the two phases: generator (encoder,
                    decoder, the LPIPS trunk and D on the reconstruction) and discriminator (D on real and fake).
     total        = the sum; not included: the CUDA context and allocator fragmentation (typically 1-3 GiB),
                    data-loader buffers, and transient workspace of single kernels.
@@ -184,7 +185,23 @@ def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "
     cond = torch.zeros(b, dtype=torch.long, device="meta")
     orders = torch.arange(model_cfg.seq_len, device="meta").expand(b, model_cfg.seq_len)
     model.train()
-    activations = saved_activation_bytes(lambda: ar_loss(*model.forward_conditions(tokens, cond, orders)), [model], float_bytes)
+    checkpointed = model_cfg.grad_checkpointing
+
+    def count(checkpointing: bool) -> int:
+        model.config.grad_checkpointing = checkpointing
+        try:
+            return saved_activation_bytes(lambda: ar_loss(*model.forward_conditions(tokens, cond, orders)), [model], float_bytes)
+        finally:
+            model.config.grad_checkpointing = checkpointed
+
+    activations = count(False)
+    if checkpointed:
+        # checkpointed blocks keep only their inputs (residual stream x and per-token condition c, fp32) and
+        # recompute one block at a time in backward: outside-block activations + depth x inputs + one block
+        outside = count(True)
+        per_block = (activations - outside) / model_cfg.depth
+        inputs = 2 * b * (model_cfg.seq_len + 2) * model_cfg.hidden_size * 4
+        activations = int(outside + model_cfg.depth * inputs + per_block)
     frozen = []
     if tokenizer_config is not None:
         from vqtok.tokenizer.tokenizer import build_tokenizer
