@@ -23,6 +23,7 @@ to the engine (vqtok/train/engine.py):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -31,11 +32,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vqtok.ar.annealing import PermutationAnnealing
+from vqtok.ar.annealing import PermutationAnnealing, annealing_warning
 from vqtok.ar.orders import canonical_order_name, sample_orders, scan_order
 from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.config import from_dict, to_dict
 from vqtok.errors import UserError
+from vqtok.signals import ignore_stop_signals
 from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
 from vqtok.train.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
@@ -281,7 +283,7 @@ class ARTrainTask:
         # (which dropout uses) at a different point in a resumed run than in an uninterrupted one
         loader = DataLoader(self.tokens, batch_sampler=sampler, num_workers=workers,
                             pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None,
+                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(cfg.train.seed))
         step = start_step
         for tokens, classes in loader:
@@ -381,6 +383,9 @@ def train_ar(
         raise UserError(f"tokenizer checkpoint {tokenizer} does not exist")
     env = init_distributed(device)
     task = ARTrainTask(cfg, env, tokens_dir, tokenizer, init=init, trust_pickle=trust_pickle)
+    warning = annealing_warning(task.annealing, cfg.train.steps, task.steps_per_epoch, task.model_config.order)
+    if warning and env.is_main:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_dir = Path(out)
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():
