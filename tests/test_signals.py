@@ -91,6 +91,10 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path,
     done = runner.invoke(app, ["train-ar", *common, f"train.steps={step + 2}"])
     assert done.exit_code == 0, done.output
     assert (run / "final" / "model.safetensors").is_file()
+    # the generator records the manifest's class names (sample grids show them)
+    from vqtok.ar.generate import recorded_class_names
+
+    assert recorded_class_names(run / "final") == ["class0", "class1", "class2"]
 
 
 def test_sigterm_during_encode_cleans_up_and_exits_143(tmp_path, setup):

@@ -244,6 +244,7 @@ class ARTrainTask:
         if bad:
             raise UserError(f"data.preview_classes holds class {bad[0]}, outside 0..{mcfg.num_classes - 1}")
         self.preview_classes = classes
+        self.class_names = [str(c) for c in manifest.get("classes") or []]  # label order; grids and generator.json
         self._preview_model: RAR | None = None
 
     # -- TrainTask ----------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ class ARTrainTask:
     @torch.no_grad()
     def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
         from vqtok.ar.sampling import SamplingConfig, sample
-        from vqtok.train.images import make_grid
+        from vqtok.train.images import sample_grid
 
         model = self.model
         if weights is not None:  # sample with the EMA weights, from a second copy of the model
@@ -339,7 +340,7 @@ class ARTrainTask:
         classes = torch.tensor(self.preview_classes, dtype=torch.long)
         tokens = sample(model, classes, scfg, generator=gen).tokens
         images = self.tokenizer.decode(tokens)
-        return make_grid(images.float(), rows=1 if len(classes) <= 8 else 2)
+        return sample_grid(images.float(), classes.tolist(), self.class_names)
 
     def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         from vqtok.ar.checkpoint import save_generator
@@ -347,7 +348,7 @@ class ARTrainTask:
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
         # `vqtok sample` finds the tokenizer through this path when --tokenizer is not given
         extra = {"trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
-                 "epochs": round(self.epoch(self.cfg.train.steps), 4)}
+                 "epochs": round(self.epoch(self.cfg.train.steps), 4), "classes": self.class_names}
         save_generator(dest, state, self.model_config, self.tokenizer_identity, extra)
 
 

@@ -22,7 +22,7 @@ from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
 from vqtok.signals import ignore_stop_signals
 from vqtok.train.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
-from vqtok.train.images import make_grid
+from vqtok.train.images import reconstruction_grid
 from vqtok.train.image_dataset import TrainImageDataset, collate, preview_images
 from vqtok.train.sampler import StreamBatchSampler
 
@@ -111,6 +111,7 @@ class TokenizerTrainTask:
         self._recon: dict[int, torch.Tensor] = {}
         self.skipped_total = 0
         self._preview = preview_images(self.records, res, cfg.data.preview_images)
+        self._preview_resolution = res
 
     # -- TrainTask ----------------------------------------------------------------------------------
 
@@ -176,7 +177,9 @@ class TokenizerTrainTask:
     def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
         if self._preview is None:
             return None
-        images = self._preview.to(self.env.device)
+        # a different set of images at each preview (the first set stays at step 0)
+        drawn = preview_images(self.records, self._preview_resolution, self.cfg.data.preview_images, draw=step) if step else None
+        images = (drawn if drawn is not None else self._preview).to(self.env.device)
         was_training = self.tokenizer.training
         self.tokenizer.eval()
         try:
@@ -186,8 +189,7 @@ class TokenizerTrainTask:
                 recon = self.tokenizer(images).recon
         finally:
             self.tokenizer.train(was_training)
-        # top row: inputs; bottom row: reconstructions
-        return make_grid(torch.cat([images, recon.float().clamp(0, 1)]), rows=2)
+        return reconstruction_grid(images, recon)
 
     def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
