@@ -176,3 +176,32 @@ def test_train_ar_prints_the_annealing_warning(tmp_path, setup):
                                  "--anneal", "200", "300"])
     assert result.exit_code == 0, result.output
     assert "warning: annealing 200 -> 300 epochs ends after the run" in result.output
+
+
+def test_sigterm_during_sample_removes_its_work_dir_and_exits_143(tmp_path, setup, monkeypatch):
+    import torch
+
+    import vqtok.ar.generate as generate
+    from vqtok.ar.checkpoint import save_generator
+    from vqtok.ar.rar import RAR, RARConfig
+    from vqtok.tokenizer.tokenizer import load_tokenizer
+
+    tok, _ = setup
+    identity = load_tokenizer(tok).identity()
+    cfg = RARConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=64, vocab_size=512, seq_len=64, num_classes=3)
+    torch.manual_seed(0)
+    save_generator(tmp_path / "gen", RAR(cfg), cfg, identity)
+    original = generate.sample_tokens
+
+    def then_signal(*args, **kwargs):
+        tokens = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return tokens
+
+    monkeypatch.setattr(generate, "sample_tokens", then_signal)
+    out = tmp_path / "samples"
+    result = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "gen"), "--tokenizer", str(tok), "--per-class", "4",
+                                 "--batch-size", "4", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 143, result.output
+    assert "error: sample interrupted by SIGTERM" in result.output and "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".samples*"))
