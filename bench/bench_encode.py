@@ -65,7 +65,7 @@ def model_throughput(tok, size: int, batch: int, views: int, seconds: float) -> 
 def pipeline_throughput(data: Path, tok_dir: Path, out: Path, args) -> float:
     from vqtok.data.encode import EncodeOptions, run_encode
 
-    opts = EncodeOptions(input=str(data), tokenizer=str(tok_dir), out=str(out), ten_crop=True, size=args.size,
+    opts = EncodeOptions(input=str(data), tokenizer=str(tok_dir), out=str(out), ten_crop=True, size=args.size, allow_grid_change=True,
                          batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
                          overwrite=True, device="cpu")
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def rss_child(args) -> None:
     """Subprocess entry: run the pipeline once and print peak RSS of this process and its workers (MiB)."""
     from vqtok.data.encode import EncodeOptions, run_encode
 
-    run_encode(EncodeOptions(input=args.data, tokenizer=args.tok, out=args.out, ten_crop=True, size=args.size,
+    run_encode(EncodeOptions(input=args.data, tokenizer=args.tok, out=args.out, ten_crop=True, size=args.size, allow_grid_change=True,
                              batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
                              overwrite=True, device="cpu"), log=lambda _m: None)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the parent's peak.

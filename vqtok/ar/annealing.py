@@ -44,3 +44,23 @@ class PermutationAnnealing:
         if not steps_per_epoch or steps_per_epoch <= 0:
             raise UserError("an annealing schedule in epochs needs the number of steps per epoch")
         return random_ratio(step / steps_per_epoch, self.start, self.end)
+
+
+def annealing_warning(annealing: PermutationAnnealing, total_steps: int, steps_per_epoch: float, order: str) -> str | None:
+    """One line when the run ends before annealing reaches r = 0, else None (start-of-run check, plans).
+
+    The model samples in `order` only; a run that stops while r > 0 never trains on that order alone.
+    """
+    last = max(total_steps - 1, 0)  # the batch of the final update
+    r_end = annealing.ratio(last, steps_per_epoch)
+    if r_end <= 0.0:
+        return None
+    unit = "epochs" if annealing.unit == "epoch" else "steps"
+    length = total_steps / steps_per_epoch if annealing.unit == "epoch" else total_steps
+    window = f"annealing {annealing.start:g} -> {annealing.end:g} {unit} ends after the run ({length:.4g} {unit})"
+    if r_end >= 1.0:
+        what = "r = 1 for the whole run, so the model only ever sees random orders"
+    else:
+        what = f"r is still {r_end:.2f} at the last step"
+    return (f"{window}: {what}, but it samples in the {order} order; "
+            f"shorten --anneal or lengthen the run to reach r = 0")

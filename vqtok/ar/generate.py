@@ -3,7 +3,7 @@
 What a run writes into `--out DIR` (assembled in a hidden temporary directory next to it and renamed into
 place at the end, so a failed or interrupted run leaves nothing half-written):
 
-    grid.png            the first 64 images, the class id under each (not with --tokens-only)
+    grid.png            the first 64 images, one row per class with its name (not with --tokens-only)
     images/000000.png   one PNG per image, `{index:06d}.png` (--png)
     samples.npz         ADM-evaluator format (--npz): `arr_0` uint8 (N, H, W, 3), `labels` int64 (N,)
     tokens.npy          (N, h, w) token grids, raster order, uint16 (uint32 past 65,536 codes) (--tokens-only)
@@ -236,23 +236,23 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return images.float().clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def labelled_grid(images: np.ndarray, labels: np.ndarray):
-    """uint8 (N, H, W, 3) -> a PIL image grid with each class id printed under its image."""
-    from PIL import Image, ImageDraw
+def labelled_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None):
+    """uint8 (N, H, W, 3) -> a PIL image: one row per class, its name (or id) at the row's start."""
+    from PIL import Image
 
-    from vqtok.train.images import make_grid
+    from vqtok.train.images import sample_grid
 
-    n, h, w, _ = images.shape
-    tiles = np.full((n, h + LABEL_STRIP, w, 3), 255, np.uint8)
-    tiles[:, :h] = images
-    for i, label in enumerate(labels):
-        strip = Image.fromarray(tiles[i, h:])
-        ImageDraw.Draw(strip).text((2, 0), str(int(label)), fill=(0, 0, 0))
-        tiles[i, h:] = np.asarray(strip)
-    cols = max(1, int(np.ceil(np.sqrt(n))))  # square-ish, never taller than wide
-    rows = -(-n // cols)
-    grid = make_grid(torch.from_numpy(tiles).permute(0, 3, 1, 2), rows=rows)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+    grid = sample_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), labels.tolist(), class_names)
+    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
+def recorded_class_names(ckpt: Path) -> list[str] | None:
+    """The class names `train-ar` recorded in generator.json (from the token manifest), if any."""
+    try:
+        names = json.loads((Path(ckpt) / "generator.json").read_text()).get("classes")
+    except (OSError, ValueError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
 # -------------------------------------------------------------------------------------------- files
@@ -502,7 +502,7 @@ def _assemble(work: Path, labels: np.ndarray, tokenizer, opts: SampleOptions) ->
         if sum(len(a) for a in shown) >= GRID_MAX:
             break
     grid_images = np.concatenate(shown)[:GRID_MAX]
-    labelled_grid(grid_images, labels[: len(grid_images)]).save(work / "grid.png")
+    labelled_grid(grid_images, labels[: len(grid_images)], recorded_class_names(opts.ckpt)).save(work / "grid.png")
     files.append("grid.png")
     if opts.npz:
         write_adm_npz(work / "samples.npz", pixel_files, labels)

@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
 from vqtok.errors import UserError
+from vqtok.signals import Interrupted, exit_code_for, raise_on_stop_signals, signal_name
+
+# What an interrupted command leaves behind and how to continue (training saves and says so itself).
+_AFTER_INTERRUPT = {
+    "encode": "finished shards are kept; rerun the same command to encode the rest",
+    "sample": "no outputs were written; rerun the same command",
+    "train-tokenizer": "if it saved a checkpoint, continue with --resume auto, else rerun the same command",
+    "train-ar": "if it saved a checkpoint, continue with --resume auto, else rerun the same command",
+}
 
 
 class _VqtokGroup(TyperGroup):
-    """Turns a `UserError` raised by any command into one line on stderr and exit code 2."""
+    """Turns a `UserError` raised by any command into one line on stderr and exit code 2, and a stop
+    signal (SIGINT/SIGTERM) outside training into clean-up (`finally` blocks run) and exit 128 + signal."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with raise_on_stop_signals():
+                return super().invoke(ctx)
         except UserError as exc:
-            message = " ".join(str(exc).split())
-            sys.stderr.write(f"error: {message}\n")
-            sys.stderr.flush()
+            _error_line(" ".join(str(exc).split()))
             raise typer.Exit(code=exc.exit_code) from None
+        except (Interrupted, KeyboardInterrupt) as exc:
+            import signal
+
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            command = ctx.invoked_subcommand or "vqtok"
+            hint = _AFTER_INTERRUPT.get(command, "rerun the same command")
+            _error_line(f"{command} interrupted by {signal_name(signum)}; {hint}")
+            raise typer.Exit(code=exit_code_for(signum)) from None
+
+
+def _error_line(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def resume_command() -> str:
+    """The command line of this process with `--resume auto` (what continues an interrupted run)."""
+    args = [a for a in sys.argv[1:]]
+    if "--resume" not in args:
+        args += ["--resume", "auto"]
+    return " ".join(shlex.quote(a) for a in ["vqtok", *args])
 
 
 app = typer.Typer(
@@ -37,9 +69,11 @@ app = typer.Typer(
 def run_training(train, what: str) -> None:
     """Run a trainer entry point (`train()` -> RunResult), tear down torch.distributed, report the result.
 
-    An interrupted run (SIGINT/SIGTERM) has already saved a checkpoint, so it exits 0; only rank 0 prints.
+    An interrupted run (SIGINT/SIGTERM) has saved a checkpoint; it exits 128 + the signal number (not 0,
+    so schedulers and `train && sample` chains do not take it as finished). Only rank 0 prints.
     """
     import os
+    import signal
 
     from vqtok.train.distributed import shutdown_distributed
 
@@ -48,11 +82,26 @@ def run_training(train, what: str) -> None:
     finally:
         shutdown_distributed()
     if result.interrupted:
-        raise typer.Exit(code=0)
+        signum = result.signal or signal.SIGTERM
+        if int(os.environ.get("RANK", "0")) == 0:
+            _error_line(f"interrupted by {signal_name(signum)} at step {result.step}; to continue: {resume_command()}")
+        raise typer.Exit(code=exit_code_for(signum))
     if result.final_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"{what} saved to {result.final_dir}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vqtok import __version__
+
+        typer.echo(f"vqtok {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_print_version, is_eager=True, help="Print the vqtok version and exit."
+    ),
+) -> None:
     """vqtok: train-tokenizer -> encode -> train-ar -> sample, each stage a file contract."""

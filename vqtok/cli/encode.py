@@ -17,7 +17,10 @@ def encode(
     tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer checkpoint directory (made by vqtok)."),
     out: Path = typer.Option(..., "--out", help="Output directory for the token shards and manifest.json."),
     ten_crop: bool = typer.Option(False, "--ten-crop", help="Ten crops per image (LlamaGen/RAR); default: center crop + flip."),
-    size: int = typer.Option(256, "--size", help="Crop size in pixels."),
+    size: Optional[int] = typer.Option(None, "--size", help="Crop size in pixels (default: the tokenizer's resolution)."),
+    allow_grid_change: bool = typer.Option(
+        False, "--allow-grid-change", help="Allow a --size whose token grid differs from the tokenizer's training grid."
+    ),
     crop_range: float = typer.Option(1.1, "--crop-range", help="Ten-crop: crops are cut from an ADM center square of int(size x this)."),
     split: str = typer.Option("train", "--split", help="Subfolder of INPUT to use when it exists."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Flat folders: file with lines '<file name> <label>'."),
@@ -34,7 +37,8 @@ def encode(
     from vqtok.run_dirs import resolve_checkpoint
 
     run_encode(EncodeOptions(
-        input=str(input), tokenizer=str(resolve_checkpoint(tokenizer)), out=str(out), ten_crop=ten_crop, size=size, crop_range=crop_range,
+        input=str(input), tokenizer=str(resolve_checkpoint(tokenizer)), out=str(out), ten_crop=ten_crop, size=size,
+        allow_grid_change=allow_grid_change, crop_range=crop_range,
         split=split, labels=str(labels) if labels else None, format=format, shard_size=shard_size,
         batch_size=batch_size, workers=workers, strict=strict, overwrite=overwrite, device=device,
     ))

@@ -46,7 +46,7 @@ def sample_command(
 ) -> None:
     """Sample class-conditional images with a KV-cached RAR generator and classifier-free guidance.
 
-    Writes grid.png (class id under each image), labels.npy and sample.json into --out, plus samples.npz (--npz), per-image PNGs (--png) or token grids instead of pixels (--tokens-only).
+    Writes grid.png (one row per class, with its name), labels.npy and sample.json into --out, plus samples.npz (--npz), per-image PNGs (--png) or token grids instead of pixels (--tokens-only).
 
     Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """

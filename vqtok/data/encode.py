@@ -43,6 +43,7 @@ from vqtok.data.token_shards import (
     write_json_atomic,
 )
 from vqtok.errors import UserError
+from vqtok.signals import ignore_stop_signals
 
 SETTINGS = "settings.json"
 
@@ -53,7 +54,8 @@ class EncodeOptions:
     tokenizer: str
     out: str
     ten_crop: bool = False
-    size: int = 256
+    size: int | None = None  # None: the tokenizer's training resolution
+    allow_grid_change: bool = False  # a size whose token grid differs from the tokenizer's training grid
     crop_range: float = 1.1
     split: str = "train"
     labels: str | None = None
@@ -68,7 +70,7 @@ class EncodeOptions:
     def validate(self) -> None:
         if self.format not in ("wds", "h5"):
             raise UserError(f"--format must be wds or h5, got {self.format!r}")
-        if self.size <= 0:
+        if self.size is not None and self.size <= 0:
             raise UserError(f"--size must be positive, got {self.size}")
         if self.ten_crop and self.crop_range < 1.0:
             raise UserError(f"--crop-range must be at least 1.0 (the ten crops are cut from a larger square), got {self.crop_range}")
@@ -250,6 +252,7 @@ def run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict 
     try:
         listing = list_images(opts.input, opts.split, opts.labels)
         tok = load_tokenizer(opts.tokenizer, device=str(device))
+        opts.size = resolve_size(tok, opts.size, opts.allow_grid_change, log)
         identity = dict(tok.identity())
         identity["scales"] = scales_at_size(tok, opts.size)
         identity["tokens_per_image"] = sum(h * w for h, w in identity["scales"])
@@ -301,7 +304,7 @@ def _encode_shards(opts, listing, tok, device, out: Path, shards: list[int], log
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
         collate_fn=collate_crops, prefetch_factor=4 if opts.workers else None,
-        persistent_workers=False, pin_memory=device.type == "cuda",
+        persistent_workers=False, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
     )
     progress = _Progress(len(items), enabled=show_progress, log=log)
     try:
@@ -343,6 +346,24 @@ def _encode_batch(tok, crops: torch.Tensor, device, views: int, tokens_per_view:
     if lo < 0 or hi >= tok.vocab_size:  # a tokenizer bug, not a user error: keep the traceback
         raise RuntimeError(f"tokenizer produced index range [{lo}, {hi}] outside its vocabulary of {tok.vocab_size}")
     return idx.numpy().astype(dtype)
+
+
+def resolve_size(tok, size: int | None, allow_grid_change: bool, log: Callable[[str], None]) -> int:
+    """The crop size to encode at: the tokenizer's resolution by default. Another size changes the token
+    grid (and with it the generator trained on these tokens), so it needs `allow_grid_change`."""
+    if size is None:
+        return int(tok.resolution)
+    grid = scales_at_size(tok, size)
+    native = scales_at_size(tok, int(tok.resolution))
+    if grid != native:
+        (h, w), (nh, nw) = grid[-1], native[-1]
+        change = (f"--size {size} gives a {h}x{w} token grid ({h * w} tokens per view), but the tokenizer was trained "
+                  f"at {tok.resolution}px ({nh}x{nw} grid, {nh * nw} tokens per view)")
+        if not allow_grid_change:
+            raise UserError(f"{change}; drop --size to encode at {tok.resolution}px, or pass --allow-grid-change "
+                            "to train a generator on the other grid")
+        log(f"note: {change}; encoding at {size}px as --allow-grid-change asks")
+    return size
 
 
 def scales_at_size(tok, size: int) -> list[list[int]]:

@@ -131,7 +131,7 @@ def reconstruct_images(
     log: Log = _stderr,
 ) -> ReconstructReport:
     """Center-crop, encode, decode; write `<name>.png` (original | reconstruction), `grid.png`, `metrics.json`."""
-    from vqtok.train.images import make_grid, save_image_grid
+    from vqtok.train.images import reconstruction_grid, save_image_grid
 
     device = torch.device(device)
     size = eval_size(tok, size)
@@ -159,7 +159,7 @@ def reconstruct_images(
         raise UserError(f"none of the {len(paths)} input file(s) could be decoded as an image")
 
     scores: list[ImageScore] = []
-    pairs: list[torch.Tensor] = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(crops), batch_size):
         chunk = crops[start : start + batch_size]
         originals = torch.stack([c for _, _, c in chunk])
@@ -170,11 +170,11 @@ def reconstruct_images(
             pair = torch.cat([orig, rec], dim=2)  # original | reconstruction
             target = out_dir / f"{name}.png"
             save_image_grid(pair, target)
-            pairs.append(pair)
+            pairs.append((orig, rec))
             scores.append(ImageScore(name, str(path), p, s, str(target)))
     grid_path = out_dir / "grid.png"
-    rows = max(1, math.ceil(math.sqrt(len(pairs) / 2)))  # pairs are 2:1, so this is roughly square
-    save_image_grid(make_grid(torch.stack(pairs), rows), grid_path)
+    # captioned "original | reconstruction", upscaled (nearest) when small
+    save_image_grid(reconstruction_grid(torch.stack([o for o, _ in pairs]), torch.stack([r for _, r in pairs])), grid_path)
     report = ReconstructReport(scores, skipped, size, str(grid_path))
     report.mean_psnr = float(np.mean([s.psnr for s in scores]))
     report.mean_ssim = float(np.mean([s.ssim for s in scores]))

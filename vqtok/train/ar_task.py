@@ -23,6 +23,7 @@ to the engine (vqtok/train/engine.py):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -31,11 +32,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vqtok.ar.annealing import PermutationAnnealing
+from vqtok.ar.annealing import PermutationAnnealing, annealing_warning
 from vqtok.ar.orders import canonical_order_name, sample_orders, scan_order
 from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.config import from_dict, to_dict
 from vqtok.errors import UserError
+from vqtok.signals import ignore_stop_signals
 from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
 from vqtok.train.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
@@ -288,6 +290,7 @@ class ARTrainTask:
         if bad:
             raise UserError(f"data.preview_classes holds class {bad[0]}, outside 0..{mcfg.num_classes - 1}")
         self.preview_classes = classes
+        self.class_names = [str(c) for c in manifest.get("classes") or []]  # label order; grids and generator.json
         self._preview_model: RAR | None = None
 
     # -- TrainTask ----------------------------------------------------------------------------------
@@ -327,7 +330,7 @@ class ARTrainTask:
         # (which dropout uses) at a different point in a resumed run than in an uninterrupted one
         loader = DataLoader(self.tokens, batch_sampler=sampler, num_workers=workers,
                             pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None,
+                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
                             generator=torch.Generator().manual_seed(cfg.train.seed))
         step = start_step
         for tokens, classes in loader:
@@ -369,7 +372,7 @@ class ARTrainTask:
     @torch.no_grad()
     def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
         from vqtok.ar.sampling import SamplingConfig, sample
-        from vqtok.train.images import make_grid
+        from vqtok.train.images import sample_grid
 
         model = self.model
         if weights is not None:  # sample with the EMA weights, from a second copy of the model
@@ -383,7 +386,7 @@ class ARTrainTask:
         classes = torch.tensor(self.preview_classes, dtype=torch.long)
         tokens = sample(model, classes, scfg, generator=gen).tokens
         images = self.tokenizer.decode(tokens)
-        return make_grid(images.float(), rows=1 if len(classes) <= 8 else 2)
+        return sample_grid(images.float(), classes.tolist(), self.class_names)
 
     def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         from vqtok.ar.checkpoint import save_generator
@@ -391,7 +394,7 @@ class ARTrainTask:
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
         # `vqtok sample` finds the tokenizer through this path when --tokenizer is not given
         extra = {"trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
-                 "epochs": round(self.epoch(self.cfg.train.steps), 4)}
+                 "epochs": round(self.epoch(self.cfg.train.steps), 4), "classes": self.class_names}
         save_generator(dest, state, self.model_config, self.tokenizer_identity, extra)
 
 
@@ -469,6 +472,9 @@ def train_ar(
         raise UserError(f"tokenizer checkpoint {tokenizer} does not exist")
     env = init_distributed(device)
     task = ARTrainTask(cfg, env, tokens_dir, tokenizer, init=init, trust_pickle=trust_pickle)
+    warning = annealing_warning(task.annealing, cfg.train.steps, task.steps_per_epoch, task.model_config.order)
+    if warning and env.is_main:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_dir = Path(out)
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():

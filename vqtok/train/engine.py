@@ -28,6 +28,7 @@ from torch import nn
 from vqtok.config import save_config
 from vqtok.device import autocast
 from vqtok.errors import UserError
+from vqtok.signals import STOP_SIGNALS, Interrupted, signal_name
 from vqtok.train import checkpoint as ckpt
 from vqtok.train.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
 from vqtok.train.ema import EMA
@@ -140,17 +141,23 @@ class RunResult:
     interrupted: bool
     final_dir: Path | None
     last_checkpoint: Path | None
+    signal: int | None = None  # the stop signal of an interrupted run (the CLI exits 128 + it)
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM request a clean stop at the end of the current step; a second SIGINT aborts."""
+    """SIGINT/SIGTERM request a clean stop at the end of the current step; a second SIGINT aborts.
+
+    DataLoader workers ignore both (vqtok.signals.ignore_stop_signals), so a signal sent to the whole
+    process group (SLURM, Ctrl-C) reaches only this handler and the workers stay alive until shut down.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self.previous: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some test runners): no handler
@@ -159,8 +166,9 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.requested = True
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -221,6 +229,12 @@ class Engine:
 
     def _load(self, path: Path, phases: list[Phase], task: TrainTask) -> int:
         state, meta = ckpt.read_checkpoint(path)
+        saved_step = int(state["step"])
+        if saved_step > self.cfg.steps:
+            raise UserError(
+                f"{path} is at step {saved_step}, past the end of this run at step {self.cfg.steps}; "
+                "to train longer, resume with a larger length (train.steps or epochs), or use the run's final/ weights"
+            )
         if meta.get("batch_size") != self.cfg.batch_size:
             raise UserError(
                 f"{path} was trained with global batch {meta.get('batch_size')}, the config now says {self.cfg.batch_size}; "
@@ -263,7 +277,7 @@ class Engine:
             metrics_log.fh.truncate(0)
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         progress = Progress(cfg.steps, start, task.unit, env.is_main, task.progress_keys)
-        last_ckpt, step, interrupted = latest, start, False
+        last_ckpt, step, interrupted, stop_signal = latest, start, False, None
         window_t, window_samples = time.perf_counter(), 0
         sums: dict[str, float] = {}
         count = 0
@@ -300,7 +314,11 @@ class Engine:
                         last_ckpt = self.save_checkpoint(phases, task, step)
                     if stop_now:
                         interrupted = True
-                        progress.message(f"stopped by signal at step {step}; checkpoint {last_ckpt}; continue with --resume auto")
+                        stop_signal = stop.signum or signal.SIGTERM  # another rank may have received it
+                        progress.message(
+                            f"stopped by {signal_name(stop_signal)} at step {step} of {cfg.steps}; saved {last_ckpt}; "
+                            "to continue, rerun the same command with --resume auto"
+                        )
                         break
         finally:
             progress.close()
@@ -317,7 +335,7 @@ class Engine:
                 if env.is_main:
                     task.save_final(final_dir, weights)
                 barrier(env)
-        return RunResult(step=step, interrupted=interrupted, final_dir=final_dir, last_checkpoint=last_ckpt)
+        return RunResult(step=step, interrupted=interrupted, final_dir=final_dir, last_checkpoint=last_ckpt, signal=stop_signal)
 
     def _average_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
         names = sorted(sums)

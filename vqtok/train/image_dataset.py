@@ -64,8 +64,12 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def preview_images(records: list[ImageRecord], resolution: int, count: int) -> torch.Tensor | None:
-    """Center crops of the first decodable `count` images (fixed across the run)."""
+def preview_images(records: list[ImageRecord], resolution: int, count: int, draw: int | None = None) -> torch.Tensor | None:
+    """Center crops of `count` decodable images: the first ones, or with `draw` a seeded choice (a
+    different set for each draw, e.g. each preview step, the same on every rank and every rerun)."""
+    if draw is not None:
+        order = np.random.default_rng([0x9E37, int(draw)]).permutation(len(records))
+        records = [records[i] for i in order]
     out = []
     for record in records:
         if len(out) == count:

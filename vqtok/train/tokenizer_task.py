@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader
 from vqtok.config import to_dict
 from vqtok.errors import UserError
 from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
+from vqtok.signals import ignore_stop_signals
 from vqtok.train.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
-from vqtok.train.images import make_grid
+from vqtok.train.images import reconstruction_grid
 from vqtok.train.image_dataset import TrainImageDataset, collate, preview_images
 from vqtok.train.sampler import StreamBatchSampler
 
@@ -110,6 +111,7 @@ class TokenizerTrainTask:
         self._recon: dict[int, torch.Tensor] = {}
         self.skipped_total = 0
         self._preview = preview_images(self.records, res, cfg.data.preview_images)
+        self._preview_resolution = res
 
     # -- TrainTask ----------------------------------------------------------------------------------
 
@@ -128,7 +130,7 @@ class TokenizerTrainTask:
         workers = self.cfg.train.num_workers
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                             pin_memory=self.env.device.type == "cuda", persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None)
+                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
         for batch in loader:
             if batch["skipped"]:
                 self._record_skips(batch["skipped"])
@@ -175,7 +177,9 @@ class TokenizerTrainTask:
     def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
         if self._preview is None:
             return None
-        images = self._preview.to(self.env.device)
+        # a different set of images at each preview (the first set stays at step 0)
+        drawn = preview_images(self.records, self._preview_resolution, self.cfg.data.preview_images, draw=step) if step else None
+        images = (drawn if drawn is not None else self._preview).to(self.env.device)
         was_training = self.tokenizer.training
         self.tokenizer.eval()
         try:
@@ -185,8 +189,7 @@ class TokenizerTrainTask:
                 recon = self.tokenizer(images).recon
         finally:
             self.tokenizer.train(was_training)
-        # top row: inputs; bottom row: reconstructions
-        return make_grid(torch.cat([images, recon.float().clamp(0, 1)]), rows=2)
+        return reconstruction_grid(images, recon)
 
     def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None:
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
