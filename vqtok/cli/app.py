@@ -7,7 +7,8 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from vqtok.errors import UserError
+from vqtok.errors import UserError, one_line
+from vqtok.fs_errors import filesystem_error
 
 
 class _VqtokGroup(TyperGroup):
@@ -17,10 +18,16 @@ class _VqtokGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            message = " ".join(str(exc).split())
-            sys.stderr.write(f"error: {message}\n")
+            sys.stderr.write(f"error: {one_line(exc)}\n")
             sys.stderr.flush()
             raise typer.Exit(code=exc.exit_code) from None
+        except OSError as exc:  # disk full, read-only or not-a-directory destinations: user errors, not bugs
+            err = filesystem_error(exc)
+            if err is None:
+                raise
+            sys.stderr.write(f"error: {one_line(err)}\n")
+            sys.stderr.flush()
+            raise typer.Exit(code=err.exit_code) from None
 
 
 app = typer.Typer(
