@@ -28,6 +28,7 @@ from torch import nn
 from vqtok.config import save_config
 from vqtok.device import autocast
 from vqtok.errors import UserError
+from vqtok.run_lock import run_lock
 from vqtok.train import checkpoint as ckpt
 from vqtok.train.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
 from vqtok.train.ema import EMA
@@ -241,7 +242,15 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
-        """Train to `train.steps` (or stop early after `stop_after` total steps, for tests and demos)."""
+        """Train to `train.steps` (or stop early after `stop_after` total steps, for tests and demos),
+        holding the run directory's lock; leftovers of a killed run are removed (and listed) first."""
+        with run_lock(self.run_dir, "train"):
+            removed = ckpt.clean_leftovers(self.run_dir) if self.env.is_main else []
+            if removed:
+                self.log(f"removed leftovers of an interrupted run in {self.run_dir}: {', '.join(removed)}")
+            return self._run(task, resume, stop_after)
+
+    def _run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
         cfg, env = self.cfg, self.env
         phases = task.phases()
         if cfg.ema:
