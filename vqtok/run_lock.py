@@ -89,6 +89,11 @@ def acquire_run_lock(run_dir: str | Path, command: str, note: Callable[[str], No
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; pass a directory")
+    ancestor = Path(os.path.abspath(run_dir)).parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create --out {run_dir}: {ancestor} is not a directory")
     path = lock_path(run_dir)
     with writing(run_dir, "create"):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ def sample_command(
     Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """
     from vqtok.ar.generate import SampleOptions, describe, parse_class_list, run_sampling
+    from vqtok.run_lock import run_lock
 
     options = SampleOptions(
         ckpt=ckpt, out=out, tokenizer=tokenizer,
@@ -59,6 +60,7 @@ def sample_command(
         temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
         npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite, device=device, dtype=dtype.value,
     )
-    result = run_sampling(options)
+    with run_lock(out, "sample"):
+        result = run_sampling(options)
     if result.files:  # rank 0 only
         typer.echo(describe(result))

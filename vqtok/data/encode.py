@@ -184,8 +184,9 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> str:
                 "pass --overwrite to replace them or choose another --out"
             )
         state = "done" if (out / MANIFEST).is_file() else "resume"
-    elif previous is None and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty and holds no vqtok encode output; choose an empty directory or pass --overwrite")
+    elif previous is None and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
+        # --overwrite replaces only what an encode made (its manifest or progress files mark it)
+        raise UserError(f"--out {out} is not empty and holds no vqtok encode output; choose an empty directory")
     if overwrite:
         for p in _our_files(out):
             shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -64,6 +64,14 @@ class AROptimConfig:
     warmup_epochs: float = 100.0
     warmup_steps: int | None = None  # when set, replaces warmup_epochs
 
+    def check_ranges(self, where: str = "optim") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {
+            "lr": {"low": 0.0, "low_open": True}, "end_lr": {"low": 0.0}, "betas": {"low": 0.0, "high": 1.0, "high_open": True},
+            "weight_decay": {"low": 0.0}, "grad_clip": {"low": 0.0}, "warmup_epochs": {"low": 0.0}, "warmup_steps": {"low": 0},
+        })
+
 
 @dataclass
 class AnnealConfig:

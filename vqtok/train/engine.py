@@ -29,6 +29,7 @@ from vqtok.config import save_config
 from vqtok.device import autocast
 from vqtok.errors import UserError
 from vqtok.run_lock import run_lock
+from vqtok.validation import check_fields
 from vqtok.train import checkpoint as ckpt
 from vqtok.train.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
 from vqtok.train.ema import EMA
@@ -54,7 +55,15 @@ class EngineConfig:
     preview_every: int = 500
     num_workers: int = 2
 
+    def check_ranges(self, where: str = "train") -> None:
+        check_fields(self, where, {
+            "steps": {"low": 1}, "batch_size": {"low": 1}, "grad_accum": {"low": 1}, "log_every": {"low": 1},
+            "ckpt_every": {"low": 1}, "preview_every": {"low": 1}, "keep_last": {"low": 0}, "num_workers": {"low": 0},
+            "ema_decay": {"low": 0.0, "high": 1.0, "high_open": True},
+        })
+
     def validate(self, world: int) -> None:
+        self.check_ranges("train")
         if self.steps < 1:
             raise UserError("train.steps must be at least 1")
         if self.batch_size % (self.grad_accum * world):
@@ -81,8 +90,15 @@ class OptimizerConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
+    def check_ranges(self, where: str = "optim") -> None:
+        check_fields(self, where, {
+            "lr": {"low": 0.0, "low_open": True}, "betas": {"low": 0.0, "high": 1.0, "high_open": True},
+            "weight_decay": {"low": 0.0}, "eps": {"low": 0.0, "low_open": True}, "grad_clip": {"low": 0.0},
+        })
+
 
 def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    cfg.check_ranges("optim")  # configs from recipes were checked at load, under their own key path
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.kind not in kinds:
         raise UserError(f"unknown optimizer '{cfg.kind}'; use adam or adamw")

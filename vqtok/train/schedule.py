@@ -13,6 +13,11 @@ class ScheduleConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the base LR
 
+    def check_ranges(self, where: str = "schedule") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {"warmup_steps": {"low": 0}, "min_lr_ratio": {"low": 0.0, "high": 1.0}})
+
 
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     """Linear warm-up from 1/warmup to 1, then constant or cosine down to `min_lr_ratio` at total_steps."""
