@@ -26,6 +26,8 @@ _REASONS = {
     errno.EPERM: ("operation not permitted", "choose a destination you can write to"),
     errno.ENOTDIR: ("a component of the path is a file, not a directory", "pass a directory path"),
     errno.EISDIR: ("it is a directory", "pass a file path"),
+    # mkdir(exist_ok=True) raises EEXIST only when the path exists and is not a directory
+    errno.EEXIST: ("it is a file, not a directory", "pass a directory path"),
 }
 
 

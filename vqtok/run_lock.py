@@ -51,7 +51,9 @@ def _pid_alive(pid: int) -> bool:
 def _read_owner(fd: int) -> dict | None:
     try:
         data = os.pread(fd, 4096, 0)
-        owner = json.loads(data.decode()) if data.strip() else None
+        if not data.strip():
+            return None  # a fresh lock file: nobody held it
+        owner = json.loads(data.decode())
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}

@@ -135,9 +135,13 @@ class SampleCheck:
             raise UserError(f"{where}: class {cls} is outside the manifest's classes ({valid}); the shard is damaged; {_REENCODE}")
 
     def check_tokens(self, tokens: np.ndarray, where: str) -> None:
-        if tokens.size and int(tokens.max()) >= self.vocab_size:
+        if tokens.size:
+            self.check_max(int(tokens.max()), where)
+
+    def check_max(self, largest: int, where: str) -> None:
+        if largest >= self.vocab_size:
             raise UserError(
-                f"{where}: token {int(tokens.max())} is outside the vocabulary of {self.vocab_size}; "
+                f"{where}: token {largest} is outside the vocabulary of {self.vocab_size}; "
                 f"the shard is damaged or was made by another tokenizer; {_REENCODE}"
             )
 
@@ -193,7 +197,9 @@ class _NpyChecker:
         if size - offset != count * expect.dtype.itemsize:
             raise UserError(f"{where}: tokens.npy holds {size - offset} data bytes, expected {count * expect.dtype.itemsize}; "
                             f"the shard is damaged; {_REENCODE}")
-        expect.check_tokens(np.frombuffer(mm, dtype=expect.dtype, count=count, offset=start + offset), where)
+        # the max only: no view of the map may outlive this call (an open view keeps the mmap from closing)
+        largest = int(np.frombuffer(mm, dtype=expect.dtype, count=count, offset=start + offset).max()) if count else 0
+        expect.check_max(largest, where)
 
     def _parse(self, head: bytes, where: str) -> int:
         expect = self.expect
