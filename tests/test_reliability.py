@@ -333,7 +333,8 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(tmp_p
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC])
-def test_read_only_permission_denied_and_full_destinations_are_user_errors(tmp_path, tokens, tok_dir, generator, monkeypatch, code):
+def test_read_only_permission_denied_and_full_destinations_are_user_errors(tmp_path, tokens, tok_dir, generator, images,
+                                                                          monkeypatch, code):
     # Tests run as root (permissions are not enforced) and without a read-only mount, so the kernel's
     # answer is injected where the first directory of each output is made.
     real_mkdir = os.mkdir
@@ -349,6 +350,8 @@ def test_read_only_permission_denied_and_full_destinations_are_user_errors(tmp_p
         ["convert", str(generator / "model.safetensors"), "--out", str(tmp_path / "dest" / "conv"), "--arch", "rar"],
         ["encode", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "dest" / "enc")],
         ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "dest" / "run"), *TRAIN_AR],
+        ["train-tokenizer", str(images), "--config", "tiny-vqgan", "--out", str(tmp_path / "dest" / "tok"),
+         "--device", "cpu"],
         ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "dest" / "s"), "--tokens-only", "--num", "1", "--device", "cpu"],
     ):
         _one_line_error(runner.invoke(app, argv), words)
@@ -400,6 +403,19 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     assert not lock_path(out).exists()
 
 
+def test_training_and_sampling_refuse_an_out_that_another_run_holds(tmp_path, tokens, tok_dir, generator):
+    for argv in (
+        ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "run"), *TRAIN_AR],
+        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "run"), "--tokens-only", "--num", "1", "--device", "cpu"],
+    ):
+        lock = acquire_run_lock(tmp_path / "run", "train")
+        try:
+            _one_line_error(runner.invoke(app, argv), "in use by", "`vqtok train`")
+        finally:
+            lock.release()
+        assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------ 15.6 numeric options
 
 
@@ -418,7 +434,9 @@ def test_out_of_range_training_options_name_the_valid_range(tmp_path, tokens, to
 
 def test_out_of_range_tokenizer_optimizer_options_name_the_key_path(tmp_path, images):
     for override, needle in (("optim.generator.lr=-1", "optim.generator.lr must be greater than 0.0, got -1"),
-                             ("optim.discriminator.eps=0", "optim.discriminator.eps must be greater than 0.0")):
+                             ("optim.discriminator.eps=0", "optim.discriminator.eps must be greater than 0.0"),
+                             ("data.resolution=0", "data.resolution must be at least 8, got 0"),
+                             ("loss.lecam_decay=1", "loss.lecam_decay must be in [0.0, 1.0), got 1")):
         result = runner.invoke(app, ["train-tokenizer", str(images), "--config", "tiny-vqgan", "--out",
                                      str(tmp_path / "run"), "--device", "cpu", override])
         _one_line_error(result, needle)

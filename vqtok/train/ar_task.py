@@ -53,6 +53,11 @@ class ARDataConfig:
     preview_guidance: float = 4.0  # constant CFG scale of the sample grid (0: none)
     preview_seed: int = 0  # the grid uses its own generator: same noise every time, training RNG untouched
 
+    def check_ranges(self, where: str = "data") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {"preview_guidance": {"low": 0.0}})
+
 
 @dataclass
 class AROptimConfig:
