@@ -382,7 +382,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     lock = acquire_run_lock(out, "encode")  # a live run (this process) holds --out
     try:
         result = runner.invoke(app, _encode_args(images, tok_dir, out))
-        _one_line_error(result, "in use by", f"pid {os.getpid()}", "vqtok encode")
+        _one_line_error(result, "in use by a vqtok encode run", f"pid {os.getpid()}")
         assert not out.exists() or not any(out.iterdir())
     finally:
         lock.release()
@@ -399,7 +399,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     assert lock_path(out).exists()
     result = runner.invoke(app, _encode_args(images, tok_dir, out))
     assert result.exit_code == 0, result.output
-    assert f"took over the stale lock on {out} left by `vqtok encode` (pid {holder.pid}" in result.output
+    assert f"took over the stale lock on {out} left by a vqtok encode run (pid {holder.pid}" in result.output
     assert not lock_path(out).exists()
 
 
@@ -410,7 +410,7 @@ def test_training_and_sampling_refuse_an_out_that_another_run_holds(tmp_path, to
     ):
         lock = acquire_run_lock(tmp_path / "run", "train")
         try:
-            _one_line_error(runner.invoke(app, argv), "in use by", "`vqtok train`")
+            _one_line_error(runner.invoke(app, argv), "in use by a vqtok train run")
         finally:
             lock.release()
         assert not (tmp_path / "run").exists()

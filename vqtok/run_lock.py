@@ -60,9 +60,12 @@ def _read_owner(fd: int) -> dict | None:
 
 
 def _describe(owner: dict) -> str:
+    """'a vqtok encode run (pid 123 on host, started 2026-12-01 10:00:00)'."""
+    if not owner:
+        return "an earlier run (its lock file is unreadable)"
     started = owner.get("started")
     when = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if isinstance(started, (int, float)) else ""
-    return f"`vqtok {owner.get('command', '?')}` (pid {owner.get('pid', '?')} on {owner.get('host', '?')}{when})"
+    return f"a vqtok {owner.get('command', '?')} run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}{when})"
 
 
 class RunLock:

@@ -121,8 +121,7 @@ def _list_imagefolder(base: Path, classes: list[str]) -> ImageListing:
     seen: dict[str, int] = {}  # real path -> index in `paths`
     loops: list[str] = []
     for label, cls in enumerate(classes):
-        for path, via_link in walk_image_files(base / cls, loops):
-            real = os.path.realpath(path)
+        for path, via_link, real in walk_image_files(base / cls, loops):
             if real not in seen:
                 seen[real] = len(paths)
                 paths.append((path, label, via_link))
@@ -137,18 +136,20 @@ def _list_imagefolder(base: Path, classes: list[str]) -> ImageListing:
     return ImageListing(records, list(classes), "imagefolder", str(base), extra={"link_loops": loops} if loops else {})
 
 
-def walk_image_files(top: Path, loops: list[str] | None = None) -> list[tuple[str, bool]]:
-    """(path, reached through a symlink) of the image files under `top`, in torchvision's order.
+def walk_image_files(top: Path, loops: list[str] | None = None) -> list[tuple[str, bool, str]]:
+    """(path, reached through a symlink, real path) of the image files under `top`, in torchvision's order.
 
     Like `sorted(os.walk(top, followlinks=True))` (the order torchvision's make_dataset uses, which
     existing fingerprints depend on), but a directory link that leads back into a directory the walk
     is already inside (`ln -s . loop`) is not followed: it is recorded in `loops` instead. So a link
-    cycle cannot multiply the dataset; files reached twice are dropped by the caller.
+    cycle cannot multiply the dataset; files reached twice are dropped by the caller (real paths are
+    derived from the directory's, so only links cost a `realpath`).
     """
-    found: list[tuple[str, list[str], bool]] = []
-    stack = [(str(top), frozenset({os.path.realpath(top)}), os.path.islink(top))]
+    top_real = os.path.realpath(top)
+    found: list[tuple[str, str, list[tuple[str, bool]], bool]] = []
+    stack = [(str(top), top_real, frozenset({top_real}), os.path.islink(top))]
     while stack:
-        dirpath, ancestors, via_link = stack.pop()
+        dirpath, real_dir, ancestors, via_link = stack.pop()
         try:
             entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
         except OSError as exc:
@@ -161,20 +162,20 @@ def walk_image_files(top: Path, loops: list[str] | None = None) -> list[tuple[st
                 is_dir = False
             if not is_dir:
                 if is_image_file(entry.name):
-                    names.append(entry.name)
+                    names.append((entry.name, entry.is_symlink()))
                 continue
-            real = os.path.realpath(entry.path)
+            real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_dir, entry.name)
             if real in ancestors:
                 if loops is not None:
                     loops.append(entry.path)
                 continue
-            stack.append((entry.path, ancestors | {real}, via_link or entry.is_symlink()))
-        found.append((dirpath, names, via_link))
+            stack.append((entry.path, real, ancestors | {real}, via_link or entry.is_symlink()))
+        found.append((dirpath, real_dir, names, via_link))
     out = []
-    for dirpath, names, via_link in sorted(found, key=lambda t: t[0]):
-        for name in names:
+    for dirpath, real_dir, names, via_link in sorted(found, key=lambda t: t[0]):
+        for name, is_link in names:
             path = os.path.join(dirpath, name)
-            out.append((path, via_link or os.path.islink(path)))
+            out.append((path, via_link or is_link, os.path.realpath(path) if is_link else os.path.join(real_dir, name)))
     return out
 
 
