@@ -167,6 +167,20 @@ def test_link_cycles_are_not_followed_and_duplicate_links_count_once(tmp_path):
     assert [Path(r.path).name for r in list_images(flat).records] == ["x.png"]
 
 
+def test_the_cycle_safe_walk_keeps_torchvisions_order(tmp_path):
+    from vqtok.data.images import is_image_file, walk_image_files
+
+    top = tmp_path / "cls"
+    for sub in ("", "b", "a", "a/z", "a-1", "a/y/x"):
+        (top / sub).mkdir(parents=True, exist_ok=True)
+        for name in ("2.png", "10.jpg", "1.JPEG", "notes.txt"):
+            (top / sub / name).write_bytes(b"x")
+    (top / "lnk").symlink_to(top / "a" / "y")  # a link to a sibling tree (no cycle): followed, like os.walk
+    expected = [os.path.join(d, f) for d, _, files in sorted(os.walk(top, followlinks=True)) for f in sorted(files)
+                if is_image_file(f)]
+    assert [p for p, _, _ in walk_image_files(top)] == expected
+
+
 def test_gif_decodes_its_first_frame_and_unsupported_types_are_skipped_with_a_reason(tmp_path, tok_dir):
     root = tmp_path / "in"
     root.mkdir()
