@@ -70,7 +70,7 @@ def test_checkpoints_are_atomic_dirs_loaded_weights_only_and_pruned(tmp_path):
         ckpt.write_checkpoint(tmp_path, step, dict(state, step=step), {"step": step}, keep_last=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
     loaded, meta = ckpt.read_checkpoint(ckpt.latest_checkpoint(tmp_path))
-    assert loaded["step"] == 3 and meta == {"step": 3}
+    assert loaded["step"] == 3 and meta["step"] == 3 and len(meta["state_sha256"]) == 64
     # a half-written directory (no meta.json) is never picked
     (tmp_path / "checkpoints" / "step-00000009").mkdir()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"

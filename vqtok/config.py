@@ -72,11 +72,14 @@ def from_dict(cls: type[T], data: Any, where: str = "", base: Any = None) -> T:
     if missing:
         raise ConfigError(f"missing required config key '{_join(where, missing[0])}'")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config{_under(where)}: {exc}") from None
+    if hasattr(obj, "check_ranges"):  # numeric ranges, named by key path (vqtok.validation)
+        obj.check_ranges(where)
+    return obj
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -3,7 +3,12 @@
 Reading is safe by default: `.safetensors` files are tensors only, and every other file goes through
 `torch.load(weights_only=True)`, which refuses arbitrary pickled objects. A file that needs full
 unpickling (an old LlamaGen checkpoint holding an `argparse.Namespace`, say) is refused with a message
-naming `--trust-pickle`; only then is `weights_only=False` used.
+naming `--trust-pickle` (only for commands that have that flag); only then is `weights_only=False` used.
+A file that is neither safetensors nor a torch file is "not a weight file (unrecognised content)".
+
+Integrity: every model checkpoint records a content hash of its weights in its identity file
+(`state_dict_sha256`, computed over the tensors' bytes in key order) and its loader checks it, so a
+damaged or edited checkpoint is refused in one line instead of loading silently different weights.
 
 Writing is atomic: a checkpoint directory is built under a temporary name beside its destination and
 renamed into place, so a crash never leaves a half-written checkpoint where a good one was.
@@ -12,12 +17,16 @@ Model checkpoint directory (the contract in DESIGN.md):
 
     model.safetensors   weights (EMA weights when the run kept an EMA)
     config.yaml         the config that rebuilds the model
-    <kind>.json         identity: tokenizer.json or generator.json
+    <kind>.json         identity: tokenizer.json or generator.json (with the weights' `hash`)
+
+`--overwrite` replaces only a directory that holds one of these identity files (a vqtok checkpoint):
+never a dataset or any other directory that happens to be named.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -29,12 +38,17 @@ from typing import Any, Iterator
 import torch
 
 from vqtok.errors import UserError
+from vqtok.fs_errors import filesystem_error, safetensors_os_error, writing
 
 TRUST_FLAG = "--trust-pickle"
+MODEL_MARKERS = ("tokenizer.json", "generator.json")  # identity files: a directory vqtok made
 
 
-def load_state_dict_file(path: str | Path, trust_pickle: bool = False, key: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, trust_pickle: bool | None = None, key: str | None = None) -> dict[str, torch.Tensor]:
     """Load a flat `{name: tensor}` dict from .safetensors / .bin / .pt / .pth, safely.
+
+    `trust_pickle`: True allows full unpickling; False refuses it and names `--trust-pickle`; None (a
+    command without that flag) refuses it without suggesting a flag the command does not have.
 
     `key` picks a nested entry (LlamaGen keeps weights under `checkpoint["model"]`); when it is None and
     the file holds a dict whose values are not all tensors, the usual containers are tried in order:
@@ -58,14 +72,14 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool = False, key: str 
             return load_file(str(path))
         except SafetensorError as exc:
             raise UserError(f"weights file {path} is not a valid safetensors file ({exc})") from None
+    if not _looks_like_torch_file(path):
+        raise UserError(f"{path} is not a weight file (unrecognised content: neither safetensors nor a torch checkpoint)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise UserError(
-                f"{path} contains pickled Python objects that vqtok will not load by default; "
-                f"if you trust this file, pass {TRUST_FLAG}"
-            ) from None
+            hint = f"; if you trust this file, pass {TRUST_FLAG}" if trust_pickle is False else ""
+            raise UserError(f"{path} contains pickled Python objects that vqtok will not load{hint}") from None
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - any failure here is an unreadable file
@@ -74,6 +88,16 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool = False, key: str 
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"could not read weights file {path}: it is truncated or not a torch file ({_first_line(exc)})") from None
     return _extract_state_dict(obj, path, key)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A torch checkpoint is a zip archive (torch >= 1.6) or a pickle stream (the legacy format, protocol 2+)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise UserError(f"cannot read weights file {path} ({exc.strerror or exc})") from None
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _extract_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
@@ -98,7 +122,48 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:  # SafetensorError wraps the OSError of a full or read-only disk
+        os_error = safetensors_os_error(exc)
+        err = filesystem_error(os_error, path) if os_error is not None else None
+        if err is None:
+            raise
+        raise err from None
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and raw bytes of every tensor, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_foreign_dir(dest: str | Path, markers: tuple[str, ...], what: str, flag: str = "--overwrite") -> None:
+    """Refuse to replace `dest` unless it is missing, empty, or holds one of `markers` (files the
+    command that made it writes): `--overwrite` must never delete a dataset or an unrelated folder."""
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise UserError(f"{dest} is a file; pass a directory")
+    if any(dest.iterdir()) and not any((dest / m).is_file() for m in markers):
+        raise UserError(
+            f"{dest} is not a {what} (it has no {' or '.join(markers)}); {flag} only replaces a directory "
+            "vqtok made, so choose another output path"
+        )
 
 
 @contextlib.contextmanager
@@ -108,15 +173,17 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
     On an exception the temporary directory is removed and `dest` is left exactly as it was.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and not overwrite:
         raise UserError(f"{dest} already exists; pass --overwrite to replace it")
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with writing(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
-        replace_dir(tmp, dest)
+        with writing(dest):
+            _fsync_dir(tmp)
+            replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,12 +207,15 @@ def save_model_dir(
     identity_name: str,
     identity: dict[str, Any],
 ) -> Path:
-    """Write a model checkpoint directory atomically (see module docstring)."""
+    """Write a model checkpoint directory atomically (see module docstring). An existing `dest` is
+    replaced only when it is a vqtok checkpoint."""
     dest = Path(dest)
+    refuse_foreign_dir(dest, MODEL_MARKERS, "vqtok checkpoint")
     with atomic_dir(dest) as tmp:
         save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / identity_name).write_text(json.dumps(identity, indent=2) + "\n")
+        with writing(dest):
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / identity_name).write_text(json.dumps(identity, indent=2) + "\n")
     return dest
 
 
@@ -161,9 +231,15 @@ def read_model_dir(path: str | Path, identity_name: str) -> tuple[dict[str, torc
             raise UserError(f"checkpoint {path} has no {name}; is it a vqtok {identity_name.split('.')[0]} checkpoint?")
     try:
         identity = json.loads((path / identity_name).read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path / identity_name} is not valid JSON") from None
-    return load_state_dict_file(path / "model.safetensors"), (path / "config.yaml").read_text(), identity
+    if not isinstance(identity, dict):
+        raise UserError(f"{path / identity_name} is not a vqtok identity file (expected a JSON object)")
+    try:
+        config_text = (path / "config.yaml").read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path / 'config.yaml'} is not a text file; the checkpoint is damaged") from None
+    return load_state_dict_file(path / "model.safetensors"), config_text, identity
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,7 +1,10 @@
 """Generator checkpoint directories: model.safetensors + config.yaml (RARConfig) + generator.json.
 
 generator.json records what the generator is (preset, vocabulary, tokens, classes, scan order) and the
-identity of the tokenizer whose tokens it was trained on, so `sample` can refuse a mismatched tokenizer.
+identity of the tokenizer whose tokens it was trained on, so `sample` can refuse a mismatched tokenizer,
+and `hash`, the sha256 of the weights (`vqtok.weights.state_dict_sha256`), which loading checks: a damaged
+or edited model.safetensors is refused instead of sampling from silently different weights. Checkpoints
+written before the hash existed load without the check.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import nn
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.config import dump_yaml, from_dict
 from vqtok.errors import UserError
-from vqtok.weights import read_model_dir, save_model_dir
+from vqtok.weights import read_model_dir, save_model_dir, state_dict_sha256
 
 IDENTITY_FILE = "generator.json"
 FORMAT = "vqtok-generator"
@@ -57,6 +60,7 @@ def save_generator(
         state = model
     num_parameters = sum(v.numel() for v in state.values())
     identity = generator_identity(config, tokenizer_identity, num_parameters, extra)
+    identity["hash"] = state_dict_sha256(state)
     return save_model_dir(out_dir, state, dump_yaml(config), IDENTITY_FILE, identity)
 
 
@@ -69,6 +73,12 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
         data = yaml.safe_load(config_text) or {}
     except yaml.YAMLError:
         raise UserError(f"{Path(path) / 'config.yaml'} is not valid YAML") from None
+    recorded = identity.get("hash")
+    if recorded is not None and recorded != state_dict_sha256(state):
+        raise UserError(
+            f"generator checkpoint {path}: model.safetensors does not match the hash in {IDENTITY_FILE} "
+            "(the file was damaged or changed after saving); restore it or export the checkpoint again"
+        )
     cfg = from_dict(RARConfig, data, "generator")
     model = RAR(cfg)
     try:

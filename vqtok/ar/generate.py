@@ -53,6 +53,8 @@ from vqtok.ar.orders import scan_order
 from vqtok.ar.rar import RAR
 from vqtok.ar.sampling import SCHEDULES, SamplingConfig, filter_logits, guidance_schedule
 from vqtok.errors import UserError
+from vqtok.validation import check_sampling_options
+from vqtok.weights import refuse_foreign_dir
 
 GRID_MAX = 64  # images shown in grid.png
 LABEL_STRIP = 12  # pixels of the caption strip under each grid image
@@ -295,6 +297,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    refuse_foreign_dir(out, ("sample.json",), "`vqtok sample` output")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -371,6 +374,7 @@ def _check_options(opts: SampleOptions) -> None:
         raise UserError("--tokens-only writes token grids only; it cannot be combined with --npz or --png")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    check_sampling_options(opts.guidance, opts.temperature, opts.top_k, opts.top_p, opts.power)
     if opts.dtype not in ("fp32", "bf16"):
         raise UserError(f"--dtype must be fp32 or bf16, got '{opts.dtype}'")
     if opts.classes is None and opts.per_class is None and opts.num is None:

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from vqtok.errors import UserError
+from vqtok.errors import UserError, one_line
+from vqtok.fs_errors import filesystem_error
 from vqtok.signals import Interrupted, exit_code_for, raise_on_stop_signals, signal_name
 
 # What an interrupted command leaves behind and how to continue (training saves and says so itself).
@@ -30,8 +31,14 @@ class _VqtokGroup(TyperGroup):
             with raise_on_stop_signals():
                 return super().invoke(ctx)
         except UserError as exc:
-            _error_line(" ".join(str(exc).split()))
+            _error_line(one_line(exc))
             raise typer.Exit(code=exc.exit_code) from None
+        except OSError as exc:  # disk full, read-only or not-a-directory destinations: user errors, not bugs
+            err = filesystem_error(exc)
+            if err is None:
+                raise
+            _error_line(one_line(err))
+            raise typer.Exit(code=err.exit_code) from None
         except (Interrupted, KeyboardInterrupt) as exc:
             import signal
 

@@ -45,11 +45,14 @@ def encode(
 
 
 @app.command(name="inspect")
-def inspect(path: Path = typer.Argument(..., help="A `vqtok encode` output directory.")) -> None:
+def inspect(
+    path: Path = typer.Argument(..., help="A `vqtok encode` output directory."),
+    quick: bool = typer.Option(False, "--quick", help="Skip verifying each shard's sha256 against the manifest."),
+) -> None:
     """Print a token directory's manifest summary and validate every shard (exit 2 if broken)."""
     from vqtok.data.inspect_tokens import inspect_token_dir
 
-    report = inspect_token_dir(path)
+    report = inspect_token_dir(path, verify_checksums=not quick)
     for line in report.summary_lines():
         typer.echo(line)
     if report.problems:

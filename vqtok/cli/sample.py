@@ -52,6 +52,7 @@ def sample_command(
     """
     from vqtok.ar.generate import SampleOptions, describe, parse_class_list, run_sampling
     from vqtok.run_dirs import resolve_checkpoint
+    from vqtok.run_lock import run_lock
 
     ckpt, tokenizer = resolve_checkpoint(ckpt, "--ckpt"), tokenizer and resolve_checkpoint(tokenizer, "--tokenizer")
     options = SampleOptions(
@@ -61,6 +62,7 @@ def sample_command(
         temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
         npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite, device=device, dtype=dtype.value,
     )
-    result = run_sampling(options)
+    with run_lock(out, "sample"):
+        result = run_sampling(options)
     if result.files:  # rank 0 only
         typer.echo(describe(result))

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from vqtok.errors import UserError
-from vqtok.weights import atomic_dir
+from vqtok.weights import atomic_dir, refuse_foreign_dir
 
 # class name -> photos (file names inside skimage/data), in the order they are used.
 CLASSES: dict[str, tuple[str, ...]] = {
@@ -89,6 +89,7 @@ def build_default_dataset(out: str | Path, overwrite: bool = False) -> Path:
     data_dir = skimage_data_dir()
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to rebuild it")
+    refuse_foreign_dir(out, ("sources.json",), "vqtok demo dataset", "--overwrite")
     sources = []
     with atomic_dir(out, overwrite=True) as tmp:
         for cls, i, photo, (vname, box, mirror) in _plan():

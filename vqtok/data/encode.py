@@ -36,6 +36,7 @@ from vqtok.data.token_shards import (
     SKIPPED,
     TokenShardWriter,
     merge_h5_parts,
+    remove_stale_temporaries,
     shard_is_complete,
     shard_name,
     sidecar_path,
@@ -185,11 +186,15 @@ def prepare_output(out: Path, settings: dict, overwrite: bool) -> str:
                 "pass --overwrite to replace them or choose another --out"
             )
         state = "done" if (out / MANIFEST).is_file() else "resume"
-    elif previous is None and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty and holds no vqtok encode output; choose an empty directory or pass --overwrite")
+    elif previous is None and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
+        # --overwrite replaces only what an encode made (its manifest or progress files mark it)
+        raise UserError(f"--out {out} is not empty and holds no vqtok encode output; choose an empty directory")
     if overwrite:
         for p in _our_files(out):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+    removed = remove_stale_temporaries(out)
+    if removed:
+        print(f"removed temporary files of an interrupted encode: {', '.join(removed)}", flush=True)
     if state != "done":
         (out / PROGRESS_DIR).mkdir(exist_ok=True)
         write_json_atomic(out / PROGRESS_DIR / SETTINGS, settings)
@@ -238,7 +243,16 @@ class _Progress:
 
 
 def run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict | None:
-    """Encode `opts.input` into `opts.out`; returns the manifest (on rank 0; None on other ranks)."""
+    """Encode `opts.input` into `opts.out`; returns the manifest (on rank 0; None on other ranks).
+    Holds the run lock on `opts.out`, so a second encode into the same directory is refused."""
+    from vqtok.run_lock import run_lock
+
+    opts.validate()
+    with run_lock(opts.out, "encode"):
+        return _run_encode(opts, log)
+
+
+def _run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict | None:
     from vqtok.device import pick_device
     from vqtok.tokenizer.tokenizer import load_tokenizer
 
@@ -405,10 +419,10 @@ def finalize_output(out: Path, opts: EncodeOptions, listing: ImageListing, ident
     scales = [list(s) for s in identity["scales"]]
     tokens_per_view = int(identity["tokens_per_image"])
     if opts.format == "h5":
-        merge_h5_parts(out, num_shards, dtype, (views, tokens_per_view), num_samples)
-        shards = [{"name": H5_NAME, "count": num_samples, "parts": [car["count"] for car in sidecars]}]
+        digest = merge_h5_parts(out, num_shards, dtype, (views, tokens_per_view), num_samples)
+        shards = [{"name": H5_NAME, "count": num_samples, "sha256": digest, "parts": [car["count"] for car in sidecars]}]
     else:
-        shards = [{"name": shard_name(k, "wds"), "count": car["count"]} for k, car in enumerate(sidecars)]
+        shards = [{"name": shard_name(k, "wds"), "count": car["count"], "sha256": car.get("sha256")} for k, car in enumerate(sidecars)]
     geometry = crop_geometry(opts.size, opts.ten_crop, opts.crop_range)
     manifest = {
         "format": opts.format,

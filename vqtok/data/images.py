@@ -5,6 +5,8 @@ Three input layouts are understood:
 * ImageNet / torchvision ImageFolder: `DIR/<split>/<class>/**/*.JPEG` or the class folders directly.
   Class index = position in the sorted list of class folder names (n01440764 tench = 0, as ImageFolder,
   LlamaGen and RAR do); files are sorted within each class.
+  Directory links are followed, except one that leads back into a directory the walk is already
+  inside (a cycle); a file reached twice (a duplicate link) is listed once.
 * A flat folder of images: label -1, or labels from a text file with lines `<file name> <class>`.
 * webdataset image shards (`*.tar` holding `<key>.jpg|png|jpeg|webp` + `<key>.cls`): members are
   indexed once so any worker can read any sample by offset (random access, no streaming order).
@@ -31,8 +33,15 @@ from PIL import Image, UnidentifiedImageError
 
 from vqtok.errors import UserError
 
-# The extensions torchvision's ImageFolder accepts (compared case-insensitively).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The extensions torchvision's ImageFolder accepts (compared case-insensitively), plus GIF (PIL decodes
+# its first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Image types that are listed too, so a file PIL cannot decode (HEIC without a plugin, SVG, camera raw)
+# lands in skipped.jsonl with its reason instead of being ignored without a word.
+OTHER_IMAGE_EXTENSIONS = (
+    ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".ico", ".tga", ".psd", ".pcx", ".xcf",
+    ".dng", ".cr2", ".nef", ".arw", ".raw",
+)
 # Image field names recognised inside webdataset image shards, in order of preference.
 WDS_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
@@ -78,7 +87,8 @@ class ImageListing:
 
 
 def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    """A file the listing takes: a decodable image type, or an image type reported as skipped when PIL cannot."""
+    return name.lower().endswith(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS)
 
 
 def list_images(root: str | Path, split: str | None = "train", labels_file: str | Path | None = None) -> ImageListing:
@@ -108,18 +118,65 @@ def list_images(root: str | Path, split: str | None = "train", labels_file: str 
 
 def _list_imagefolder(base: Path, classes: list[str]) -> ImageListing:
     paths: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}  # real path -> index in `paths`
+    loops: list[str] = []
     for label, cls in enumerate(classes):
-        # os.walk sorted at each level, following links, as torchvision's make_dataset does.
-        for dirpath, dirnames, filenames in sorted(os.walk(base / cls, followlinks=True)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if is_image_file(name):
-                    paths.append((os.path.join(dirpath, name), label))
+        for path, via_link, real in walk_image_files(base / cls, loops):
+            if real not in seen:
+                seen[real] = len(paths)
+                paths.append((path, label, via_link))
+            elif paths[seen[real]][2] and not via_link:
+                # the same file reached through a link and directly: the direct path (and its class) wins
+                paths[seen[real]] = (path, label, via_link)
+    paths = [(p, lab) for p, lab, _ in paths]
     if not paths:
         raise UserError(f"the class folders under {base} hold no image files ({', '.join(IMAGE_EXTENSIONS)})")
     keys = make_keys([os.path.relpath(p, base) for p, _ in paths])
     records = [ImageRecord(key=k, label=lab, path=p) for k, (p, lab) in zip(keys, paths)]
-    return ImageListing(records, list(classes), "imagefolder", str(base))
+    return ImageListing(records, list(classes), "imagefolder", str(base), extra={"link_loops": loops} if loops else {})
+
+
+def walk_image_files(top: Path, loops: list[str] | None = None) -> list[tuple[str, bool, str]]:
+    """(path, reached through a symlink, real path) of the image files under `top`, in torchvision's order.
+
+    Like `sorted(os.walk(top, followlinks=True))` (the order torchvision's make_dataset uses, which
+    existing fingerprints depend on), but a directory link that leads back into a directory the walk
+    is already inside (`ln -s . loop`) is not followed: it is recorded in `loops` instead. So a link
+    cycle cannot multiply the dataset; files reached twice are dropped by the caller (real paths are
+    derived from the directory's, so only links cost a `realpath`).
+    """
+    top_real = os.path.realpath(top)
+    found: list[tuple[str, str, list[tuple[str, bool]], bool]] = []
+    stack = [(str(top), top_real, frozenset({top_real}), os.path.islink(top))]
+    while stack:
+        dirpath, real_dir, ancestors, via_link = stack.pop()
+        try:
+            entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+        except OSError as exc:
+            raise UserError(f"cannot read input folder {dirpath} ({exc.strerror or exc})") from None
+        names = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if is_image_file(entry.name):
+                    names.append((entry.name, entry.is_symlink()))
+                continue
+            real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_dir, entry.name)
+            if real in ancestors:
+                if loops is not None:
+                    loops.append(entry.path)
+                continue
+            stack.append((entry.path, real, ancestors | {real}, via_link or entry.is_symlink()))
+        found.append((dirpath, real_dir, names, via_link))
+    out = []
+    for dirpath, real_dir, names, via_link in sorted(found, key=lambda t: t[0]):
+        for name, is_link in names:
+            path = os.path.join(dirpath, name)
+            out.append((path, via_link or is_link, os.path.realpath(path) if is_link else os.path.join(real_dir, name)))
+    return out
 
 
 def _list_flat(base: Path, names: list[str], labels_file: str | Path | None) -> ImageListing:
@@ -137,9 +194,22 @@ def _list_flat(base: Path, names: list[str], labels_file: str | Path | None) -> 
             classes = sorted(set(values))
             index = {c: i for i, c in enumerate(classes)}
             labels = {n: index[v] for n, v in zip(names, values)}
+    names = _unique_files(base, names)
     keys = make_keys(names)
     records = [ImageRecord(key=k, label=labels[n], path=str(base / n)) for k, n in zip(keys, names)]
     return ImageListing(records, classes, "flat", str(base))
+
+
+def _unique_files(base: Path, names: list[str]) -> list[str]:
+    """Drop names that are links to a file already listed (a file is never counted twice); the plain file wins."""
+    by_real: dict[str, str] = {}
+    for n in names:
+        real = os.path.realpath(base / n)
+        kept = by_real.get(real)
+        if kept is None or (os.path.islink(base / kept) and not os.path.islink(base / n)):
+            by_real[real] = n
+    keep = set(by_real.values())
+    return [n for n in names if n in keep]
 
 
 def read_labels_file(path: str | Path) -> dict[str, str]:
@@ -272,7 +342,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_record(record: ImageRecord) -> Image.Image:
-    return decode_image(read_record_bytes(record))
+    try:
+        return decode_image(read_record_bytes(record))
+    except ImageDecodeError as exc:
+        ext = os.path.splitext(record.path if record.offset < 0 else "")[1].lower()
+        if ext in OTHER_IMAGE_EXTENSIONS and exc.reason.startswith("not an image"):
+            raise ImageDecodeError(f"unsupported image type {ext} (PIL cannot decode it; convert it to PNG or JPEG)") from None
+        raise
 
 
 def _short(exc: BaseException) -> str:

@@ -3,7 +3,9 @@
 Checks: every shard listed exists and holds the count the manifest says; every sample has the
 manifest's dtype and (views, tokens) shape; tokens lie in [0, vocab_size); labels lie in
 [0, num_classes) (or are -1 for unlabelled inputs); keys are unique; skipped.jsonl has num_skipped
-lines. Reads one sample (tar) or one block of rows (HDF5) at a time.
+lines; and each shard's sha256 matches the manifest (skipped with `--quick`; manifests written before
+checksums existed have none, which the summary says). Reads one sample (tar) or one block of rows
+(HDF5) at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtok.data.token_shards import H5_NAME, SKIPPED, iter_tar_samples, read_manifest
+from vqtok.data.token_shards import H5_NAME, MANIFEST, SKIPPED, file_sha256, iter_tar_samples, read_manifest
 
 
 @dataclass
@@ -26,6 +28,7 @@ class InspectReport:
     token_min: int | None = None
     token_max: int | None = None
     class_counts: dict[int, int] = field(default_factory=dict)
+    checksums: str = "not checked (--quick)"
 
     def summary_lines(self) -> list[str]:
         m, t = self.manifest, self.manifest["tokenizer"]
@@ -41,14 +44,17 @@ class InspectReport:
         ]
         if self.token_min is not None:
             lines.append(f"token range   [{self.token_min}, {self.token_max}]")
+        lines.append(f"checksums     {self.checksums}")
         lines.append("status        OK" if not self.problems else f"status        BROKEN ({len(self.problems)} problem(s))")
         return lines
 
 
-def inspect_token_dir(path: str | Path, max_problems: int = 20) -> InspectReport:
+def inspect_token_dir(path: str | Path, max_problems: int = 20, verify_checksums: bool = True) -> InspectReport:
     path = Path(path)
     manifest = read_manifest(path)
     report = InspectReport(manifest)
+    if verify_checksums:
+        _verify_checksums(path, manifest, report)
     vocab = int(manifest["tokenizer"]["vocab_size"])
     shape = (len(manifest["views"]), int(manifest["tokenizer"]["tokens_per_view"]))
     dtype = np.dtype(manifest["dtype"])
@@ -83,7 +89,7 @@ def inspect_token_dir(path: str | Path, max_problems: int = 20) -> InspectReport
                         problems.append(f"{key}: duplicate key")
                     keys.add(key)
                     check(key, tokens, cls)
-            except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
+            except (tarfile.TarError, ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
                 problems.append(f"shard {shard['name']} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
             report.samples_seen += n
             if n != shard["count"]:
@@ -106,6 +112,30 @@ def inspect_token_dir(path: str | Path, max_problems: int = 20) -> InspectReport
     elif manifest.get("num_skipped", 0):
         problems.append(f"{SKIPPED} is missing")
     return report
+
+
+def _verify_checksums(path: Path, manifest: dict, report: InspectReport) -> None:
+    shards = manifest["shards"]
+    listed = [s for s in shards if s.get("sha256")]
+    if not listed:
+        report.checksums = f"none in {MANIFEST} (written by an older vqtok; re-encode to add them)"
+        return
+    bad = 0
+    for shard in listed:
+        file = path / shard["name"]
+        if not file.is_file():
+            continue  # reported as missing by the sample scan
+        try:
+            ok = file_sha256(file) == shard["sha256"]
+        except OSError as exc:
+            report.problems.append(f"shard {shard['name']} is unreadable ({exc.strerror or exc})")
+            continue
+        if not ok:
+            bad += 1
+            report.problems.append(f"shard {shard['name']} does not match its sha256 in {MANIFEST} (damaged or changed after encoding)")
+    unlisted = len(shards) - len(listed)
+    report.checksums = (f"{len(listed) - bad}/{len(listed)} shard(s) match" if bad else f"OK ({len(listed)} shard(s))") + (
+        f", {unlisted} without a checksum" if unlisted else "")
 
 
 def _inspect_h5(file: Path, manifest: dict, report: InspectReport, check, keys: set) -> None:

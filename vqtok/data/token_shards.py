@@ -5,9 +5,12 @@ A token directory holds `manifest.json`, `skipped.jsonl` and either webdataset t
 above 65,536 codes, and `<key>.cls`) or one HDF5 file `tokens.h5` (datasets `tokens` (N, views,
 tokens), `cls` (N,), `keys` (N,)) for random access.
 
-Writing is crash-safe: each shard is written under a temporary name and renamed when complete, and
-its count and skipped inputs go to a small sidecar in `progress/` first, so "the shard file exists"
-means "the shard is done". The manifest is written last, by one process, once every shard is done.
+Writing is crash-safe: each shard is written under a temporary name (unique per process) and renamed
+when complete, and its count, sha256 and skipped inputs go to a small sidecar in `progress/` first, so
+"the shard file exists" means "the shard is done". The manifest is written last, by one process, once
+every shard is done; each of its `shards` entries carries the shard's `sha256`, which `vqtok inspect`
+and `train-ar` check (manifests written before checksums existed have none and are range-checked only).
+A full or read-only disk is a one-line user error and leaves no temporary file behind.
 
 Reading (`open_token_dataset`) gives training an infinite, DDP-safe stream for tar shards (every rank
 and worker resamples shards on its own, so none starves when there are fewer shards than workers) or a
@@ -17,6 +20,7 @@ map-style dataset for HDF5; both yield `(tokens, cls)` with one view per sample,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from vqtok.errors import UserError
+from vqtok.fs_errors import writing
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,12 +67,54 @@ def shard_is_complete(out_dir: Path, index: int, fmt: str) -> bool:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            with open(tmp, "w") as fh:
+                json.dump(obj, fh, indent=2)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[str]:
+    """Delete the temporary files a killed `encode` left (`.tokens-*.tmp-*`, `.manifest.json.tmp-*`, ...);
+    call only while holding the output's run lock. Returns their names."""
+    removed = []
+    for folder in (out_dir, out_dir / PROGRESS_DIR):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.name.startswith((".tokens", f".{MANIFEST}", f".{SKIPPED}")) and ".tmp" in p.name:
+                p.unlink(missing_ok=True)
+                removed.append(str(p.relative_to(out_dir)))
+    return removed
+
+
+def check_shard_checksum(path: Path, expected: str | None, digest: str | None = None) -> None:
+    """Refuse a shard whose bytes differ from the sha256 the manifest recorded (None: an old manifest)."""
+    if expected is None:
+        return
+    try:
+        actual = digest if digest is not None else file_sha256(path)
+    except OSError as exc:
+        raise UserError(f"token shard {path} cannot be read ({exc.strerror or exc}); re-run `vqtok encode`") from None
+    if actual != expected:
+        raise UserError(
+            f"token shard {path} does not match the sha256 in {MANIFEST} (the file was damaged or changed after "
+            "encoding); re-run the same `vqtok encode` command into a fresh --out"
+        )
 
 
 class TokenShardWriter:
@@ -87,14 +134,15 @@ class TokenShardWriter:
         self.final = shard_path(self.out_dir, index, fmt)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         (self.out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp")
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
         self.count = 0
         self.skipped: list[dict] = []
         self._rows: list[tuple[str, np.ndarray, int]] = []
         self._file = None
         self._tar = None
         if fmt == "wds":
-            self._file = open(self.tmp, "wb")
+            with writing(self.tmp):
+                self._file = open(self.tmp, "wb")
             # mtime fixed so the same inputs give byte-identical shards, whichever rank or run wrote them.
             self._tar = wds.TarWriter(self._file, mtime=0.0)
 
@@ -102,7 +150,8 @@ class TokenShardWriter:
         if tokens.shape != self.shape or tokens.dtype != self.dtype:
             raise ValueError(f"tokens for {key} are {tokens.dtype}{tokens.shape}, expected {self.dtype}{self.shape}")
         if self._tar is not None:
-            self._tar.write({"__key__": key, "tokens.npy": tokens, "cls": int(cls)})
+            with writing(self.tmp):
+                self._tar.write({"__key__": key, "tokens.npy": tokens, "cls": int(cls)})
         else:
             self._rows.append((key, tokens, int(cls)))
         self.count += 1
@@ -111,22 +160,37 @@ class TokenShardWriter:
         self.skipped.append({"key": key, "source": source, "reason": reason})
 
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()  # closes the file object too
-        else:
-            self._write_h5_part()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        write_json_atomic(
-            sidecar_path(self.out_dir, self.index),
-            {"name": self.final.name, "count": self.count, "skipped": self.skipped},
-        )
-        os.replace(self.tmp, self.final)
+        try:
+            with writing(self.tmp):
+                if self._tar is not None:
+                    tar, self._tar = self._tar, None
+                    tar.close()  # closes the file object too
+                else:
+                    self._write_h5_part()
+                with open(self.tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            write_json_atomic(
+                sidecar_path(self.out_dir, self.index),
+                {"name": self.final.name, "count": self.count, "sha256": file_sha256(self.tmp), "skipped": self.skipped},
+            )
+            with writing(self.final):
+                os.replace(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
-        """Drop an unfinished shard (an error or --strict stop): its temporary file is removed."""
-        if self._tar is not None:
-            self._tar.close()
+        """Drop an unfinished shard (an error, a full disk or a --strict stop): its temporary file is removed."""
+        tar, self._tar = self._tar, None
+        if tar is not None:
+            try:
+                tar.close()
+            except (OSError, ValueError):  # a full disk fails the final flush too; the file goes anyway
+                if self._file is not None:
+                    try:
+                        self._file.close()
+                    except OSError:
+                        pass
         self._rows = []
         self.tmp.unlink(missing_ok=True)
 
@@ -142,12 +206,27 @@ class TokenShardWriter:
         self._rows = []
 
 
-def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> None:
-    """Copy the per-shard HDF5 parts, in shard order, into one `tokens.h5` (one part in memory at a time)."""
+def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> str:
+    """Copy the per-shard HDF5 parts, in shard order, into one `tokens.h5` (one part in memory at a time);
+    returns its sha256."""
+    final = out_dir / H5_NAME
+    tmp = out_dir / f".{H5_NAME}.tmp-{os.getpid()}"
+    try:
+        with writing(final):
+            _merge_h5(tmp, out_dir, num_shards, dtype, shape, total)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            digest = file_sha256(tmp)
+            os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _merge_h5(tmp: Path, out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> None:
     import h5py
 
-    final = out_dir / H5_NAME
-    tmp = out_dir / f".{H5_NAME}.tmp"
     with h5py.File(tmp, "w") as out:
         chunk_rows = max(1, min(total, 256))
         tokens = out.create_dataset("tokens", shape=(total, *shape), dtype=dtype, chunks=(chunk_rows, *shape) if total else None)
@@ -161,9 +240,6 @@ def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple
                 cls[row : row + n] = part["cls"][:]
                 keys[row : row + n] = part["keys"][:]
                 row += n
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -49,6 +49,17 @@ class LossConfig:
     r1_every: int = 16
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
+    def check_ranges(self, where: str = "loss") -> None:
+        from vqtok.validation import check_fields
+
+        non_negative = {"low": 0.0}
+        check_fields(self, where, {
+            **{k: non_negative for k in ("l1_weight", "l2_weight", "perceptual_weight", "quantizer_weight", "disc_weight",
+                                          "lecam_weight", "r1_weight")},
+            "adaptive_weight_max": {"low": 0.0, "low_open": True}, "disc_start": {"low": 0}, "disc_warmup": {"low": 0},
+            "lecam_decay": {"low": 0.0, "high": 1.0, "high_open": True}, "r1_every": {"low": 1},
+        })
+
 
 class TokenizerLoss(nn.Module):
     def __init__(self, cfg: LossConfig, resolution: int, lpips_weights: str | None = None):

@@ -14,20 +14,30 @@ mid-epoch without re-reading everything before the resume point, and its per-ran
   epoch is one pass over the source images, and the samples of step s are a function of (seed, s) alone.
 - the view (one of the ten crops) of image i in epoch e is a hash of (seed, e, i): a fresh random view per
   pass, identical on resume and whatever the number of ranks or workers.
+
+Before training touches a shard it is verified once, in the same start-up pass (so the check costs nothing
+per step): its sha256 against the manifest (when the manifest has one; older manifests are range-checked
+only, with a note), every sample's npy header (dtype and shape) and token range [0, vocab_size), and every
+class label. A damaged shard is one line naming the shard and the sample, before any weight is updated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import os
 import mmap
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vqtok.data.token_shards import TokenH5Dataset
+from vqtok.data.token_shards import MANIFEST, TokenH5Dataset, check_shard_checksum
 from vqtok.errors import UserError
+
+_REENCODE = "re-run `vqtok encode` into a fresh --out"
 
 _MASK64 = (1 << 64) - 1
 
@@ -58,9 +68,11 @@ class TarTokens(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, manifest: dict):
         self.root = Path(root)
         self.names = [s["name"] for s in manifest["shards"]]
+        expect = SampleCheck.from_manifest(manifest)
+        _note_missing_checksums(self.root, manifest)
         shard_ids, offsets, sizes, classes = [], [], [], []
         for sid, shard in enumerate(manifest["shards"]):
-            o, s, c = _scan_tar(self.root / shard["name"])
+            o, s, c = _scan_tar(self.root / shard["name"], expect, shard.get("sha256"))
             if len(o) != int(shard["count"]):
                 raise UserError(
                     f"shard {self.root / shard['name']} holds {len(o)} samples but the manifest says {shard['count']}; "
@@ -100,25 +112,116 @@ class TarTokens(torch.utils.data.Dataset):
                 pass
 
 
-def _scan_tar(path: Path) -> tuple[list[int], list[int], list[int]]:
-    """(tokens.npy data offsets, their sizes, classes) of one shard, in file order.
+@dataclass(frozen=True)
+class SampleCheck:
+    """What every sample of a token directory must be: its tokens' dtype and (views, T) shape, the
+    vocabulary they index, and the class range (-1 allowed only for unlabelled data)."""
+
+    dtype: np.dtype
+    shape: tuple[int, int]
+    vocab_size: int
+    num_classes: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "SampleCheck":
+        tok = manifest["tokenizer"]
+        return cls(np.dtype(manifest["dtype"]), (len(manifest["views"]), int(tok["tokens_per_view"])),
+                   int(tok["vocab_size"]), len(manifest.get("classes") or []))
+
+    def check_class(self, cls: int, where: str) -> None:
+        ok = 0 <= cls < self.num_classes if self.num_classes else cls >= -1
+        if not ok:
+            valid = f"0..{self.num_classes - 1}" if self.num_classes else "-1 (unlabelled) or more"
+            raise UserError(f"{where}: class {cls} is outside the manifest's classes ({valid}); the shard is damaged; {_REENCODE}")
+
+    def check_tokens(self, tokens: np.ndarray, where: str) -> None:
+        if tokens.size:
+            self.check_max(int(tokens.max()), where)
+
+    def check_max(self, largest: int, where: str) -> None:
+        if largest >= self.vocab_size:
+            raise UserError(
+                f"{where}: token {largest} is outside the vocabulary of {self.vocab_size}; "
+                f"the shard is damaged or was made by another tokenizer; {_REENCODE}"
+            )
+
+
+def _note_missing_checksums(root: Path, manifest: dict) -> None:
+    if any(not s.get("sha256") for s in manifest["shards"]) and int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.write(
+            f"note: {root / MANIFEST} has no shard checksums (written by an older vqtok); the shards are checked "
+            "for token and class ranges only\n"
+        )
+
+
+def _scan_tar(path: Path, expect: SampleCheck | None = None, sha256: str | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(tokens.npy data offsets, their sizes, classes) of one shard, in file order, after verifying it.
 
     Parses the 512-byte tar headers directly from a memory map (about 30x faster than `tarfile`, which
-    matters at ImageNet scale: 2.6M members), handling ustar prefixes, PAX and GNU long names.
+    matters at ImageNet scale: 2.6M members), handling ustar prefixes, PAX and GNU long names. The same
+    pass checks the shard's sha256 (when given) and each sample against `expect`.
     """
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size == 0:
+                check_shard_checksum(path, sha256, hashlib.sha256(b"").hexdigest())
                 return [], [], []
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                return _scan_members(mm, size, path)
+                if sha256 is not None:
+                    check_shard_checksum(path, sha256, hashlib.sha256(mm).hexdigest())
+                return _scan_members(mm, size, path, expect)
     except OSError as exc:
-        raise UserError(f"token shard {path} cannot be read ({exc.strerror or exc}); re-run `vqtok encode`") from None
+        raise UserError(f"token shard {path} cannot be read ({exc.strerror or exc}); {_REENCODE}") from None
 
 
-def _scan_members(mm, total: int, path: Path) -> tuple[list[int], list[int], list[int]]:
+class _NpyChecker:
+    """Checks a sample's tokens.npy bytes in place: the header (parsed once per distinct header) and the
+    token range, without copying the data."""
+
+    def __init__(self, expect: SampleCheck):
+        self.expect = expect
+        self.headers: dict[bytes, int] = {}  # header bytes -> data offset
+
+    def __call__(self, mm, start: int, size: int, where: str) -> None:
+        expect = self.expect
+        head = bytes(mm[start : start + min(size, 256)])
+        offset = None
+        for header, off in self.headers.items():
+            if head.startswith(header):
+                offset = off
+                break
+        if offset is None:
+            offset = self._parse(head, where)
+        count = expect.shape[0] * expect.shape[1]
+        if size - offset != count * expect.dtype.itemsize:
+            raise UserError(f"{where}: tokens.npy holds {size - offset} data bytes, expected {count * expect.dtype.itemsize}; "
+                            f"the shard is damaged; {_REENCODE}")
+        # the max only: no view of the map may outlive this call (an open view keeps the mmap from closing)
+        largest = int(np.frombuffer(mm, dtype=expect.dtype, count=count, offset=start + offset).max()) if count else 0
+        expect.check_max(largest, where)
+
+    def _parse(self, head: bytes, where: str) -> int:
+        expect = self.expect
+        try:
+            fh = io.BytesIO(head)
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+        except (ValueError, SyntaxError, EOFError, TypeError) as exc:
+            raise UserError(f"{where}: tokens.npy has a corrupt header ({str(exc).splitlines()[0][:80]}); "
+                            f"the shard is damaged; {_REENCODE}") from None
+        if dtype != expect.dtype or tuple(shape) != expect.shape or fortran:
+            raise UserError(f"{where}: tokens are {dtype}{tuple(shape)}, the manifest says {expect.dtype}{expect.shape}; "
+                            f"the shard is damaged; {_REENCODE}")
+        offset = fh.tell()
+        self.headers[head[:offset]] = offset
+        return offset
+
+
+def _scan_members(mm, total: int, path: Path, expect: SampleCheck | None = None) -> tuple[list[int], list[int], list[int]]:
     offsets, sizes, classes = [], [], []
+    check_npy = _NpyChecker(expect) if expect is not None else None
     pending: dict[str, dict] = {}
     pos, long_name = 0, None
     while pos + 512 <= total:
@@ -147,9 +250,18 @@ def _scan_members(mm, total: int, path: Path) -> tuple[list[int], list[int], lis
             if ext == "tokens.npy":
                 entry["tokens"] = (start, size)
             elif ext == "cls":
-                entry["cls"] = int(mm[start : start + size].decode())
+                raw = bytes(mm[start : start + min(size, 32)])
+                try:
+                    entry["cls"] = int(raw.decode())
+                except (UnicodeDecodeError, ValueError):
+                    raise UserError(f"token shard {path} sample {key}: its cls {raw!r} is not an integer; "
+                                    f"the shard is damaged; {_REENCODE}") from None
             if "tokens" in entry and "cls" in entry:
                 del pending[key]
+                if check_npy is not None:
+                    where = f"token shard {path} sample {key}"
+                    check_npy(mm, *entry["tokens"], where)
+                    expect.check_class(entry["cls"], where)
                 offsets.append(entry["tokens"][0])
                 sizes.append(entry["tokens"][1])
                 classes.append(entry["cls"])
@@ -198,6 +310,9 @@ class H5Tokens(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, manifest: dict):
         self.base = TokenH5Dataset(root, manifest, view="all")
+        _note_missing_checksums(Path(root), manifest)
+        verify_h5(self.base.path, SampleCheck.from_manifest(manifest), manifest["shards"][0].get("sha256"),
+                  int(manifest["num_samples"]))
 
     def __len__(self) -> int:
         return len(self.base)
@@ -205,6 +320,42 @@ class H5Tokens(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         tokens, cls = self.base[index]
         return tokens.numpy(), int(cls)
+
+
+def verify_h5(path: Path, expect: SampleCheck, sha256: str | None, num_samples: int, block: int = 4096) -> None:
+    """Check tokens.h5 once before training: its sha256, datasets, lengths, and every row's tokens and class."""
+    import h5py
+
+    check_shard_checksum(path, sha256)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"token file {path} cannot be opened (truncated or not HDF5: {str(exc).splitlines()[0][:80]}); {_REENCODE}") from None
+    with f:
+        for name in ("tokens", "cls", "keys"):
+            if name not in f:
+                raise UserError(f"token file {path} has no '{name}' dataset; {_REENCODE}")
+        tokens, cls, keys = f["tokens"], f["cls"], f["keys"]
+        if tokens.shape[0] != num_samples or cls.shape[0] != num_samples or keys.shape[0] != num_samples:
+            raise UserError(f"token file {path} holds {tokens.shape[0]} rows, the manifest says {num_samples}; {_REENCODE}")
+        if tokens.dtype != expect.dtype or tuple(tokens.shape[1:]) != expect.shape:
+            raise UserError(f"token file {path}: tokens are {tokens.dtype}{tuple(tokens.shape[1:])}, "
+                            f"the manifest says {expect.dtype}{expect.shape}; {_REENCODE}")
+        for start in range(0, num_samples, block):
+            try:
+                rows, labels = tokens[start : start + block], cls[start : start + block]
+            except OSError as exc:
+                raise UserError(f"token file {path} rows {start}..{start + block - 1} cannot be read "
+                                f"({str(exc).splitlines()[0][:80]}); {_REENCODE}") from None
+            bad = np.flatnonzero(rows.reshape(len(rows), -1).max(axis=1) >= expect.vocab_size) if rows.size else []
+            bad_cls = np.flatnonzero((labels < 0) | (labels >= expect.num_classes) if expect.num_classes else labels < -1)
+            for found in (bad, bad_cls):
+                if len(found):
+                    i = int(found[0])
+                    key = keys[start + i]
+                    where = f"token file {path} sample {key.decode() if isinstance(key, bytes) else key} (row {start + i})"
+                    expect.check_tokens(rows[i], where)
+                    expect.check_class(int(labels[i]), where)
 
 
 class EpochViewTokens(torch.utils.data.Dataset):

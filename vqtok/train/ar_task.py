@@ -55,6 +55,11 @@ class ARDataConfig:
     preview_guidance: float = 4.0  # constant CFG scale of the sample grid (0: none)
     preview_seed: int = 0  # the grid uses its own generator: same noise every time, training RNG untouched
 
+    def check_ranges(self, where: str = "data") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {"preview_guidance": {"low": 0.0}})
+
 
 @dataclass
 class AROptimConfig:
@@ -65,6 +70,14 @@ class AROptimConfig:
     grad_clip: float = 1.0
     warmup_epochs: float = 100.0
     warmup_steps: int | None = None  # when set, replaces warmup_epochs
+
+    def check_ranges(self, where: str = "optim") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {
+            "lr": {"low": 0.0, "low_open": True}, "end_lr": {"low": 0.0}, "betas": {"low": 0.0, "high": 1.0, "high_open": True},
+            "weight_decay": {"low": 0.0}, "grad_clip": {"low": 0.0}, "warmup_epochs": {"low": 0.0}, "warmup_steps": {"low": 0},
+        })
 
 
 @dataclass

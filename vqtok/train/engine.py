@@ -28,7 +28,9 @@ from torch import nn
 from vqtok.config import save_config
 from vqtok.device import autocast
 from vqtok.errors import UserError
+from vqtok.run_lock import run_lock
 from vqtok.signals import STOP_SIGNALS, Interrupted, signal_name
+from vqtok.validation import check_fields
 from vqtok.train import checkpoint as ckpt
 from vqtok.train.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
 from vqtok.train.ema import EMA
@@ -54,7 +56,15 @@ class EngineConfig:
     preview_every: int = 500
     num_workers: int = 2
 
+    def check_ranges(self, where: str = "train") -> None:
+        check_fields(self, where, {
+            "steps": {"low": 1}, "batch_size": {"low": 1}, "grad_accum": {"low": 1}, "log_every": {"low": 1},
+            "ckpt_every": {"low": 1}, "preview_every": {"low": 1}, "keep_last": {"low": 0}, "num_workers": {"low": 0},
+            "ema_decay": {"low": 0.0, "high": 1.0, "high_open": True},
+        })
+
     def validate(self, world: int) -> None:
+        self.check_ranges("train")
         if self.steps < 1:
             raise UserError("train.steps must be at least 1")
         if self.batch_size % (self.grad_accum * world):
@@ -81,8 +91,15 @@ class OptimizerConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
+    def check_ranges(self, where: str = "optim") -> None:
+        check_fields(self, where, {
+            "lr": {"low": 0.0, "low_open": True}, "betas": {"low": 0.0, "high": 1.0, "high_open": True},
+            "weight_decay": {"low": 0.0}, "eps": {"low": 0.0, "low_open": True}, "grad_clip": {"low": 0.0},
+        })
+
 
 def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    cfg.check_ranges("optim")  # configs from recipes were checked at load, under their own key path
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.kind not in kinds:
         raise UserError(f"unknown optimizer '{cfg.kind}'; use adam or adamw")
@@ -255,7 +272,15 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
-        """Train to `train.steps` (or stop early after `stop_after` total steps, for tests and demos)."""
+        """Train to `train.steps` (or stop early after `stop_after` total steps, for tests and demos),
+        holding the run directory's lock; leftovers of a killed run are removed (and listed) first."""
+        with run_lock(self.run_dir, "train"):
+            removed = ckpt.clean_leftovers(self.run_dir) if self.env.is_main else []
+            if removed:
+                self.log(f"removed leftovers of an interrupted run in {self.run_dir}: {', '.join(removed)}")
+            return self._run(task, resume, stop_after)
+
+    def _run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
         cfg, env = self.cfg, self.env
         phases = task.phases()
         if cfg.ema:

@@ -21,12 +21,21 @@ def _fmt(v: float) -> str:
     return f"{v:.3e}"
 
 
+def _row_step(line: str, bad: int) -> int:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return bad
+    return row.get("step", 0) if isinstance(row, dict) else bad
+
+
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.is_file():
             # Rows logged after the checkpoint we resume from will be logged again: drop them.
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # A torn last line (killed mid-write, disk full) is dropped too.
+            kept = [line for line in path.read_text(errors="replace").splitlines() if _row_step(line, resume_step + 1) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.fh = open(path, "a", buffering=1)
 

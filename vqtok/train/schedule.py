@@ -15,6 +15,11 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=list)  # "step": multiply the LR by `gamma` from each of these steps on
     gamma: float = 0.1
 
+    def check_ranges(self, where: str = "schedule") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {"warmup_steps": {"low": 0}, "min_lr_ratio": {"low": 0.0, "high": 1.0}})
+
 
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     """Linear warm-up from 1/warmup to 1, then constant, cosine down to `min_lr_ratio` at total_steps, or

@@ -35,6 +35,11 @@ class DataConfig:
     split: str = "train"  # sub-folder used when DATA has one (ImageNet layout)
     preview_images: int = 8
 
+    def check_ranges(self, where: str = "data") -> None:
+        from vqtok.validation import check_fields
+
+        check_fields(self, where, {"resolution": {"low": 8}, "scale_range": {"low": 1.0}, "preview_images": {"low": 0}})
+
 
 @dataclass
 class TokenizerOptimConfig:

@@ -1,0 +1,554 @@
+"""The reliability sweep in miniature (issue 15): hostile-but-realistic inputs and faults.
+
+Each case asserts the exit code, that the message is one `error:` line (no traceback), and that nothing
+written before changed. Cases: link cycles and duplicate links in the input, gif / unsupported image
+types, damaged generator / training-state / token-shard files, out-of-range tokens, corrupt members and
+truncated HDF5 before any weight update, full disks (a tiny RLIMIT_FSIZE), read-only and permission-denied
+destinations, `--out` naming a file, concurrent runs and stale locks, out-of-range numeric options, honest
+messages, leftovers of killed runs, and `--overwrite` on a directory vqtok did not make.
+(A kill -9 during checkpoint writing is covered in test_train_engine.py / test_encode.py.)
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqtok.cli import app
+from vqtok.data.images import list_images, load_record
+from vqtok.errors import UserError
+from vqtok.run_lock import acquire_run_lock, lock_path
+
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TRAIN_AR = ["--config", "rar-tiny", "--device", "cpu", "epochs=null", "train.steps=2", "train.batch_size=4",
+            "train.log_every=1", "train.ckpt_every=1000", "train.preview_every=1000", "train.num_workers=0",
+            "optim.warmup_steps=0"]
+
+
+def _photo(seed: int, w: int = 72, h: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], -1) * 0.4 + 0.5
+    return Image.fromarray((np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1) * 255).astype(np.uint8))
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Path -> sha256 of every file under root (what 'nothing previously written changed' compares)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(result, *needles: str) -> str:
+    """Exit 2, exactly one `error:` line, no traceback; returns that line."""
+    out = result.output if hasattr(result, "output") else (result.stdout + result.stderr)
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "vqtok", *map(str, args)]
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    return build_tokenizer("tiny-vqgan").save(tmp_path_factory.mktemp("tok") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for c, cls in enumerate(("a", "b", "c")):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            _photo(10 * c + i).save(root / "train" / cls / f"{cls}_{i}.png")
+    return root
+
+
+def _encode_args(images: Path, tok_dir: Path, out: Path, *extra) -> list[str]:
+    return ["encode", str(images), "--tokenizer", str(tok_dir), "--out", str(out), "--size", "64",
+            "--shard-size", "4", "--workers", "0", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory, images, tok_dir) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "wds"
+    result = runner.invoke(app, _encode_args(images, tok_dir, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, tok_dir) -> Path:
+    from vqtok.ar.checkpoint import save_generator
+    from vqtok.ar.rar import RAR, RARConfig
+    from vqtok.tokenizer.tokenizer import load_tokenizer
+
+    cfg = RARConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=64, vocab_size=512, seq_len=64,
+                    num_classes=3, dropout=0.0, attn_dropout=0.0, class_dropout=0.0)
+    torch.manual_seed(0)
+    return save_generator(tmp_path_factory.mktemp("gen") / "gen", RAR(cfg), cfg, load_tokenizer(tok_dir).identity())
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _members(shard: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(shard) as tf:
+        return {m.name: m for m in tf.getmembers()}
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+# ------------------------------------------------------------------------------ 15.1 input walking
+
+
+def test_link_cycles_are_not_followed_and_duplicate_links_count_once(tmp_path):
+    root = tmp_path / "data"
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            _photo(i).save(root / "train" / cls / f"{cls}{i}.png")
+    (root / "train" / "a" / "loop").symlink_to(".")  # ln -s . DATA/train/a/loop
+    (root / "train" / "a" / "up").symlink_to("..")  # a cycle through the parent
+    (root / "train" / "b" / "again.png").symlink_to("b0.png")  # a duplicate link to a file
+    (root / "train" / "b" / "sub").mkdir()
+    (root / "train" / "b" / "sub" / "a_link").symlink_to(root / "train" / "a")  # another class's folder
+    listing = list_images(root)
+    sources = sorted(Path(r.path).name for r in listing.records)
+    assert sources == ["a0.png", "a1.png", "b0.png", "b1.png"], sources
+    by_name = {Path(r.path).name: r.label for r in listing.records}
+    assert by_name["a0.png"] == 0 and by_name["b0.png"] == 1  # the direct path (and its class) wins over a link
+    assert len({os.path.realpath(r.path) for r in listing.records}) == len(listing.records)
+    assert any(p.endswith("loop") for p in listing.extra["link_loops"])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _photo(0).save(flat / "x.png")
+    (flat / "y.png").symlink_to("x.png")
+    assert [Path(r.path).name for r in list_images(flat).records] == ["x.png"]
+
+
+def test_the_cycle_safe_walk_keeps_torchvisions_order(tmp_path):
+    from vqtok.data.images import is_image_file, walk_image_files
+
+    top = tmp_path / "cls"
+    for sub in ("", "b", "a", "a/z", "a-1", "a/y/x"):
+        (top / sub).mkdir(parents=True, exist_ok=True)
+        for name in ("2.png", "10.jpg", "1.JPEG", "notes.txt"):
+            (top / sub / name).write_bytes(b"x")
+    (top / "lnk").symlink_to(top / "a" / "y")  # a link to a sibling tree (no cycle): followed, like os.walk
+    expected = [os.path.join(d, f) for d, _, files in sorted(os.walk(top, followlinks=True)) for f in sorted(files)
+                if is_image_file(f)]
+    assert [p for p, _, _ in walk_image_files(top)] == expected
+
+
+def test_gif_decodes_its_first_frame_and_unsupported_types_are_skipped_with_a_reason(tmp_path, tok_dir):
+    root = tmp_path / "in"
+    root.mkdir()
+    frames = [Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (64, 64), (10, 10, 200))]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    _photo(1).save(root / "ok.png")
+    (root / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    listing = list_images(root)
+    records = {Path(r.path).name: r for r in listing.records}
+    assert set(records) == {"anim.gif", "ok.png", "photo.heic"}
+    first = np.asarray(load_record(records["anim.gif"]))
+    assert first[..., 0].mean() > 150 and first[..., 2].mean() < 60  # the first (red) frame
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["encode", str(root), "--tokenizer", str(tok_dir), "--out", str(out), "--size", "64",
+                                 "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["source"].endswith("photo.heic") for s in skipped] == [True]
+    assert "unsupported image type .heic" in skipped[0]["reason"]
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 2
+
+
+# ------------------------------------------------------------------ 15.2 checksums and verification
+
+
+def test_a_generator_with_flipped_bytes_is_refused(tmp_path, generator):
+    from vqtok.ar.checkpoint import load_generator
+
+    damaged = _copy(generator, tmp_path / "gen")
+    weights = damaged / "model.safetensors"
+    size = weights.stat().st_size
+    _patch(weights, size - 4096, bytes(b ^ 0xFF for b in weights.read_bytes()[size - 4096:]))
+    before = _snapshot(tmp_path)
+    result = runner.invoke(app, ["sample", "--ckpt", str(damaged), "--out", str(tmp_path / "s"), "--tokens-only",
+                                 "--num", "2", "--device", "cpu"])
+    _one_line_error(result, str(damaged), "does not match the hash")
+    assert _snapshot(tmp_path) == before and not (tmp_path / "s").exists()
+    load_generator(generator)  # the intact copy still loads
+
+
+def test_a_damaged_training_state_is_refused_by_its_checksum(tmp_path):
+    from vqtok.train import checkpoint as ckpt
+
+    state = {"step": 1, "modules": {"m": torch.nn.Linear(4, 4).state_dict()}}
+    path = ckpt.write_checkpoint(tmp_path, 1, state, {"step": 1}, keep_last=2)
+    data = (path / "state.pt").read_bytes()
+    assert json.loads((path / "meta.json").read_text())["state_sha256"] == hashlib.sha256(data).hexdigest()
+    offset = data.index(b"data/0") + 200  # inside the tensor data, so torch.load alone would not notice
+    _patch(path / "state.pt", offset, bytes([data[offset] ^ 0x55]))
+    with pytest.raises(UserError, match="state.pt does not match the sha256"):
+        ckpt.read_checkpoint(path)
+
+
+def test_inspect_verifies_shard_checksums_and_quick_skips_them(tmp_path, tokens):
+    result = runner.invoke(app, ["inspect", str(tokens)])
+    assert result.exit_code == 0 and "checksums     OK (3 shard(s))" in result.output, result.output
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
+    damaged = _copy(tokens, tmp_path / "tokens")
+    shard = damaged / "tokens-000000.tar"
+    member = next(m for n, m in _members(shard).items() if n.endswith("tokens.npy"))
+    value = np.frombuffer(shard.read_bytes()[member.offset_data + 128 : member.offset_data + 130], np.uint16)[0]
+    _patch(shard, member.offset_data + 128, np.uint16((int(value) + 1) % 512).tobytes())  # still in range
+    _one_line_error(runner.invoke(app, ["inspect", str(damaged)]), "tokens-000000.tar", "sha256")
+    quick = runner.invoke(app, ["inspect", str(damaged), "--quick"])
+    assert quick.exit_code == 0 and "not checked (--quick)" in quick.output
+
+
+def _train_ar(tokens: Path, tok_dir: Path, out: Path, *extra):
+    return runner.invoke(app, ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(out), *TRAIN_AR, *extra])
+
+
+def test_train_ar_refuses_a_shard_whose_checksum_changed_before_any_step(tmp_path, tokens, tok_dir):
+    damaged = _copy(tokens, tmp_path / "tokens")
+    shard = damaged / "tokens-000001.tar"
+    member = next(m for n, m in _members(shard).items() if n.endswith("tokens.npy"))
+    _patch(shard, member.offset_data + 130, b"\x01\x00")
+    result = _train_ar(damaged, tok_dir, tmp_path / "run")
+    _one_line_error(result, "tokens-000001.tar", "sha256")
+    assert not list((tmp_path).rglob("state.pt")) and not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("damage", ["out-of-vocabulary", "npy-header", "cls"])
+def test_train_ar_names_shard_and_sample_of_a_bad_member(tmp_path, tokens, tok_dir, damage):
+    damaged = _copy(tokens, tmp_path / "tokens")
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    for s in manifest["shards"]:  # an old manifest (no checksums): the per-sample checks must catch it
+        s.pop("sha256")
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    shard = damaged / "tokens-000002.tar"
+    members = _members(shard)
+    name = next(n for n in members if n.endswith("tokens.npy"))
+    key = name.split(".")[0]
+    if damage == "out-of-vocabulary":
+        _patch(shard, members[name].offset_data + 128 + 6, np.uint16(60000).tobytes())
+        needle = "token 60000 is outside the vocabulary of 512"
+    elif damage == "npy-header":
+        _patch(shard, members[name].offset_data, b"garbage!")
+        needle = "corrupt header"
+    else:
+        _patch(shard, members[f"{key}.cls"].offset_data, b"x")
+        needle = "is not an integer"
+    result = _train_ar(damaged, tok_dir, tmp_path / "run")
+    line = _one_line_error(result, "tokens-000002.tar", f"sample {key}", needle)
+    assert "no shard checksums" in result.output  # the old manifest is said, not silently trusted
+    assert line and not list(tmp_path.rglob("state.pt"))
+    bad = runner.invoke(app, ["inspect", str(damaged)])
+    assert bad.exit_code == 2
+
+
+def test_train_ar_refuses_a_truncated_or_out_of_range_hdf5(tmp_path, images, tok_dir):
+    out = tmp_path / "h5"
+    assert runner.invoke(app, _encode_args(images, tok_dir, out, "--format", "h5")).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"][0]["sha256"]) == 64
+    truncated = _copy(out, tmp_path / "truncated")
+    data = (truncated / "tokens.h5").read_bytes()
+    (truncated / "tokens.h5").write_bytes(data[: len(data) // 2])
+    _one_line_error(_train_ar(truncated, tok_dir, tmp_path / "run1"), "tokens.h5")
+    import h5py
+
+    oov = _copy(out, tmp_path / "oov")
+    with h5py.File(oov / "tokens.h5", "r+") as f:
+        f["tokens"][3, 0, 5] = 999
+        key = f["keys"][3].decode()
+    m = json.loads((oov / "manifest.json").read_text())
+    m["shards"][0].pop("sha256")
+    (oov / "manifest.json").write_text(json.dumps(m))
+    _one_line_error(_train_ar(oov, tok_dir, tmp_path / "run2"), "tokens.h5", f"sample {key}", "token 999")
+    assert not list(tmp_path.rglob("state.pt"))
+
+
+# ------------------------------------------------------------------------------ 15.5 filesystem faults
+
+
+def test_disk_full_during_encode_is_one_line_leaves_no_temporaries_and_a_rerun_completes(tmp_path, images, tok_dir):
+    out = tmp_path / "out"
+    args = _encode_args(images, tok_dir, out, "--shard-size", "100")  # one shard of ~15 KB
+    full = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(8 * 1024))
+    _one_line_error(full, "cannot write", "file too large", "rerun")
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], list(out.rglob("*"))
+    assert not (out / "manifest.json").exists() and not lock_path(out).exists()
+    rerun = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 9
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(tmp_path, tokens, tok_dir):
+    run = tmp_path / "run"
+    args = ["train-ar", tokens, "--tokenizer", tok_dir, "--out", run, *TRAIN_AR, "train.steps=4", "train.ckpt_every=2"]
+    ok = subprocess.run(_cli(*args[:-2], "train.steps=2"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    before = _snapshot(run / "checkpoints")
+    # resume towards step 4 with no room for the next checkpoint
+    full = subprocess.run(_cli(*args, "--resume", "auto"), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(32 * 1024))
+    _one_line_error(full, "cannot write", "file too large")
+    assert _snapshot(run / "checkpoints") == before  # the good checkpoint is untouched, no temporaries
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    rerun = subprocess.run(_cli(*args, "--resume", "auto"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (run / "final" / "generator.json").is_file()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_read_only_permission_denied_and_full_destinations_are_user_errors(tmp_path, tokens, tok_dir, generator, images,
+                                                                          monkeypatch, code):
+    # Tests run as root (permissions are not enforced) and without a read-only mount, so the kernel's
+    # answer is injected where the first directory of each output is made.
+    real_mkdir = os.mkdir
+
+    def refusing_mkdir(path, *a, **kw):
+        if str(path).startswith(str(tmp_path / "dest")):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+    words = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.ENOSPC: "no space left"}[code]
+    for argv in (
+        ["convert", str(generator / "model.safetensors"), "--out", str(tmp_path / "dest" / "conv"), "--arch", "rar"],
+        ["encode", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "dest" / "enc")],
+        ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "dest" / "run"), *TRAIN_AR],
+        ["train-tokenizer", str(images), "--config", "tiny-vqgan", "--out", str(tmp_path / "dest" / "tok"),
+         "--device", "cpu"],
+        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "dest" / "s"), "--tokens-only", "--num", "1", "--device", "cpu"],
+    ):
+        _one_line_error(runner.invoke(app, argv), words)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_out_naming_a_file_is_refused_by_every_writing_command(tmp_path, tokens, tok_dir, generator, images):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    for argv in (
+        ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(blocker), *TRAIN_AR],
+        ["train-tokenizer", str(images), "--config", "tiny-vqgan", "--out", str(blocker), "--device", "cpu"],
+        _encode_args(images, tok_dir, blocker),
+        ["sample", "--ckpt", str(generator), "--out", str(blocker), "--tokens-only", "--device", "cpu"],
+        ["convert", str(generator / "model.safetensors"), "--out", str(blocker), "--arch", "rar", "--overwrite"],
+    ):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output, result.exception)
+        _one_line_error(result, "is a file")
+    assert blocker.read_text() == "keep"
+
+
+# ----------------------------------------------------------------------------------------- run locks
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(tmp_path, images, tok_dir):
+    out = tmp_path / "out"
+    lock = acquire_run_lock(out, "encode")  # a live run (this process) holds --out
+    try:
+        result = runner.invoke(app, _encode_args(images, tok_dir, out))
+        _one_line_error(result, "in use by a vqtok encode run", f"pid {os.getpid()}")
+        assert not out.exists() or not any(out.iterdir())
+    finally:
+        lock.release()
+    assert not lock_path(out).exists()
+    # a run killed with SIGKILL leaves its lock file; the next run takes it over with a message
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vqtok.run_lock import acquire_run_lock; "
+                               f"held = acquire_run_lock({str(out)!r}, 'encode'); print('locked', flush=True); time.sleep(60)"],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    busy = runner.invoke(app, _encode_args(images, tok_dir, out))
+    _one_line_error(busy, "in use by", f"pid {holder.pid}")
+    holder.kill()
+    holder.wait()
+    assert lock_path(out).exists()
+    result = runner.invoke(app, _encode_args(images, tok_dir, out))
+    assert result.exit_code == 0, result.output
+    assert f"took over the stale lock on {out} left by a vqtok encode run (pid {holder.pid}" in result.output
+    assert not lock_path(out).exists()
+
+
+def test_training_and_sampling_refuse_an_out_that_another_run_holds(tmp_path, tokens, tok_dir, generator):
+    for argv in (
+        ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "run"), *TRAIN_AR],
+        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "run"), "--tokens-only", "--num", "1", "--device", "cpu"],
+    ):
+        lock = acquire_run_lock(tmp_path / "run", "train")
+        try:
+            _one_line_error(runner.invoke(app, argv), "in use by a vqtok train run")
+        finally:
+            lock.release()
+        assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ 15.6 numeric options
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.batch_size=0", "train.batch_size must be at least 1, got 0"),
+    ("train.grad_accum=0", "train.grad_accum must be at least 1, got 0"),
+    ("train.ema_decay=1.5", "train.ema_decay must be in [0.0, 1.0), got 1.5"),
+    ("optim.lr=-1", "optim.lr must be greater than 0.0, got -1"),
+    ("optim.betas=[0.9,1.2]", "optim.betas[1] must be in [0.0, 1.0), got 1.2"),
+    ("train.num_workers=-1", "train.num_workers must be at least 0, got -1"),
+])
+def test_out_of_range_training_options_name_the_valid_range(tmp_path, tokens, tok_dir, override, needle):
+    _one_line_error(_train_ar(tokens, tok_dir, tmp_path / "run", override), needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_range_tokenizer_optimizer_options_name_the_key_path(tmp_path, images):
+    for override, needle in (("optim.generator.lr=-1", "optim.generator.lr must be greater than 0.0, got -1"),
+                             ("optim.discriminator.eps=0", "optim.discriminator.eps must be greater than 0.0"),
+                             ("data.resolution=0", "data.resolution must be at least 8, got 0"),
+                             ("loss.lecam_decay=1", "loss.lecam_decay must be in [0.0, 1.0), got 1")):
+        result = runner.invoke(app, ["train-tokenizer", str(images), "--config", "tiny-vqgan", "--out",
+                                     str(tmp_path / "run"), "--device", "cpu", override])
+        _one_line_error(result, needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--top-p", "0"], "--top-p must be in (0.0, 1.0], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0.0, 1.0], got 1.5"),
+    (["--temperature", "-1"], "--temperature must be at least 0.0, got -1.0"),
+    (["--cfg", "-2"], "--cfg must be at least 0.0, got -2.0"),
+    (["--cfg-power", "-1"], "--cfg-power must be at least 0.0"),
+])
+def test_out_of_range_sampling_options_name_the_valid_range(tmp_path, generator, flags, needle):
+    result = runner.invoke(app, ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "s"), "--tokens-only",
+                                 "--device", "cpu", *flags])
+    _one_line_error(result, needle)
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------ 15.7 messages
+
+
+def test_random_bytes_are_not_a_weight_file_and_no_absent_flag_is_suggested(tmp_path):
+    from vqtok.weights import load_state_dict_file
+
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    line = _one_line_error(runner.invoke(app, ["convert", str(noise), "--out", str(tmp_path / "c")]),
+                           "not a weight file (unrecognised content")
+    assert "pickle" not in line
+    import argparse
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "args": argparse.Namespace(a=1)}, pickled)
+    with pytest.raises(UserError) as exc:  # eval-fid / LPIPS load without a --trust-pickle flag
+        load_state_dict_file(pickled)
+    assert "pickled Python objects" in str(exc.value) and "--trust-pickle" not in str(exc.value)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(2):
+        _photo(i).save(samples / f"{i}.png")
+    result = runner.invoke(app, ["eval-fid", str(samples), "--ref", str(samples), "--inception-weights", str(pickled),
+                                 "--device", "cpu"])
+    line = _one_line_error(result, "pickled")
+    assert "--trust-pickle" not in line
+
+
+def test_a_worker_side_data_error_is_one_line_without_the_worker_traceback(tmp_path):
+    root = tmp_path / "broken"
+    (root / "c").mkdir(parents=True)
+    for i in range(2):
+        (root / "c" / f"{i}.png").write_bytes(b"not an image")
+    result = runner.invoke(app, ["train-tokenizer", str(root), "--config", "tiny-vqgan", "--out", str(tmp_path / "run"),
+                                 "--device", "cpu", "train.num_workers=1", "train.steps=1"])
+    line = _one_line_error(result, "could be decoded")
+    assert "DataLoader worker" not in line and "Original Traceback" not in line
+
+
+# ------------------------------------------------------------------------------------- 15.8 cleanup
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_listed_at_the_next_start(tmp_path, tokens, tok_dir):
+    run = tmp_path / "run"
+    assert _train_ar(tokens, tok_dir, run, "train.ckpt_every=1", "train.keep_last=5").exit_code == 0
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000001", "step-00000002"]
+    (ckpts / ".step-00000003.tmp-0123abcd").mkdir()  # killed while writing step 3
+    (ckpts / ".step-00000003.tmp-0123abcd" / "state.pt").write_bytes(b"partial")
+    half = ckpts / "step-00000001"
+    (half / "meta.json").unlink()  # killed while pruning step 1 (older vqtok deleted in place)
+    (ckpts / ".step-00000000.pruning").mkdir()
+    result = _train_ar(tokens, tok_dir, run, "train.steps=3", "--resume", "auto")
+    assert result.exit_code == 0, result.output
+    assert "removed leftovers of an interrupted run" in result.output
+    for name in ("checkpoints/.step-00000003.tmp-0123abcd", "checkpoints/step-00000001 (half-deleted)",
+                 "checkpoints/.step-00000000.pruning"):
+        assert name in result.output, result.output
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_overwrite_replaces_only_directories_the_command_made(tmp_path, generator, tokens, tok_dir, images):
+    dataset = _copy(images, tmp_path / "dataset")
+    before = _snapshot(dataset)
+    for argv in (
+        ["convert", str(generator / "model.safetensors"), "--out", str(dataset), "--arch", "rar", "--overwrite"],
+        ["sample", "--ckpt", str(generator), "--out", str(dataset), "--tokens-only", "--num", "1", "--overwrite", "--device", "cpu"],
+        ["demo-data", str(dataset), "--overwrite"],
+        _encode_args(images, tok_dir, dataset, "--overwrite"),
+    ):
+        _one_line_error(runner.invoke(app, argv))
+    assert _snapshot(dataset) == before
+    # a directory the same command made is replaced
+    conv = tmp_path / "conv"
+    convert = ["convert", str(generator / "model.safetensors"), "--out", str(conv), "--arch", "rar"]
+    assert runner.invoke(app, convert).exit_code == 0
+    assert runner.invoke(app, [*convert, "--overwrite"]).exit_code == 0
+    sampled = tmp_path / "sampled"
+    sample = ["sample", "--ckpt", str(generator), "--out", str(sampled), "--tokens-only", "--num", "1", "--device", "cpu"]
+    assert runner.invoke(app, sample).exit_code == 0
+    assert runner.invoke(app, [*sample, "--overwrite"]).exit_code == 0
