@@ -172,7 +172,7 @@ def test_sampling_refuses_a_tokenizer_the_generator_was_not_trained_on(pipeline,
 
     other = build_tokenizer("tiny-fsq").save(tmp_path / "other-tok")
     result = runner.invoke(app, ["sample", "--ckpt", str(pipeline["rar"] / "final"), "--tokenizer", str(other),
-                                 "--num", "1", "--out", str(tmp_path / "s"), "--device", "cpu"])
+                                 "--num-samples", "1", "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "tokenizer" in result.output.lower()
 

@@ -78,8 +78,8 @@ def test_per_class_labels_are_class_balanced_in_official_order():
 
 
 def test_num_labels_come_from_the_seed_and_classes_are_checked():
-    a, b = class_labels(10, num=40, seed=3), class_labels(10, num=40, seed=3)
-    assert np.array_equal(a, b) and not np.array_equal(a, class_labels(10, num=40, seed=4))
+    a, b = class_labels(10, num_samples=40, seed=3), class_labels(10, num_samples=40, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, class_labels(10, num_samples=40, seed=4))
     assert a.min() >= 0 and a.max() < 10
     with pytest.raises(UserError, match="outside"):
         class_labels(10, classes=[3, 10])
@@ -166,7 +166,7 @@ def test_per_class_npz_is_adm_format_and_class_balanced(ckpts, tmp_path):
 
 def test_same_seed_same_samples_at_any_batch_size(ckpts, tmp_path):
     def run(name, batch, seed, *extra):
-        result = sample_cli(ckpts, tmp_path / name, "--num", "5", "--batch-size", batch, "--seed", seed, *extra)
+        result = sample_cli(ckpts, tmp_path / name, "--num-samples", "5", "--batch-size", batch, "--seed", seed, *extra)
         assert result.exit_code == 0, result.output
         return np.load(tmp_path / name / ("tokens.npy" if extra == ("--tokens-only",) else "samples.npz"))
 
@@ -197,7 +197,7 @@ def test_tokens_only_writes_token_grids_and_labels(ckpts, tmp_path):
     (["--classes", "1,5"], "outside this generator's 5 classes"),
     (["--classes", "1", "--per-class", "2"], "cannot be combined"),
     (["--tokens-only", "--npz"], "cannot be combined"),
-    (["--classes", "1,x"], "comma-separated integers"),
+    (["--classes", "1,x"], "not a class id, and this generator records no class names"),
     (["--cfg-preset", "paper"], "not one of the paper's RAR sizes"),
 ])
 def test_bad_options_fail_cleanly(ckpts, tmp_path, args, message):
@@ -216,7 +216,7 @@ def test_bad_options_fail_cleanly(ckpts, tmp_path, args, message):
 ])
 def test_mismatched_or_missing_checkpoints_are_refused(ckpts, tmp_path, gen, message):
     tok = [] if gen in ("gen-nopath", "gen-hash") else ["--tokenizer", str(ckpts / "tok")]
-    result = runner.invoke(app, ["sample", "--ckpt", str(ckpts / gen), "--out", str(tmp_path / "o"), "--num", "2", *tok])
+    result = runner.invoke(app, ["sample", "--ckpt", str(ckpts / gen), "--out", str(tmp_path / "o"), "--num-samples", "2", *tok])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not list(tmp_path.iterdir())
@@ -225,20 +225,20 @@ def test_mismatched_or_missing_checkpoints_are_refused(ckpts, tmp_path, gen, mes
 def test_unwritable_or_occupied_output_is_refused(ckpts, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = sample_cli(ckpts, blocker / "out", "--num", "1")
+    result = sample_cli(ckpts, blocker / "out", "--num-samples", "1")
     assert result.exit_code == 2 and "not a directory" in result.output
-    result = sample_cli(ckpts, blocker, "--num", "1")
+    result = sample_cli(ckpts, blocker, "--num-samples", "1")
     assert result.exit_code == 2 and "is a file" in result.output
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    result = sample_cli(ckpts, occupied, "--num", "1")
+    result = sample_cli(ckpts, occupied, "--num-samples", "1")
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (occupied / "keep.txt").read_text() == "mine"
     if os.geteuid() != 0:  # root ignores directory permissions
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        result = sample_cli(ckpts, locked / "out", "--num", "1")
+        result = sample_cli(ckpts, locked / "out", "--num-samples", "1")
         assert result.exit_code == 2 and "not writable" in result.output
 
 
@@ -246,7 +246,7 @@ def test_a_run_that_fails_midway_leaves_nothing_behind(ckpts, tmp_path, monkeypa
     import vqtok.ar.generate as generate
 
     calls = []
-    real = generate.sample_tokens
+    real = generate.sample
 
     def failing(*args, **kw):
         calls.append(1)
@@ -254,8 +254,8 @@ def test_a_run_that_fails_midway_leaves_nothing_behind(ckpts, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(generate, "sample_tokens", failing)
-    opts = generate.SampleOptions(ckpt=ckpts / "gen", out=tmp_path / "o", num=4, batch_size=2, npz=True, png=True,
+    monkeypatch.setattr(generate, "sample", failing)
+    opts = generate.SampleOptions(ckpt=ckpts / "gen", out=tmp_path / "o", num_samples=4, batch_size=2, npz=True, png=True,
                                   device="cpu", progress=False)
     with pytest.raises(KeyboardInterrupt):
         generate.run_sampling(opts)

@@ -15,6 +15,12 @@ class CfgPreset(str, Enum):
     paper = "paper"
 
 
+class CudaGraphs(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -31,9 +37,9 @@ def sample_command(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Softmax temperature (0 = argmax). Default 1.0."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass to keep (1 = all)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class ids, one image each: 1,207,360."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class ids or class names from the manifest, one image each: 1,207,360 or cat,dog."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class, class-balanced (50 -> the FID-50k set)."),
-    num: Optional[int] = typer.Option(None, "--num", help="N images with labels drawn from the seed (default 16)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="N images with labels drawn from the seed (default 16)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward batch (CFG doubles the rows)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same tokens at any batch size or rank count (and same images at the same batch size)."),
     out: Path = typer.Option(Path("samples"), "--out", help="Output directory."),
@@ -43,6 +49,7 @@ def sample_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
     dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="fp32, or bf16 autocast for the generator."),
+    cuda_graphs: CudaGraphs = typer.Option(CudaGraphs.auto, "--cuda-graphs", help="Replay each decode step as a CUDA graph (auto: on for CUDA devices)."),
 ) -> None:
     """Sample class-conditional images with a KV-cached RAR generator and classifier-free guidance.
 
@@ -50,15 +57,16 @@ def sample_command(
 
     Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """
-    from vqtok.ar.generate import SampleOptions, describe, parse_class_list, run_sampling
+    from vqtok.ar.generate import SampleOptions, describe, run_sampling, split_class_list
 
     options = SampleOptions(
         ckpt=ckpt, out=out, tokenizer=tokenizer,
-        classes=parse_class_list(classes) if classes is not None else None, per_class=per_class, num=num,
+        classes=split_class_list(classes) if classes is not None else None, per_class=per_class, num_samples=num_samples,
         guidance=cfg, schedule=cfg_schedule, power=cfg_power, paper=cfg_preset is not None,
         temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
         npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite, device=device, dtype=dtype.value,
+        cuda_graphs=cuda_graphs.value,
     )
-    result = run_sampling(options)
+    result = run_sampling(options, log=typer.echo)
     if result.files:  # rank 0 only
         typer.echo(describe(result))
