@@ -199,6 +199,7 @@ class ARTrainTask:
                                        tokens_per_image=int(manifest["tokenizer"]["tokens_per_view"]))
         self.model_config, cfg.model = resolve_model(cfg.model, manifest)
         self.num_samples = int(manifest["num_samples"])
+        self.class_names = list(manifest.get("classes") or [])  # recorded so `sample --classes` takes names
         if self.num_samples < 1:
             raise UserError(f"{self.tokens_dir} holds no samples")
         self.steps_per_epoch = self.num_samples / cfg.train.batch_size
@@ -345,7 +346,7 @@ class ARTrainTask:
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
         # `vqtok sample` finds the tokenizer through this path when --tokenizer is not given
         extra = {"trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
-                 "epochs": round(self.epoch(self.cfg.train.steps), 4)}
+                 "epochs": round(self.epoch(self.cfg.train.steps), 4), "classes": self.class_names}
         save_generator(dest, state, self.model_config, self.tokenizer_identity, extra)
 
 
