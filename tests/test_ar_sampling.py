@@ -241,3 +241,27 @@ def test_describe_sampling_names_the_resolved_settings():
     line = describe_sampling(SamplingConfig(guidance_scale=3.0, temperature=0.0, top_k=5, top_p=0.9), 16)
     assert line == "guidance constant 3; temperature 0 (argmax); top-k 5; top-p 0.9"
     assert describe_sampling(SamplingConfig(guidance_scale=0.0), 16).startswith("guidance off")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("guided", [True, False])
+def test_cuda_graph_decoder_gives_the_eager_tokens_on_cuda(guided):
+    from vqtok.ar.cuda_graphs import CUDAGraphDecoder
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = make_model(order="spiral-in").cuda()
+        cfg = SamplingConfig(guidance_scale=3.0 if guided else 0.0, guidance_schedule="power-cosine",
+                             guidance_power=1.5, top_k=15)
+        graphed = CUDAGraphDecoder(model, 3, cfg.uses_cfg, scan_order("spiral-in", 4, 4))
+        assert len(graphed.graphs) == 15
+        for seed, classes in enumerate([torch.tensor([0, 3, 3]), torch.tensor([4, 1, 2])]):
+            u = _uniforms(3, 16, seed)
+            eager = sample(model, classes, cfg, draw=InverseCDFDraw(u))
+            replayed = sample(model, classes, cfg, draw=InverseCDFDraw(u), decoder=graphed, return_probs=True)
+            assert torch.equal(replayed.tokens, eager.tokens)
+            again = sample(model, classes, cfg, draw=InverseCDFDraw(u), decoder=graphed, return_probs=True)
+            assert torch.equal(again.probs, replayed.probs)  # replays are deterministic
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

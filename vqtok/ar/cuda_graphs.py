@@ -57,7 +57,8 @@ class CUDAGraphDecoder(StaticDecoder):
         was_training = self.model.training
         self.model.eval()  # the graphs keep the kernels they were captured with: no dropout
         try:
-            self._capture_steps()
+            with torch.cuda.device(self.device):  # capture on the model's GPU whatever the current device
+                self._capture_steps()
         finally:
             self.model.train(was_training)
 
@@ -81,5 +82,5 @@ class CUDAGraphDecoder(StaticDecoder):
 
     def step(self, token: torch.Tensor, step: int) -> torch.Tensor:
         self.token.copy_(token)
-        self.graphs[step - 1].replay()
+        self.graphs[step - 1].replay()  # decode step `step`: reads token, orders, cache; writes cache, logits
         return self.logits

@@ -279,6 +279,8 @@ class StaticDecoder:
     def start(self, cond_ids: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
         if cond_ids.shape != (self.rows,) or orders.shape != self.orders.shape:
             raise ValueError(f"this static decoder runs {self.rows} rows, got conditions {tuple(cond_ids.shape)}")
+        if not torch.equal(orders, self.orders):  # once per batch: the steps read the static orders
+            raise ValueError("this static decoder was built for another scan order")
         self.cond_ids.copy_(cond_ids)
         if self.guided:
             self.distinct[: self.batch].copy_(cond_ids[: self.batch])
