@@ -30,7 +30,7 @@ class Dtype(str, Enum):
 def sample_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Generator checkpoint directory (from train-ar or convert)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (default: the one the generator records)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale; alone it is constant (0 disables CFG). Default 4.0."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale; alone it is constant, with --cfg-preset paper it replaces only the paper's scale (0 disables CFG). Default 4.0."),
     cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | linear | power-cosine."),
     cfg_power: Optional[float] = typer.Option(None, "--cfg-power", help="Power-cosine exponent (implies power-cosine; 0 = constant)."),
     cfg_preset: Optional[CfgPreset] = typer.Option(None, "--cfg-preset", help="'paper': the tuned scale, power and temperature of this RAR size."),
@@ -55,7 +55,7 @@ def sample_command(
 
     Writes grid.png (class id under each image), labels.npy and sample.json into --out, plus samples.npz (--npz), per-image PNGs (--png) or token grids instead of pixels (--tokens-only).
 
-    Under torchrun the ranks split the label list and rank 0 writes the outputs.
+    Prints the resolved guidance schedule, temperature and filters before it starts. Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """
     from vqtok.ar.generate import SampleOptions, describe, run_sampling, split_class_list
 
