@@ -17,5 +17,7 @@ def _deterministic():
 @pytest.fixture
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
+        if os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1":  # .ci/run: no conformance checked is a failure
+            pytest.fail(f"conformance fixtures not found at {FIXTURES} (set VQTOK_FIXTURES); VQTOK_REQUIRE_FIXTURES=1")
         pytest.skip(f"conformance fixtures not found at {FIXTURES} (set VQTOK_FIXTURES)")
     return FIXTURES

@@ -6,7 +6,9 @@ import torch
 from vqtok.ar.orders import scan_order
 from vqtok.ar.presets import SAMPLING_PRESETS, paper_sampling
 from vqtok.ar.rar import RAR, RARConfig
-from vqtok.ar.sampling import SamplingConfig, filter_logits, guidance_scale_at, guidance_schedule, sample
+from vqtok.ar.sampling import (CachedDecoder, ForcedDraw, FullRecompute, GeneratorDraw, InverseCDFDraw, SamplingConfig,
+                                StaticDecoder, describe_sampling, filter_logits, guidance_scale_at, guidance_schedule,
+                                sample)
 from vqtok.errors import UserError
 
 
@@ -137,3 +139,129 @@ def test_bad_sampling_settings_are_user_errors():
     assert math.isclose(paper_sampling("rar-l").temperature, 1.02)
     with pytest.raises(UserError):
         paper_sampling("rar-tiny")
+
+
+# ------------------------------------------------------------------- decoders, draws, static buffers
+
+
+def _uniforms(batch, n, seed=0):
+    return torch.rand(batch, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplingConfig(guidance_scale=3.0, guidance_schedule="power-cosine", guidance_power=1.5, top_k=15, top_p=0.95),
+    SamplingConfig(guidance_scale=0.0, temperature=0.9),
+], ids=["cfg", "no-cfg"])
+def test_static_buffer_decoder_refilled_in_place_gives_the_eager_tokens(cfg):
+    # the CUDA-graph layout on CPU: one StaticDecoder reused for successive batches, every input refilled in
+    # place, must give exactly the tokens of the eager cached decoder and of the full recomputation
+    model = make_model(order="spiral-out")
+    order = scan_order("spiral-out", 4, 4)
+    static = StaticDecoder(model, 3, cfg.uses_cfg, order)
+    addresses = (static.cond_ids.data_ptr(), static.token.data_ptr(), static.cache.k[0].data_ptr())
+    for seed, classes in enumerate([torch.tensor([0, 3, 3]), torch.tensor([4, 1, 2]), torch.tensor([2, 2, 2])]):
+        u = _uniforms(3, 16, seed)
+        eager = sample(model, classes, cfg, draw=InverseCDFDraw(u))
+        full = sample(model, classes, cfg, draw=InverseCDFDraw(u), decoder=FullRecompute(model))
+        graphed_style = sample(model, classes, cfg, draw=InverseCDFDraw(u), decoder=static, return_probs=True)
+        assert torch.equal(graphed_style.tokens, eager.tokens) and torch.equal(eager.tokens, full.tokens)
+        assert len(set(eager.tokens.flatten().tolist())) > 3
+    assert (static.cond_ids.data_ptr(), static.token.data_ptr(), static.cache.k[0].data_ptr()) == addresses
+    cond_ptr = static.cache.cond.data_ptr()
+    sample(model, torch.tensor([1, 1, 0]), cfg, draw=InverseCDFDraw(_uniforms(3, 16)), decoder=static)
+    assert static.cache.cond.data_ptr() == cond_ptr  # the condition buffer itself was refilled
+
+
+def test_refilling_the_condition_buffer_in_place_changes_the_logits():
+    # a decode step must read the conditions stored in the cache now, not a copy keyed on a tensor's identity
+    model = make_model()
+    orders = torch.arange(16).expand(4, 16)
+    cond = torch.cat([model.condition_ids(torch.tensor([0, 1])), model.null_condition_ids(2)])
+    cache = model.new_cache(4)
+    with torch.no_grad():
+        model.prefill(cond, orders, cache)
+        token = torch.tensor([5, 6, 5, 6])
+        before = model.decode_step(token, 1, orders, cache)
+        buffer = cache.cond
+        other = model.embeddings(torch.cat([model.condition_ids(torch.tensor([3, 4])), model.null_condition_ids(1)]))
+        buffer.copy_(other)  # same tensor object, new contents
+        cache.length = 2  # step 1 again: it writes slot 2
+        after = model.decode_step(token, 1, orders, cache)
+    assert cache.cond is buffer
+    assert not torch.allclose(before[:2], after[:2])  # the conditional rows now see classes 3 and 4
+    torch.testing.assert_close(before[2:], after[2:])  # the null rows did not change
+
+
+def test_a_static_decoder_refilled_with_other_classes_samples_those_classes():
+    model = make_model()
+    cfg = SamplingConfig(guidance_scale=2.0, temperature=0.0)
+    static = StaticDecoder(model, 2, True, torch.arange(16))
+    first = sample(model, torch.tensor([0, 1]), cfg, decoder=static).tokens
+    second = sample(model, torch.tensor([3, 4]), cfg, decoder=static).tokens
+    assert not torch.equal(first, second)
+    assert torch.equal(second, sample(model, torch.tensor([3, 4]), cfg).tokens)
+    with pytest.raises(ValueError, match="static decoder"):
+        sample(model, torch.tensor([3]), cfg, decoder=static)
+
+
+def test_draws_plug_into_the_one_loop():
+    model = make_model()
+    cfg = SamplingConfig(guidance_scale=2.0, top_k=10)
+    classes = torch.tensor([1, 2])
+    # GeneratorDraw is the default draw of `generator=`
+    a = sample(model, classes, cfg, draw=GeneratorDraw(torch.Generator().manual_seed(3))).tokens
+    assert torch.equal(a, sample(model, classes, cfg, generator=torch.Generator().manual_seed(3)).tokens)
+    # ForcedDraw takes generation-order tokens; forced_tokens= takes raster ones
+    forced = sample(model, classes, cfg, draw=ForcedDraw(a), return_probs=True)
+    assert torch.equal(forced.tokens, a)
+    # inverse CDF: each row depends on its own uniforms only
+    u = _uniforms(2, 16, 4)
+    pair = sample(model, classes, cfg, draw=InverseCDFDraw(u)).tokens
+    alone = sample(model, classes[1:], cfg, draw=InverseCDFDraw(u[1:])).tokens
+    assert torch.equal(pair[1:], alone)
+    with pytest.raises(ValueError, match="not both"):
+        sample(model, classes, cfg, draw=InverseCDFDraw(u), generator=torch.Generator())
+
+
+def test_the_cached_decoder_reuses_its_cache_across_batches_of_the_same_size():
+    model = make_model()
+    decoder = CachedDecoder(model)
+    cfg = SamplingConfig(guidance_scale=2.0, temperature=0.0)
+    sample(model, torch.tensor([0, 1]), cfg, decoder=decoder)
+    cache = decoder.cache
+    again = sample(model, torch.tensor([3, 3]), cfg, decoder=decoder).tokens  # grouping changes: 2 distinct rows
+    assert decoder.cache is cache and torch.equal(again, sample(model, torch.tensor([3, 3]), cfg).tokens)
+
+
+def test_describe_sampling_names_the_resolved_settings():
+    paper = paper_sampling("rar-b")
+    line = describe_sampling(paper, 256)
+    assert "power-cosine, power 2.75, scale 16" in line and "step 0: 1" in line and "temperature 1" in line
+    assert "top-k off" in line and "top-p off" in line
+    line = describe_sampling(SamplingConfig(guidance_scale=3.0, temperature=0.0, top_k=5, top_p=0.9), 16)
+    assert line == "guidance constant 3; temperature 0 (argmax); top-k 5; top-p 0.9"
+    assert describe_sampling(SamplingConfig(guidance_scale=0.0), 16).startswith("guidance off")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("guided", [True, False])
+def test_cuda_graph_decoder_gives_the_eager_tokens_on_cuda(guided):
+    from vqtok.ar.cuda_graphs import CUDAGraphDecoder
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = make_model(order="spiral-in").cuda()
+        cfg = SamplingConfig(guidance_scale=3.0 if guided else 0.0, guidance_schedule="power-cosine",
+                             guidance_power=1.5, top_k=15)
+        graphed = CUDAGraphDecoder(model, 3, cfg.uses_cfg, scan_order("spiral-in", 4, 4))
+        assert len(graphed.graphs) == 15
+        for seed, classes in enumerate([torch.tensor([0, 3, 3]), torch.tensor([4, 1, 2])]):
+            u = _uniforms(3, 16, seed)
+            eager = sample(model, classes, cfg, draw=InverseCDFDraw(u))
+            replayed = sample(model, classes, cfg, draw=InverseCDFDraw(u), decoder=graphed, return_probs=True)
+            assert torch.equal(replayed.tokens, eager.tokens)
+            again = sample(model, classes, cfg, draw=InverseCDFDraw(u), decoder=graphed, return_probs=True)
+            assert torch.equal(again.probs, replayed.probs)  # replays are deterministic
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

@@ -193,18 +193,21 @@ def test_resume_after_killing_a_real_encode_process(tmp_path, tokenizer_dir):
             "--batch-size", 1, "--workers", 0, "--device", "cpu"]
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli(*args, "--out", out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None and not (out / "tokens-000001.tar").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "encode finished before it could be killed; make the job larger"
+    log = tmp_path / "killed.log"  # the child's output, shown whenever an assertion about it fails
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(_cli(*args, "--out", out), env=env, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and not (out / "tokens-000001.tar").exists():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    child = f"\n--- output of the killed encode ---\n{log.read_text(errors='replace')[-4000:]}"
+    assert not (out / "manifest.json").exists(), "encode finished before it could be killed; make the job larger" + child
     finished_before = sorted(p.name for p in out.glob("tokens-*.tar"))
-    assert finished_before
+    assert finished_before, "the killed encode wrote no finished shard" + child
     rerun = subprocess.run(_cli(*args, "--out", out), env=env, capture_output=True, text=True, timeout=120)
-    assert rerun.returncode == 0, rerun.stderr
-    assert "resuming" in rerun.stdout
+    assert rerun.returncode == 0, child + "\n--- rerun ---\n" + rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout, rerun.stdout + rerun.stderr
     keys = [k for k, _, _ in iter_samples(out)]
     assert len(keys) == 16 and len(set(keys)) == 16
     assert not list(out.rglob(".*tmp*")) and not (out / "progress").exists()

@@ -3,28 +3,42 @@
 One test case per top-level fixture JSON, driven by the JSON alone: its `fixture` kind picks the runner,
 and sizes, file names, shapes and tolerances all come from the JSON. Weights go through the same
 `vqtok.interop` conversion users get. A second group checks that every full-size key listing in
-`keys/*.json` maps exactly (every key used, none missing, shapes equal), on the meta device.
+`keys/*.json` maps exactly (every key used, none missing, shapes equal), on the meta device. The RAR
+sampling fixtures are also run through the `vqtok sample` command itself (top-k and top-p on).
+
+Without the fixtures these tests skip; with VQTOK_REQUIRE_FIXTURES=1 (what .ci/run sets) a missing folder
+or file, or one whose SHA-256 differs from the folder's SHA256SUMS, is a failure.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("VQTOK_FIXTURES", REPO.parent / "shared" / "fixtures"))
+REQUIRED = os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1"
 
 
 def _params(paths: list[Path], what: str):
     if not paths:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {what} found under {FIXTURES} (set VQTOK_FIXTURES)"))]
+        reason = f"no {what} found under {FIXTURES} (set VQTOK_FIXTURES)"
+        # required: one case that fails with the reason instead of a skip
+        return [pytest.param(None, id=f"missing-{what.replace(' ', '-')}", marks=() if REQUIRED else pytest.mark.skip(reason=reason))]
     return [pytest.param(p, id=p.stem) for p in paths]
+
+
+def _present(path: Path | None, what: str) -> Path:
+    if path is None:
+        pytest.fail(f"no {what} found under {FIXTURES}, and VQTOK_REQUIRE_FIXTURES=1 makes that a failure")
+    return path
 
 
 FIXTURE_JSONS = sorted(FIXTURES.glob("*.json")) if FIXTURES.is_dir() else []
@@ -251,17 +265,35 @@ def run_llamagen_vq(meta, state, inputs, expected):
 TOKENIZER_RUNNERS = {"maskgit_vqgan": run_maskgit_vqgan, "var_vqvae": run_var_vqvae, "llamagen_vq": run_llamagen_vq}
 
 
+def test_every_listed_fixture_file_is_present_and_intact():
+    sums = FIXTURES / "SHA256SUMS"
+    if not sums.is_file():
+        if REQUIRED:
+            pytest.fail(f"{sums} not found, and VQTOK_REQUIRE_FIXTURES=1 makes that a failure (set VQTOK_FIXTURES)")
+        pytest.skip(f"no fixtures at {FIXTURES} (set VQTOK_FIXTURES)")
+    listed = [line.split(maxsplit=1) for line in sums.read_text().splitlines() if line.strip()]
+    assert listed, f"{sums} lists no files"
+    bad = []
+    for digest, name in listed:
+        path = FIXTURES / name.strip().lstrip("*")
+        if not path.is_file():
+            bad.append(f"{name}: missing")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            bad.append(f"{name}: SHA-256 differs from SHA256SUMS")
+    assert not bad, "fixture files:\n  " + "\n  ".join(bad)
+    # every fixture the runners below know must be there (a missing JSON would otherwise just not be collected)
+    kinds = {json.loads(p.read_text()).get("fixture") for p in FIXTURE_JSONS}
+    assert {"rar", *TOKENIZER_RUNNERS} <= kinds, f"fixture kinds found: {sorted(kinds)}"
+
+
 @pytest.mark.parametrize("json_path", _params(FIXTURE_JSONS, "fixture JSONs"))
 def test_fixture(json_path: Path):
+    json_path = _present(json_path, "fixture JSONs")
     kind = json.loads(json_path.read_text()).get("fixture")
     if kind == "rar":
-        try:
-            conformance = importlib.import_module("vqtok.ar.conformance")
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("vqtok.ar.conformance", "vqtok.ar"):
-                raise
-            pytest.skip("RAR conformance needs vqtok.ar.conformance.check_rar_fixture, which is not in this build yet")
-        conformance.check_rar_fixture(json_path)
+        from vqtok.ar.conformance import check_rar_fixture  # an ImportError here is a failure, not a skip
+
+        check_rar_fixture(json_path)
         return
     assert kind in TOKENIZER_RUNNERS, f"{json_path.name}: unknown fixture kind {kind!r}"
     TOKENIZER_RUNNERS[kind](*_load_fixture(json_path))
@@ -272,6 +304,7 @@ def test_fixture(json_path: Path):
 
 @pytest.mark.parametrize("json_path", _params(KEY_LISTINGS, "key listings"))
 def test_key_listing_maps_exactly(json_path: Path):
+    json_path = _present(json_path, "key listings")
     from vqtok.interop import detect
     from vqtok.tokenizer.tokenizer import Tokenizer
 
@@ -293,3 +326,86 @@ def test_key_listing_maps_exactly(json_path: Path):
     table = listing.get("phi_index_used_at_each_scale")
     if table is not None:
         assert model.quantize.phi_table == table, "VAR's scale -> Phi table (exact float64 ties) differs"
+
+
+# ------------------------------------------------------------------------- RAR through `vqtok sample`
+
+# top-k / top-p where the fixture's distributions leave a margin (checked below): the 8th and 9th
+# probabilities differ by >= 2.2e-4 in log space and no cumulative mass of the top 8 lies within 6e-4 of
+# 0.571, against a float32 log-prob error of ~3e-5, so an exact match of the kept sets is meaningful
+CLI_TOP_K, CLI_TOP_P = 8, 0.571
+
+
+def expected_filtered(probs: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, float, float]:
+    """The official per-step distributions after top-k then top-p (kept mass reaching top_p), renormalised;
+    written here from the definition, with the decision margins (log gap at k, cumulative distance to p)."""
+    vals, idx = probs.double().sort(dim=-1, descending=True)
+    k_gap = float((vals[..., top_k - 1].log() - vals[..., top_k].log()).min())
+    top = vals[..., :top_k] / vals[..., :top_k].sum(-1, keepdim=True)
+    before = top.cumsum(-1) - top
+    p_margin = float((before - top_p).abs().min())
+    kept = torch.zeros_like(vals)
+    kept[..., :top_k] = top * (before < top_p)
+    kept = kept / kept.sum(-1, keepdim=True)
+    return torch.zeros_like(kept).scatter(-1, idx, kept), k_gap, p_margin
+
+
+class RecordingForcedDraw:
+    """The draw `vqtok sample` uses, replaced by teacher forcing that records each step's distribution."""
+
+    def __init__(self, tokens: torch.Tensor, record: list):
+        self.tokens, self.record = tokens, record
+
+    def __call__(self, probs: torch.Tensor, step: int) -> torch.Tensor:
+        self.record.append((step, probs.clone()))
+        return self.tokens[:, step]
+
+
+RAR_JSONS = [p for p in FIXTURE_JSONS if json.loads(p.read_text()).get("fixture") == "rar"]
+
+
+@pytest.mark.parametrize("json_path", _params(RAR_JSONS, "RAR fixture JSONs"))
+def test_rar_fixture_through_the_sample_command_at_temperature_1_with_top_k_and_top_p(json_path, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import vqtok.ar.generate as generate
+    from vqtok.ar.conformance import load_rar_fixture
+    from vqtok.cli import app
+    from vqtok.interop.rar import save_converted
+
+    meta, state = load_rar_fixture(_present(json_path, "RAR fixture JSONs"))
+    save_converted(state, tmp_path / "gen")  # what `vqtok convert` writes
+    stems = [Path(f).stem for f in meta["outputs"] if Path(f).stem.startswith("generate")]
+    assert stems, "the RAR fixture has no sampling outputs"
+    for stem in stems:
+        ref = torch.load(json_path.parent / "rar" / f"{stem}.pt", map_location="cpu", weights_only=True)
+        forced, classes = ref["forced_tokens"], ref["class_labels"]  # raster = the generation order here
+        assert float(ref["randomize_temperature"]) == 1.0
+        record: list = []
+
+        def forced_draw(seed, first, count, num_tokens, rows):
+            assert rows == count == len(classes)  # one batch, eager decoder
+            return RecordingForcedDraw(forced[first:first + count], record)
+
+        monkeypatch.setattr(generate, "batch_draw", forced_draw)
+        out = tmp_path / stem
+        result = CliRunner().invoke(app, [
+            "sample", "--ckpt", str(tmp_path / "gen"), "--classes", ",".join(map(str, classes.tolist())),
+            "--cfg", str(float(ref["guidance_scale"])), "--cfg-power", str(float(ref["guidance_scale_pow"])),
+            "--temperature", "1", "--top-k", str(CLI_TOP_K), "--top-p", str(CLI_TOP_P),
+            "--batch-size", str(len(classes)), "--tokens-only", "--device", "cpu", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert f"top-k {CLI_TOP_K}; top-p {CLI_TOP_P}" in result.output
+        assert [s for s, _ in record] == list(range(forced.shape[1]))  # one draw per token, in order
+        got = torch.stack([p for _, p in record], dim=1)
+        want, k_gap, p_margin = expected_filtered(ref["probs"], CLI_TOP_K, CLI_TOP_P)
+        assert k_gap > 1e-4 and p_margin > 2e-4, f"{stem}: the fixture leaves no margin at these settings"
+        assert torch.equal(got > 0, want > 0), f"{stem}: the kept token sets differ"
+        tol = meta["tolerances"][stem]["suggested"]
+        torch.testing.assert_close(got.double(), want, atol=tol["probs"]["atol"], rtol=tol["probs"]["rtol"])
+        kept = want > 0
+        log_tol = tol["log_probs_derived_not_saved"]
+        torch.testing.assert_close(got.double()[kept].log(), want[kept].log(), atol=log_tol["atol"], rtol=log_tol["rtol"])
+        tokens = np.load(out / "tokens.npy")
+        assert np.array_equal(tokens.reshape(len(classes), -1), forced.numpy())
+        assert np.array_equal(np.load(out / "labels.npy"), classes.numpy())

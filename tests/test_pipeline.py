@@ -172,7 +172,7 @@ def test_sampling_refuses_a_tokenizer_the_generator_was_not_trained_on(pipeline,
 
     other = build_tokenizer("tiny-fsq").save(tmp_path / "other-tok")
     result = runner.invoke(app, ["sample", "--ckpt", str(pipeline["rar"] / "final"), "--tokenizer", str(other),
-                                 "--num", "1", "--out", str(tmp_path / "s"), "--device", "cpu"])
+                                 "--num-samples", "1", "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "tokenizer" in result.output.lower()
 
@@ -180,6 +180,9 @@ def test_sampling_refuses_a_tokenizer_the_generator_was_not_trained_on(pipeline,
 def test_sampling_finds_the_tokenizer_train_ar_recorded(pipeline, tmp_path):
     gen = json.loads((pipeline["rar"] / "final" / "generator.json").read_text())
     assert Path(gen["tokenizer_path"]).resolve() == (pipeline["tok"] / "final").resolve()
-    vqtok("sample", "--ckpt", pipeline["rar"] / "final", "--classes", "1", "--npz", "--out", tmp_path / "s", "--device", "cpu")
+    assert gen["classes"] == json.loads((pipeline["tokens"] / "manifest.json").read_text())["classes"]
+    # --classes takes the manifest's class names as well as ids
+    vqtok("sample", "--ckpt", pipeline["rar"] / "final", "--classes", f"{gen['classes'][1]},0", "--npz",
+          "--out", tmp_path / "s", "--device", "cpu")
     with np.load(tmp_path / "s" / "samples.npz") as npz:
-        assert npz["arr_0"].shape == (1, 64, 64, 3)
+        assert npz["arr_0"].shape == (2, 64, 64, 3) and npz["labels"].tolist() == [1, 0]

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from vqtok.ar.rar import RAR, RARConfig, Dropout, causal_attention_with_dropout, one_query_attention
+from vqtok.ar.rar import RAR, RARConfig, Dropout, causal_attention_with_dropout, group_conditions, one_query_attention
 
 TINY = dict(hidden_size=32, depth=2, num_heads=4, intermediate_size=64, vocab_size=16, seq_len=16, num_classes=5)
 
@@ -50,14 +50,12 @@ def test_decode_shares_the_modulation_of_repeated_conditions_without_changing_lo
     logits = []
     for share in (True, False):
         cache = model.new_cache(6)
-        emb = model.embeddings(cond)
+        groups = group_conditions(cond) if share else (cond, None)
         if share:
-            distinct, rows = cache.condition_groups(emb)
-            assert distinct.shape[0] == 3 and torch.equal(distinct[rows], emb)
-        else:
-            cache.condition_groups = lambda e: (e, None)
+            distinct, rows = groups
+            assert distinct.shape[0] == 3 and torch.equal(distinct[rows], cond)
         with torch.no_grad():
-            out = [model.prefill(cond, orders, cache)]
-            out += [model.decode_step(tokens[:, s - 1], s, emb, orders, cache) for s in range(1, 5)]
+            out = [model.prefill(cond, orders, cache, groups)]
+            out += [model.decode_step(tokens[:, s - 1], s, orders, cache) for s in range(1, 5)]
         logits.append(torch.stack(out))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)

@@ -59,6 +59,8 @@ def ckpts(tmp_path_factory):
     odd_grid, odd_cfg = tiny_generator(seq_len=48, grid=[6, 8])
     save_generator(root / "gen-tokens", odd_grid, odd_cfg, None)
     save_generator(root / "gen-hash", model, cfg, dict(identity, hash="0" * 64, path="../tok"))
+    save_generator(root / "gen-named", model, cfg, dict(identity, path="../tok"),
+                   {"classes": ["cat", "coffee", "dog", "7", "zebra"]})
     return root
 
 
@@ -78,8 +80,8 @@ def test_per_class_labels_are_class_balanced_in_official_order():
 
 
 def test_num_labels_come_from_the_seed_and_classes_are_checked():
-    a, b = class_labels(10, num=40, seed=3), class_labels(10, num=40, seed=3)
-    assert np.array_equal(a, b) and not np.array_equal(a, class_labels(10, num=40, seed=4))
+    a, b = class_labels(10, num_samples=40, seed=3), class_labels(10, num_samples=40, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, class_labels(10, num_samples=40, seed=4))
     assert a.min() >= 0 and a.max() < 10
     with pytest.raises(UserError, match="outside"):
         class_labels(10, classes=[3, 10])
@@ -104,6 +106,17 @@ def test_sampling_flags_resolve_like_the_issue_says():
     assert sampling_config("rar-l", temperature=0.9).temperature == 0.9  # explicit flags win over the preset
     with pytest.raises(UserError, match="schedule"):
         sampling_config(schedule="cosine")
+
+
+def test_paper_preset_with_cfg_changes_only_the_scale():
+    paper = sampling_config("rar-b")
+    scaled = sampling_config("rar-b", guidance=8.0)
+    assert (scaled.guidance_schedule, scaled.guidance_power, scaled.temperature) == (
+        paper.guidance_schedule, paper.guidance_power, paper.temperature) == ("power-cosine", 2.75, 1.0)
+    assert scaled.guidance_scale == 8.0 and paper.guidance_scale == 16.0
+    assert sampling_config("rar-b", guidance=8.0, power=1.0).guidance_power == 1.0
+    assert sampling_config("rar-b", guidance=8.0, schedule="constant").guidance_schedule == "constant"
+    assert sampling_config(guidance=8.0).guidance_schedule == "constant"  # without the preset: a constant scale
 
 
 # ------------------------------------------------------------------------------------------ drawing
@@ -166,7 +179,7 @@ def test_per_class_npz_is_adm_format_and_class_balanced(ckpts, tmp_path):
 
 def test_same_seed_same_samples_at_any_batch_size(ckpts, tmp_path):
     def run(name, batch, seed, *extra):
-        result = sample_cli(ckpts, tmp_path / name, "--num", "5", "--batch-size", batch, "--seed", seed, *extra)
+        result = sample_cli(ckpts, tmp_path / name, "--num-samples", "5", "--batch-size", batch, "--seed", seed, *extra)
         assert result.exit_code == 0, result.output
         return np.load(tmp_path / name / ("tokens.npy" if extra == ("--tokens-only",) else "samples.npz"))
 
@@ -197,7 +210,7 @@ def test_tokens_only_writes_token_grids_and_labels(ckpts, tmp_path):
     (["--classes", "1,5"], "outside this generator's 5 classes"),
     (["--classes", "1", "--per-class", "2"], "cannot be combined"),
     (["--tokens-only", "--npz"], "cannot be combined"),
-    (["--classes", "1,x"], "comma-separated integers"),
+    (["--classes", "1,x"], "not a class id, and this generator records no class names"),
     (["--cfg-preset", "paper"], "not one of the paper's RAR sizes"),
 ])
 def test_bad_options_fail_cleanly(ckpts, tmp_path, args, message):
@@ -216,7 +229,7 @@ def test_bad_options_fail_cleanly(ckpts, tmp_path, args, message):
 ])
 def test_mismatched_or_missing_checkpoints_are_refused(ckpts, tmp_path, gen, message):
     tok = [] if gen in ("gen-nopath", "gen-hash") else ["--tokenizer", str(ckpts / "tok")]
-    result = runner.invoke(app, ["sample", "--ckpt", str(ckpts / gen), "--out", str(tmp_path / "o"), "--num", "2", *tok])
+    result = runner.invoke(app, ["sample", "--ckpt", str(ckpts / gen), "--out", str(tmp_path / "o"), "--num-samples", "2", *tok])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not list(tmp_path.iterdir())
@@ -225,20 +238,20 @@ def test_mismatched_or_missing_checkpoints_are_refused(ckpts, tmp_path, gen, mes
 def test_unwritable_or_occupied_output_is_refused(ckpts, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = sample_cli(ckpts, blocker / "out", "--num", "1")
+    result = sample_cli(ckpts, blocker / "out", "--num-samples", "1")
     assert result.exit_code == 2 and "not a directory" in result.output
-    result = sample_cli(ckpts, blocker, "--num", "1")
+    result = sample_cli(ckpts, blocker, "--num-samples", "1")
     assert result.exit_code == 2 and "is a file" in result.output
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    result = sample_cli(ckpts, occupied, "--num", "1")
+    result = sample_cli(ckpts, occupied, "--num-samples", "1")
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (occupied / "keep.txt").read_text() == "mine"
     if os.geteuid() != 0:  # root ignores directory permissions
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        result = sample_cli(ckpts, locked / "out", "--num", "1")
+        result = sample_cli(ckpts, locked / "out", "--num-samples", "1")
         assert result.exit_code == 2 and "not writable" in result.output
 
 
@@ -246,7 +259,7 @@ def test_a_run_that_fails_midway_leaves_nothing_behind(ckpts, tmp_path, monkeypa
     import vqtok.ar.generate as generate
 
     calls = []
-    real = generate.sample_tokens
+    real = generate.sample
 
     def failing(*args, **kw):
         calls.append(1)
@@ -254,8 +267,8 @@ def test_a_run_that_fails_midway_leaves_nothing_behind(ckpts, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(generate, "sample_tokens", failing)
-    opts = generate.SampleOptions(ckpt=ckpts / "gen", out=tmp_path / "o", num=4, batch_size=2, npz=True, png=True,
+    monkeypatch.setattr(generate, "sample", failing)
+    opts = generate.SampleOptions(ckpt=ckpts / "gen", out=tmp_path / "o", num_samples=4, batch_size=2, npz=True, png=True,
                                   device="cpu", progress=False)
     with pytest.raises(KeyboardInterrupt):
         generate.run_sampling(opts)
@@ -276,3 +289,58 @@ def test_two_torchrun_ranks_write_the_same_npz_as_one_process(ckpts, tmp_path):
     assert np.array_equal(one["labels"], two["labels"])
     assert np.array_equal(one["arr_0"], two["arr_0"])
     assert json.loads((tmp_path / "two" / "sample.json").read_text())["world_size"] == 2
+
+
+def test_sample_prints_the_resolved_settings_before_it_starts(ckpts, tmp_path):
+    result = sample_cli(ckpts, tmp_path / "o", "--num-samples", "2", "--tokens-only", "--cfg", "3", "--cfg-power", "2",
+                        "--top-k", "40", "--top-p", "0.9", "--temperature", "0.8")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    settings = next(i for i, line in enumerate(lines) if line.startswith("sampling settings:"))
+    assert settings < next(i for i, line in enumerate(lines) if line.startswith("wrote 2 samples"))
+    assert "guidance power-cosine, power 2, scale 3 (step 0: 1" in lines[settings]
+    assert "temperature 0.8; top-k 40; top-p 0.9" in lines[settings]
+    assert "CUDA graphs off" in result.output and "batch 32" in result.output
+
+
+def test_classes_accept_the_recorded_class_names(ckpts, tmp_path):
+    out = tmp_path / "n"
+    result = runner.invoke(app, ["sample", "--ckpt", str(ckpts / "gen-named"), "--out", str(out), "--device", "cpu",
+                                 "--classes", "dog, cat,1,7,4", "--tokens-only"])
+    assert result.exit_code == 0, result.output
+    # a recorded name wins over reading the entry as an id: "7" is class 3's name
+    assert np.load(out / "labels.npy").tolist() == [2, 0, 1, 3, 4]
+    assert "2 (dog), 0 (cat)" not in result.output and "0 (cat), 1 (coffee)" in result.output
+    assert json.loads((out / "sample.json").read_text())["labels"]["classes"] == [2, 0, 1, 3, 4]
+    bad = runner.invoke(app, ["sample", "--ckpt", str(ckpts / "gen-named"), "--out", str(tmp_path / "b"),
+                              "--device", "cpu", "--classes", "cat,lion", "--tokens-only"])
+    assert bad.exit_code == 2 and "'lion' is neither a class id nor one of this generator's 5 class names (cat, coffee" in bad.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_cuda_graphs_on_without_cuda_is_refused(ckpts, tmp_path):
+    result = sample_cli(ckpts, tmp_path / "o", "--num-samples", "1", "--cuda-graphs", "on", "--tokens-only")
+    assert result.exit_code == 2 and "--cuda-graphs on needs a CUDA device" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_static_decoder_run_with_a_padded_last_batch_writes_the_eager_tokens(ckpts, tmp_path, monkeypatch):
+    # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
+    import vqtok.ar.generate as generate
+    from vqtok.ar.sampling import StaticDecoder
+
+    made = []
+
+    def static_decoder(model, cfg, batch, graphs):
+        made.append(StaticDecoder(model, batch, cfg.uses_cfg, torch.arange(model.config.seq_len)))
+        return made[-1]
+
+    args = ["--num-samples", "5", "--batch-size", "2", "--seed", "3", "--tokens-only", "--cfg", "2", "--top-p", "0.9"]
+    eager = sample_cli(ckpts, tmp_path / "eager", *args)
+    assert eager.exit_code == 0, eager.output
+    monkeypatch.setattr(generate, "_make_decoder", static_decoder)
+    static = sample_cli(ckpts, tmp_path / "static", *args)
+    assert static.exit_code == 0, static.output
+    assert len(made) == 1 and made[0].batch == 2
+    assert np.array_equal(np.load(tmp_path / "eager" / "tokens.npy"), np.load(tmp_path / "static" / "tokens.npy"))
+    assert np.load(tmp_path / "static" / "tokens.npy").shape == (5, 8, 8)

@@ -10,10 +10,11 @@ place at the end, so a failed or interrupted run leaves nothing half-written):
     labels.npy          (N,) int64 class ids, always
     sample.json         the resolved settings: checkpoint, tokenizer, sampling config, seed, labels spec
 
-Labels. `--classes 1,207,360` gives one image per listed id (repeats allowed), `--per-class N` gives
-`list(range(C)) * N` (the class-balanced order of the official FID script: 50 per class over 1000 classes
-is the standard 50,000-image set), and `--num N` draws N labels uniformly from
-`numpy.random.default_rng(seed).integers(0, C, N)`.
+Labels. `--classes 1,207,360` gives one image per listed class (repeats allowed); an entry may also be a
+class name the generator records from its token manifest (`--classes cat,dog`; a recorded name wins over
+reading the entry as an id). `--per-class N` gives `list(range(C)) * N` (the class-balanced order of the
+official FID script: 50 per class over 1000 classes is the standard 50,000-image set), and
+`--num-samples N` draws N labels uniformly from `numpy.random.default_rng(seed).integers(0, C, N)`.
 
 Determinism. Sample number g (its index in the label list) draws all its tokens from its own noise stream,
 `numpy.random.default_rng([seed, g]).random(tokens)`, by inverse-CDF sampling. So the same seed gives the
@@ -21,9 +22,13 @@ same tokens whatever the batch size, the number of torchrun ranks or the device 
 draw landing within float rounding of a CDF boundary, where different matmul blockings can pick the
 neighbouring token). The same seed and batch size give bit-identical images; at another batch size the
 tokenizer's batched convolutions round differently, which moves a rare truncated uint8 pixel by one
-(3 of 61,440 values in the tests). (The RAR sampler in vqtok.ar.sampling draws for a whole batch from one torch.Generator,
-so its results depend on how samples are batched; that is why this module runs its own step loop over the
-model's cached `prefill` / `decode_step` with the same CFG schedule and logit filters.)
+(3 of 61,440 values in the tests). The tokens come from the one sampling loop, vqtok.ar.sampling.sample
+(the loop the conformance fixtures check), with its InverseCDFDraw over these per-sample uniforms.
+
+Decoding runs eagerly over the KV cache, or with `--cuda-graphs` (default on for CUDA) as one replayed
+CUDA graph per decode step over static buffers (vqtok.ar.cuda_graphs); the graphs are captured once per
+run for `--batch-size` rows, and a last, smaller batch is padded to that size (the padding rows are
+dropped; every row's tokens depend only on its own class and noise).
 
 Images follow the FID protocol of the official RAR script (reference rar.md §2.5): decoded images are
 clamped to [0, 1] and converted with `(x * 255)` truncated to uint8.
@@ -51,7 +56,8 @@ import torch
 
 from vqtok.ar.orders import scan_order
 from vqtok.ar.rar import RAR
-from vqtok.ar.sampling import SCHEDULES, SamplingConfig, filter_logits, guidance_schedule
+from vqtok.ar.sampling import (SCHEDULES, CachedDecoder, InverseCDFDraw, SamplingConfig, StaticDecoder,
+                                describe_sampling, draw_tokens, sample)
 from vqtok.errors import UserError
 from vqtok.validation import check_sampling_options
 from vqtok.weights import refuse_foreign_dir
@@ -63,23 +69,48 @@ LABEL_STRIP = 12  # pixels of the caption strip under each grid image
 # ------------------------------------------------------------------------------------------ labels
 
 
-def parse_class_list(text: str) -> list[int]:
-    """"1,207,360" -> [1, 207, 360]."""
+def split_class_list(text: str) -> list[str]:
+    """"1,207,cat" -> ["1", "207", "cat"] (resolved against the generator's classes by `resolve_classes`)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise UserError("--classes needs at least one class id, e.g. --classes 1,207,360")
-    try:
-        return [int(t) for t in items]
-    except ValueError:
-        raise UserError(f"--classes must be comma-separated integers, got '{text}'") from None
+        raise UserError("--classes needs at least one class id or name, e.g. --classes 1,207,360")
+    return items
+
+
+def resolve_classes(items: list[str | int], class_names: list[str] | None) -> list[int]:
+    """Class ids for `--classes` entries: a recorded class name is its index; otherwise an integer id."""
+    index = {name: i for i, name in enumerate(class_names or [])}
+    ids = []
+    for item in items:
+        if isinstance(item, int):
+            ids.append(item)
+        elif item in index:
+            ids.append(index[item])
+        else:
+            try:
+                ids.append(int(item))
+            except ValueError:
+                if not class_names:
+                    raise UserError(f"--classes entry '{item}' is not a class id, and this generator records no class "
+                                    "names; give integer ids") from None
+                shown = ", ".join(class_names[:8]) + (", ..." if len(class_names) > 8 else "")
+                raise UserError(f"--classes entry '{item}' is neither a class id nor one of this generator's "
+                                f"{len(class_names)} class names ({shown})") from None
+    return ids
+
+
+def parse_class_list(text: str) -> list[int]:
+    """"1,207,360" -> [1, 207, 360] (ids only)."""
+    return resolve_classes(split_class_list(text), None)
 
 
 def class_labels(num_classes: int, classes: list[int] | None = None, per_class: int | None = None,
-                 num: int | None = None, seed: int = 0) -> np.ndarray:
-    """The (N,) int64 label list of a run; exactly one of `classes`, `per_class`, `num` is given."""
-    given = [name for name, v in (("--classes", classes), ("--per-class", per_class), ("--num", num)) if v is not None]
+                 num_samples: int | None = None, seed: int = 0) -> np.ndarray:
+    """The (N,) int64 label list of a run; exactly one of `classes`, `per_class`, `num_samples` is given."""
+    given = [name for name, v in (("--classes", classes), ("--per-class", per_class), ("--num-samples", num_samples))
+             if v is not None]
     if len(given) > 1:
-        raise UserError(f"{' and '.join(given)} cannot be combined; give one of --classes, --per-class or --num")
+        raise UserError(f"{' and '.join(given)} cannot be combined; give one of --classes, --per-class or --num-samples")
     if classes is not None:
         labels = np.asarray(classes, dtype=np.int64)
         bad = labels[(labels < 0) | (labels >= num_classes)]
@@ -90,9 +121,9 @@ def class_labels(num_classes: int, classes: list[int] | None = None, per_class: 
         if per_class < 1:
             raise UserError(f"--per-class must be at least 1, got {per_class}")
         return np.tile(np.arange(num_classes, dtype=np.int64), per_class)
-    if num is None or num < 1:
-        raise UserError(f"--num must be at least 1, got {num}")
-    return np.random.default_rng(seed).integers(0, num_classes, num).astype(np.int64)
+    if num_samples is None or num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int64)
 
 
 def rank_chunk(total: int, rank: int, world: int) -> tuple[int, int]:
@@ -108,7 +139,8 @@ def sampling_config(paper_preset: str | None = None, guidance: float | None = No
                     top_p: float = 1.0) -> SamplingConfig:
     """Resolve the sampling flags. `--cfg 4.0` alone is a constant 4.0; `--cfg-power` alone implies
     power-cosine; with `paper_preset` (a size such as rar-b) the paper's values are the defaults that
-    explicit flags override."""
+    explicit flags override one by one (`--cfg-preset paper --cfg 8` keeps the paper's schedule and power
+    and changes only the scale)."""
     if paper_preset is not None:
         from vqtok.ar.presets import paper_sampling
 
@@ -116,7 +148,12 @@ def sampling_config(paper_preset: str | None = None, guidance: float | None = No
     else:
         base = SamplingConfig()
     if schedule is None:
-        schedule = "power-cosine" if power is not None else (base.guidance_schedule if guidance is None else "constant")
+        if power is not None:
+            schedule = "power-cosine"
+        elif paper_preset is not None or guidance is None:
+            schedule = base.guidance_schedule
+        else:
+            schedule = "constant"
     if schedule not in SCHEDULES:
         raise UserError(f"unknown --cfg-schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
     return dataclasses.replace(
@@ -135,56 +172,15 @@ def sample_noise(seed: int, indices: range | list[int], num_tokens: int) -> torc
     return torch.from_numpy(np.stack([np.random.default_rng([seed, g]).random(num_tokens) for g in indices]))
 
 
-def draw_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row from (B, V) guided logits: temperature, top-k/top-p, then the inverse CDF at `uniforms`
-    (B,). Temperature 0 takes the argmax. Equivalent in distribution to `torch.multinomial` on the softmax."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
-    cdf = probs.double().cumsum(dim=-1)
-    target = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
-    # right=True: the first token whose cumulative mass exceeds the target, so zero-probability tokens
-    # (flat stretches of the CDF) are never chosen
-    token = torch.searchsorted(cdf, target, right=True)[:, 0]
-    return token.clamp_max(logits.shape[-1] - 1)
-
-
 @torch.no_grad()
-def sample_tokens(model: RAR, class_ids: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor) -> torch.Tensor:
-    """(B, N) raster-order tokens for raw class ids (B,), each row drawing from its own `uniforms` row (B, N).
-
-    The same loop as vqtok.ar.sampling.sample (preallocated KV cache, prefill of [cls, cond], one token per
-    step, conditional and null-class rows in one doubled batch, guidance mixed before the temperature); only
-    the draw differs (per-row noise instead of one generator for the batch).
-    """
-    mcfg = model.config
-    device = model.lm_head.weight.device
-    class_ids = class_ids.to(device)
-    B, N = class_ids.shape[0], mcfg.seq_len
+def sample_tokens(model: RAR, class_ids: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor,
+                  decoder=None) -> torch.Tensor:
+    """(B, N) raster-order tokens for raw class ids (B,), row b drawing from its own `uniforms` row (B, N):
+    the one sampling loop with an InverseCDFDraw (and an optional decoder, e.g. a StaticDecoder)."""
+    B, N = class_ids.shape[0], model.config.seq_len
     if uniforms.shape != (B, N):
         raise ValueError(f"uniforms must have shape {(B, N)}, got {tuple(uniforms.shape)}")
-    uniforms = uniforms.to(device)
-    order = scan_order(cfg.order or mcfg.order, *mcfg.grid_shape).to(device)
-    cond_ids = model.condition_ids(class_ids)
-    if cfg.uses_cfg:
-        cond_ids = torch.cat([cond_ids, model.null_condition_ids(B, device)])
-        scales = guidance_schedule(cfg, N).tolist()
-    orders = order.expand(cond_ids.shape[0], N)
-    cache = model.new_cache(cond_ids.shape[0], device=device)
-    cond_emb = model.embeddings(cond_ids)
-    generated = torch.empty(B, N, dtype=torch.long, device=device)
-    logits = model.prefill(cond_ids, orders, cache)
-    for step in range(N):
-        if step:
-            logits = model.decode_step(prev, step, cond_emb, orders, cache)
-        logits = logits.float()
-        if cfg.uses_cfg:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + (cond - uncond) * scales[step]
-        token = draw_tokens(logits, cfg, uniforms[:, step])
-        generated[:, step] = token
-        prev = torch.cat([token, token]) if cfg.uses_cfg else token
-    return torch.empty_like(generated).scatter_(1, orders[:B], generated)
+    return sample(model, class_ids, cfg, draw=InverseCDFDraw(uniforms), decoder=decoder).tokens
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -336,9 +332,9 @@ class SampleOptions:
     ckpt: Path
     out: Path = Path("samples")
     tokenizer: Path | None = None
-    classes: list[int] | None = None
+    classes: list[int | str] | None = None  # ids, or class names the generator records
     per_class: int | None = None
-    num: int | None = None
+    num_samples: int | None = None
     guidance: float | None = None
     schedule: str | None = None
     power: float | None = None
@@ -354,6 +350,7 @@ class SampleOptions:
     overwrite: bool = False
     device: str | None = None
     dtype: str = "fp32"
+    cuda_graphs: str = "auto"  # auto (on for CUDA) | on | off
     progress: bool = True
 
 
@@ -377,12 +374,23 @@ def _check_options(opts: SampleOptions) -> None:
     check_sampling_options(opts.guidance, opts.temperature, opts.top_k, opts.top_p, opts.power)
     if opts.dtype not in ("fp32", "bf16"):
         raise UserError(f"--dtype must be fp32 or bf16, got '{opts.dtype}'")
-    if opts.classes is None and opts.per_class is None and opts.num is None:
-        opts.num = 16
+    if opts.cuda_graphs not in ("auto", "on", "off"):
+        raise UserError(f"--cuda-graphs must be auto, on or off, got '{opts.cuda_graphs}'")
+    if opts.classes is None and opts.per_class is None and opts.num_samples is None:
+        opts.num_samples = 16
 
 
-def run_sampling(opts: SampleOptions) -> SampleResult:
-    """Validate everything, sample (split over torchrun ranks), decode, write and publish `opts.out`."""
+def use_cuda_graphs(setting: str, device: torch.device) -> bool:
+    """auto: on for CUDA devices; on: required (a UserError elsewhere); off: eager."""
+    if setting == "on" and device.type != "cuda":
+        raise UserError(f"--cuda-graphs on needs a CUDA device, but sampling runs on {device}; use --cuda-graphs off")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def run_sampling(opts: SampleOptions, log=print) -> SampleResult:
+    """Validate everything, sample (split over torchrun ranks), decode, write and publish `opts.out`.
+
+    `log` receives (on rank 0) the resolved settings before sampling starts."""
     from vqtok.ar.checkpoint import load_generator
     from vqtok.train.distributed import barrier, init_distributed, shutdown_distributed
 
@@ -392,7 +400,9 @@ def run_sampling(opts: SampleOptions) -> SampleResult:
     device = env.device
     model, identity = load_generator(ckpt, device=device)
     mcfg = model.config
-    labels = class_labels(mcfg.num_classes, opts.classes, opts.per_class, opts.num, opts.seed)
+    classes = resolve_classes(opts.classes, identity.get("classes")) if opts.classes is not None else None
+    labels = class_labels(mcfg.num_classes, classes, opts.per_class, opts.num_samples, opts.seed)
+    graphs = use_cuda_graphs(opts.cuda_graphs, device)
     paper_name = None
     if opts.paper:
         from vqtok.ar.presets import preset_for
@@ -411,11 +421,17 @@ def run_sampling(opts: SampleOptions) -> SampleResult:
     if env.is_main:
         work = _make_work_dir(out)
     barrier(env)
+    if env.is_main:
+        log(f"sampling {len(labels)} images of {mcfg.seq_len} tokens ({describe_labels(labels, identity.get('classes'))}) "
+            f"on {device}{f' x {env.world} ranks' if env.world > 1 else ''}, batch {opts.batch_size}, {opts.dtype}, "
+            f"CUDA graphs {'on' if graphs else 'off'}, seed {opts.seed}")
+        log(f"sampling settings: {describe_sampling(cfg, mcfg.seq_len)}"
+            + (f" (paper settings of {paper_name})" if paper_name else ""))
 
     try:
         start = time.perf_counter()
         lo, hi = rank_chunk(len(labels), env.rank, env.world)
-        _sample_range(model, tokenizer, cfg, labels, lo, hi, opts, work, device, env.is_main)
+        _sample_range(model, tokenizer, cfg, labels, lo, hi, opts, work, device, env.is_main, graphs)
         barrier(env)
         seconds = time.perf_counter() - start
         files: list[str] = []
@@ -425,7 +441,8 @@ def run_sampling(opts: SampleOptions) -> SampleResult:
                 "generator": str(ckpt), "generator_preset": identity.get("preset"),
                 "tokenizer": str(tok_path) if tok_path else None, "sampling": dataclasses.asdict(cfg),
                 "paper_preset": paper_name, "seed": opts.seed, "num_samples": int(len(labels)),
-                "labels": {"classes": opts.classes, "per_class": opts.per_class, "num": opts.num},
+                "labels": {"classes": classes, "per_class": opts.per_class, "num_samples": opts.num_samples},
+                "class_names": identity.get("classes"), "cuda_graphs": graphs,
                 "noise": "sample g draws with numpy default_rng([seed, g]) (inverse CDF)",
                 "image_format": "clamp to [0,1], (x*255) truncated to uint8",
                 "dtype": opts.dtype, "device": str(device), "world_size": env.world, "seconds": round(seconds, 3),
@@ -451,7 +468,36 @@ def _autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, work: Path, device, show: bool) -> None:
+def describe_labels(labels: np.ndarray, class_names: list[str] | None) -> str:
+    """'classes 3 (cat), 5 (dog)' for a few distinct labels, else a count of classes."""
+    distinct = sorted(set(labels.tolist()))
+    if len(distinct) > 6:
+        return f"{len(distinct)} classes"
+    names = class_names or []
+    return "class" + ("es " if len(distinct) > 1 else " ") + ", ".join(
+        f"{c} ({names[c]})" if c < len(names) else str(c) for c in distinct)
+
+
+def _make_decoder(model: RAR, cfg: SamplingConfig, batch: int, graphs: bool):
+    """The decoder reused by every batch of a run: CUDA graphs over static buffers, or the eager cache."""
+    if not graphs:
+        return CachedDecoder(model)
+    from vqtok.ar.cuda_graphs import CUDAGraphDecoder
+
+    order = scan_order(cfg.order or model.config.order, *model.config.grid_shape)
+    return CUDAGraphDecoder(model, batch, cfg.uses_cfg, order)
+
+
+def batch_draw(seed: int, first: int, count: int, num_tokens: int, rows: int) -> InverseCDFDraw:
+    """The draw of samples first..first+count-1 (their own noise streams), padded with zero rows to `rows`."""
+    noise = sample_noise(seed, range(first, first + count), num_tokens)
+    if rows > count:
+        noise = torch.cat([noise, noise.new_zeros(rows - count, num_tokens)])
+    return InverseCDFDraw(noise)
+
+
+def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, work: Path, device, show: bool,
+                  graphs: bool = False) -> None:
     """Sample labels[lo:hi] in batches, writing each batch's tokens (and pixels when needed) to `work`."""
     from vqtok.eval.progress import image_progress
 
@@ -463,13 +509,23 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, wo
         (work / "_pixels").mkdir(exist_ok=True)
     if opts.png:
         (work / "images").mkdir(exist_ok=True)
+    if hi <= lo:
+        return
+    with _autocast(device, opts.dtype):
+        # a static decoder runs a fixed row count: the last batch is padded to it (the padding is dropped)
+        rows = min(opts.batch_size, hi - lo)
+        decoder = _make_decoder(model, cfg, rows, graphs)
     with image_progress("sampling", hi - lo, enabled=opts.progress and show) as advance:
         for b0 in range(lo, hi, opts.batch_size):
             b1 = min(b0 + opts.batch_size, hi)
+            count = b1 - b0
+            batch_rows = rows if isinstance(decoder, StaticDecoder) else count
             classes = torch.from_numpy(labels[b0:b1])
-            noise = sample_noise(opts.seed, range(b0, b1), model.config.seq_len)
+            if batch_rows > count:
+                classes = torch.cat([classes, classes[-1:].expand(batch_rows - count)])
+            draw = batch_draw(opts.seed, b0, count, model.config.seq_len, batch_rows)
             with _autocast(device, opts.dtype):
-                tokens = sample_tokens(model, classes, cfg, noise)
+                tokens = sample(model, classes, cfg, draw=draw, decoder=decoder).tokens[:count]
             np.save(work / "_tokens" / f"{b0:09d}.npy", tokens.cpu().numpy().astype(token_dtype).reshape(-1, *grid_shape))
             if keep_pixels:
                 pixels = to_uint8_nhwc(tokenizer.decode(tokens))
@@ -479,7 +535,7 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, wo
                     np.save(work / "_pixels" / f"{b0:09d}.npy", pixels[: GRID_MAX - b0])
                 if opts.png:
                     _save_pngs(pixels, b0, work / "images")
-            advance(b1 - b0)
+            advance(count)
 
 
 def _save_pngs(pixels: np.ndarray, first: int, folder: Path) -> None:
@@ -522,7 +578,8 @@ def describe(result: SampleResult) -> str:
 
 
 __all__ = [
-    "SampleOptions", "SampleResult", "class_labels", "parse_class_list", "rank_chunk", "sampling_config",
-    "sample_noise", "draw_tokens", "sample_tokens", "check_tokenizer", "resolve_tokenizer", "to_uint8_nhwc",
+    "SampleOptions", "SampleResult", "class_labels", "parse_class_list", "split_class_list", "resolve_classes",
+    "rank_chunk", "sampling_config", "sample_noise", "draw_tokens", "sample_tokens", "batch_draw", "use_cuda_graphs",
+    "check_tokenizer", "resolve_tokenizer", "to_uint8_nhwc",
     "labelled_grid", "write_adm_npz", "run_sampling", "describe",
 ]

@@ -178,35 +178,58 @@ def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return dropout(weights, p, True) @ v
 
 
+def group_conditions(cond_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(distinct condition ids (U,), row -> distinct index (B,)), or (cond_ids, None) when every row differs.
+
+    Rows with the same condition (every null row of a CFG batch, repeated classes) get identical adaLN
+    modulation, and the per-token adaLN Linear(D, 6D) is a third of a decode step's matmul work, so the
+    blocks can compute it once per distinct row and gather. Grouped on the integer ids, so it is exact.
+    """
+    distinct, index = torch.unique(cond_ids, return_inverse=True)
+    if distinct.shape[0] == cond_ids.shape[0]:
+        return cond_ids, None
+    return distinct, index
+
+
 class KVCache:
     """Keys and values of every layer for a whole sequence, allocated once: (B, H, L, head_dim) per layer.
 
     Each step writes its new keys/values in place at `length` and attends over the filled prefix, so no
     tensor grows by concatenation (the official cache copies O(L^2) memory over a sample).
+
+    The cache also holds the batch's adaLN conditions, set once by `RAR.prefill` from an explicit grouping:
+    `cond` (U, D) distinct condition embeddings and `cond_index` (B,) (row b uses cond[cond_index[b]]) or
+    None (row b uses cond[b]). When the shapes stay the same, a later prefill refills these buffers in
+    place, so a decoder with static buffers (CUDA graphs) always reads the current batch's conditions.
     """
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
         shape = (batch, heads, max_len, head_dim)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.batch = batch
         self.max_len = max_len
         self.length = 0  # slots filled; advanced by the model after all layers have written
-        self._groups_of: torch.Tensor | None = None  # the condition tensor `_groups` was computed from
-        self._groups: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
+        self.cond: torch.Tensor | None = None
+        self.cond_index: torch.Tensor | None = None
 
-    def condition_groups(self, cond_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(distinct condition rows (U, D), row -> distinct row index (B,)), or (cond_emb, None) if all differ.
-
-        Rows with the same class (every null row of a CFG batch, repeated classes) get identical adaLN
-        modulation, and the per-token adaLN Linear(D, 6D) is a third of a decode step's matmul work, so
-        the blocks compute it once per distinct row and gather. Computed once per sample loop: the
-        sampler passes the same condition tensor every step.
-        """
-        if self._groups_of is not cond_emb:
-            distinct, inverse = torch.unique(cond_emb, dim=0, return_inverse=True)
-            self._groups = (distinct, inverse) if distinct.shape[0] < cond_emb.shape[0] else (cond_emb, None)
-            self._groups_of = cond_emb
-        return self._groups
+    def set_conditions(self, cond: torch.Tensor, index: torch.Tensor | None) -> None:
+        """Store the batch's distinct condition embeddings (U, D) and row index (B,) or None; in place when
+        the existing buffers have the same shapes."""
+        if index is not None and index.shape != (self.batch,):
+            raise ValueError(f"condition index has shape {tuple(index.shape)}, expected ({self.batch},)")
+        if index is None and cond.shape[0] != self.batch:
+            raise ValueError(f"{cond.shape[0]} condition rows for a cache of batch {self.batch} and no index")
+        if self.cond is not None and self.cond.shape == cond.shape and self.cond.dtype == cond.dtype:
+            self.cond.copy_(cond)
+        else:
+            self.cond = cond.clone()
+        if index is None:
+            self.cond_index = None
+        elif self.cond_index is not None:
+            self.cond_index.copy_(index)
+        else:
+            self.cond_index = index.clone()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
@@ -467,14 +490,29 @@ class RAR(nn.Module):
         cache.length += x.shape[1]
         return self.head(x[:, -1], c[:, -1], rows)
 
-    def prefill(self, cond_ids: torch.Tensor, orders: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Process [cls, cond] into an empty cache; returns the logits for generated token 0."""
+    def prefill(self, cond_ids: torch.Tensor, orders: torch.Tensor, cache: KVCache,
+                groups: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Process [cls, cond] into the cache (from slot 0); returns the logits for generated token 0 (B, V).
+
+        `groups` = (distinct condition ids (U,), row index (B,) or None) is how the decode steps share adaLN
+        modulation between rows (see `group_conditions`, the default); the cache keeps the embeddings of
+        the distinct rows for every later `decode_step`.
+        """
+        distinct, index = group_conditions(cond_ids) if groups is None else groups
+        cache.length = 0
+        cache.set_conditions(self.embeddings(distinct), index)
         x, cond = self.prefix_embeddings(cond_ids, orders)
         return self.decode_slots(x, self.slot_conditions(cond, 0, PREFIX), cache)
 
-    def decode_step(self, token: torch.Tensor, step: int, cond_emb: torch.Tensor, orders: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed generated token `step-1` (B,) (slot step+1) and return the logits for token `step` (B, V)."""
+    def decode_step(self, token: torch.Tensor, step: int, orders: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed generated token `step-1` (B,) (slot step+1) and return the logits for token `step` (B, V).
+
+        The adaLN conditions are the ones `prefill` stored in the cache. Nothing here synchronises with
+        the host or allocates by data-dependent shape, so a step can be captured in a CUDA graph.
+        """
         x = self.token_embeddings(token[:, None], step - 1, orders)
         slot = PREFIX + step - 1
-        cond, rows = cache.condition_groups(cond_emb)
-        return self.decode_slots(x, self.slot_conditions(cond, slot, slot + 1), cache, rows)
+        if cache.cond is None:
+            raise RuntimeError("decode_step before prefill: the cache holds no conditions")
+        c = self.slot_conditions(cache.cond, slot, slot + 1)
+        return self.decode_slots(x, c, cache, cache.cond_index)

@@ -64,7 +64,7 @@ def reconstruct(
 def eval_tokenizer(
     data: Path = typer.Argument(..., help="Image folder, ImageNet root (uses val/ when present) or image .tar shards."),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer checkpoint directory."),
-    num: Optional[int] = typer.Option(None, "--num", help="Evaluate only the first N images."),
+    num: Optional[int] = typer.Option(None, "--num-images", help="Evaluate only the first N images."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0, help="Image decoding worker processes."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="VGG16 weights for LPIPS (default: torch hub cache)."),

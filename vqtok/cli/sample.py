@@ -15,6 +15,12 @@ class CfgPreset(str, Enum):
     paper = "paper"
 
 
+class CudaGraphs(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -24,16 +30,16 @@ class Dtype(str, Enum):
 def sample_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Generator checkpoint directory (from train-ar or convert)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (default: the one the generator records)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale; alone it is constant (0 disables CFG). Default 4.0."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale; alone it is constant, with --cfg-preset paper it replaces only the paper's scale (0 disables CFG). Default 4.0."),
     cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | linear | power-cosine."),
     cfg_power: Optional[float] = typer.Option(None, "--cfg-power", help="Power-cosine exponent (implies power-cosine; 0 = constant)."),
     cfg_preset: Optional[CfgPreset] = typer.Option(None, "--cfg-preset", help="'paper': the tuned scale, power and temperature of this RAR size."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Softmax temperature (0 = argmax). Default 1.0."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass to keep (1 = all)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class ids, one image each: 1,207,360."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class ids or class names from the manifest, one image each: 1,207,360 or cat,dog."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class, class-balanced (50 -> the FID-50k set)."),
-    num: Optional[int] = typer.Option(None, "--num", help="N images with labels drawn from the seed (default 16)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="N images with labels drawn from the seed (default 16)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward batch (CFG doubles the rows)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same tokens at any batch size or rank count (and same images at the same batch size)."),
     out: Path = typer.Option(Path("samples"), "--out", help="Output directory."),
@@ -43,26 +49,28 @@ def sample_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
     dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="fp32, or bf16 autocast for the generator."),
+    cuda_graphs: CudaGraphs = typer.Option(CudaGraphs.auto, "--cuda-graphs", help="Replay each decode step as a CUDA graph (auto: on for CUDA devices)."),
 ) -> None:
     """Sample class-conditional images with a KV-cached RAR generator and classifier-free guidance.
 
     Writes grid.png (one row per class, with its name), labels.npy and sample.json into --out, plus samples.npz (--npz), per-image PNGs (--png) or token grids instead of pixels (--tokens-only).
 
-    Under torchrun the ranks split the label list and rank 0 writes the outputs.
+    Prints the resolved guidance schedule, temperature and filters before it starts. Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """
-    from vqtok.ar.generate import SampleOptions, describe, parse_class_list, run_sampling
+    from vqtok.ar.generate import SampleOptions, describe, run_sampling, split_class_list
     from vqtok.run_dirs import resolve_checkpoint
     from vqtok.run_lock import run_lock
 
     ckpt, tokenizer = resolve_checkpoint(ckpt, "--ckpt"), tokenizer and resolve_checkpoint(tokenizer, "--tokenizer")
     options = SampleOptions(
         ckpt=ckpt, out=out, tokenizer=tokenizer,
-        classes=parse_class_list(classes) if classes is not None else None, per_class=per_class, num=num,
+        classes=split_class_list(classes) if classes is not None else None, per_class=per_class, num_samples=num_samples,
         guidance=cfg, schedule=cfg_schedule, power=cfg_power, paper=cfg_preset is not None,
         temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
         npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite, device=device, dtype=dtype.value,
+        cuda_graphs=cuda_graphs.value,
     )
     with run_lock(out, "sample"):
-        result = run_sampling(options)
+        result = run_sampling(options, log=typer.echo)
     if result.files:  # rank 0 only
         typer.echo(describe(result))

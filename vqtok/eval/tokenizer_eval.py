@@ -297,7 +297,7 @@ def evaluate_tokenizer(tok, opts: TokenizerEvalOptions, log: Log = _stderr) -> T
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {opts.batch_size}")
     if opts.num is not None and opts.num < 1:
-        raise UserError(f"--num must be positive, got {opts.num}")
+        raise UserError(f"--num-images must be positive, got {opts.num}")
     device = pick_device(opts.device)
     tok = tok.to(device).eval()
     size = eval_size(tok, None)

@@ -272,6 +272,7 @@ class ARTrainTask:
                                        tokens_per_image=int(manifest["tokenizer"]["tokens_per_view"]))
         self.model_config, cfg.model = resolve_model(cfg.model, manifest)
         self.num_samples = int(manifest["num_samples"])
+        self.class_names = list(manifest.get("classes") or [])  # recorded so `sample --classes` takes names
         if self.num_samples < 1:
             raise UserError(f"{self.tokens_dir} holds no samples")
         self.schedule = resolve_schedule(cfg, self.num_samples)

@@ -1,0 +1,86 @@
+"""CUDA-graph replay of the KV-cached decode steps (`vqtok sample --cuda-graphs`).
+
+A decode step of a big generator at a modest batch launches hundreds of small kernels (rar-b: 24 layers x
+~20 kernels), and on a fast GPU the launch cost, not the arithmetic, sets the speed. The static decoder
+(vqtok.ar.sampling.StaticDecoder) keeps every tensor a step touches at a fixed address, so each step's
+kernels can be recorded once in a CUDA graph and relaunched with one call per step.
+
+One graph per decode step (steps 1..N-1: the attention length differs per step), all captured for one
+batch size and sharing one memory pool. Sharing is safe because the graphs are replayed one at a time in
+capture order and each copies its result into the one static logits buffer, so no graph reads memory that
+another graph's intermediates own. The prefill runs eagerly (once per batch) into the same static cache.
+
+Capture follows the CUDA-graph rules of PyTorch: warm-up iterations on a side stream first (cuBLAS
+handles, allocator state), static inputs refilled with `copy_` before each replay, static outputs read
+after it, nothing in a step that synchronises with the host, and autocast with its weight-cast cache
+disabled during capture (a cached cast made inside one capture would be freed while graphs still use it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from vqtok.ar.rar import RAR
+from vqtok.ar.sampling import StaticDecoder
+from vqtok.errors import UserError
+
+WARMUP_STEPS = 3
+
+
+def _capture_autocast(device: torch.device):
+    """The caller's autocast setting for `device`, with the cast cache off (required under capture)."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
+
+
+class CUDAGraphDecoder(StaticDecoder):
+    """StaticDecoder whose decode steps replay CUDA graphs captured at construction.
+
+    Build it under the autocast setting the sampling will use (the captured kernels keep their dtypes).
+    """
+
+    def __init__(self, model: RAR, batch: int, guided: bool, order: torch.Tensor):
+        device = model.lm_head.weight.device
+        if device.type != "cuda":
+            raise UserError(f"CUDA graphs need the generator on a CUDA device, it is on {device}")
+        super().__init__(model, batch, guided, order)
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        was_training = self.model.training
+        self.model.eval()  # the graphs keep the kernels they were captured with: no dropout
+        try:
+            with torch.cuda.device(self.device):  # capture on the model's GPU whatever the current device
+                self._capture_steps()
+        finally:
+            self.model.train(was_training)
+
+    def _capture_steps(self) -> None:
+        N = self.model.config.seq_len
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), _capture_autocast(self.device):
+            # the buffers hold valid ids (class 0 / the null class), so the warm-up is a real decode
+            StaticDecoder.start(self, self.cond_ids.clone(), self.orders)
+            for step in range(1, min(WARMUP_STEPS, N - 1) + 1):
+                self._run(step)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        with _capture_autocast(self.device):
+            for step in range(1, N):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._run(step)
+                self.graphs.append(graph)
+
+    def step(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.graphs[step - 1].replay()  # decode step `step`: reads token, orders, cache; writes cache, logits
+        return self.logits
