@@ -492,7 +492,7 @@ def case_vqgan_train_step(args) -> dict:
         torch.nn.utils.clip_grad_norm_(vq_model.parameters(), 1.0)
         opt.step()
         update_ema()
-        first.setdefault("official", float(loss_gen))
+        first.setdefault("official", float(loss_gen.detach()))
         opt_disc.zero_grad()
         loss_disc = vq_loss(codebook_loss, imgs, recons, optimizer_idx=1, global_step=gs, logger=_Log(), log_every=100)
         loss_disc.backward()
