@@ -6,8 +6,12 @@ machine hits both alike; best-of-N is reported. Cases:
   floor:  one cached decode step of 32 rows at a half-full cache
   train:  forward + loss + backward of one batch (8 x 256 tokens) at hidden 768 (16 heads) and 256 (8 heads)
 
-    git show HEAD:vqtok/ar/rar.py > /tmp/rar_before.py
-    python bench/bench_rar_ab.py --baseline /tmp/rar_before.py --threads 1 --cases floor,sample,train
+    python bench/bench_rar_ab.py --baseline 6956848 --threads 1 --cases floor,sample,train
+    python bench/bench_rar_ab.py --baseline-file /tmp/rar_before.py     # any rar.py on disk
+
+--baseline takes a commit (anything `git rev-parse` accepts): its vqtok/ar/rar.py is the "before" side, the
+working tree's the "after" side. The baseline must be given: comparing against HEAD when HEAD already holds
+the change under test would show x1.00 by construction.
 """
 
 from __future__ import annotations
@@ -16,13 +20,33 @@ import argparse
 import importlib.util
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from vqtok.ar import rar as current
 from vqtok.ar.sampling import SamplingConfig, sample
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def baseline_source(commit: str) -> str:
+    """vqtok/ar/rar.py as of `commit`, or a clear exit when the commit or file is unknown."""
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{sha}:vqtok/ar/rar.py"],
+                              check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as exc:
+        print(f"error: --baseline {commit}: {exc.stderr.strip() or 'not a commit of this repository'}", file=sys.stderr)
+        sys.exit(2)
+    print(f"baseline: vqtok/ar/rar.py at {sha[:12]} ({commit})")
+    return text
 
 
 def load_module(path: str):
@@ -95,14 +119,23 @@ def train_fn(model, batch: int = 8):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", required=True, help="path of the rar.py to compare against")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--baseline", help="commit whose vqtok/ar/rar.py is the 'before' side")
+    which.add_argument("--baseline-file", help="path of a rar.py to use as the 'before' side instead")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cases", default="floor,sample,train")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dropout", type=float, default=0.1, help="attention/MLP dropout of the train case")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    baseline = load_module(args.baseline)
+    if args.baseline:
+        tmp = tempfile.NamedTemporaryFile("w", suffix="_rar_baseline.py", delete=False)
+        tmp.write(baseline_source(args.baseline))
+        tmp.close()
+        baseline = load_module(tmp.name)
+        os.unlink(tmp.name)
+    else:
+        baseline = load_module(args.baseline_file)
     cases = args.cases.split(",")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")

@@ -1,103 +1,113 @@
-"""Tokenizer training step time and its breakdown: generator forward/backward, LPIPS, discriminator.
+"""Tokenizer training throughput: real `train-tokenizer` Engine steps, timed whole.
 
     python bench/bench_train_tokenizer.py --recipe tiny-vqgan --batch 8 --steps 5
-    python bench/bench_train_tokenizer.py --recipe vqgan-f16 --batch 1 --steps 2 --lpips random-for-tests
+    python bench/bench_train_tokenizer.py --recipe vqgan-f16 --batch 1 --steps 2 --threads 1
+    python bench/bench_train_tokenizer.py --recipe vqgan-f16 --device cuda --batch 16 --steps 10   # bf16 autocast
 
-Times each piece of one engine step separately on random images (median over --steps after one warm-up):
-  g_fwd_bwd   tokenizer forward + reconstruction/quantizer loss + backward
-  lpips       LPIPS-VGG forward + backward to the reconstruction (random trunk unless --lpips PATH)
-  d_on_g      discriminator forward + backward to the reconstruction (the generator's adversarial term)
-  d_step      discriminator loss on real and fake + backward (the discriminator phase)
-  optim       both Adam steps
+Each timed step is `Engine._train_step` on the recipe's `TokenizerTrainTask`: the generator phase (tokenizer
+forward, every loss term the recipe switches on - reconstruction, LPIPS when perceptual_weight > 0,
+quantizer, the adversarial term with its adaptive weight - backward, gradient clipping, Adam, EMA) and the
+discriminator phase when the recipe's discriminator is active. The discriminator is switched on from step 0
+(`loss.disc_start=0`) so every timed step has both phases, as in the bulk of a run. Data loading is not in
+the timing: the same batch of random images (already on the device) is fed each step. LPIPS, where the
+recipe uses it, runs the random VGG16 trunk unless --lpips PATH (same cost as the real one).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from vqtok.device import autocast, pick_device
-from vqtok.losses.gan import hinge_d_loss
-from vqtok.losses.lpips import LPIPS
-from vqtok.losses.discriminators import build_discriminator
-from vqtok.tokenizer.tokenizer import build_tokenizer
-from vqtok.train.tokenizer_task import load_run_config, resolve_model
+from vqtok.device import pick_device
+from vqtok.train.distributed import DistEnv
+from vqtok.train.ema import EMA
+from vqtok.train.engine import Engine
+from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
 
 
-def sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, device, steps):
-    fn()
-    sync(device)
-    out = []
+def build_engine_step(recipe: str, batch: int, device: torch.device, overrides: list[str] = (),
+                      lpips: str = "random-for-tests", resolution: int | None = None):
+    """(step(), task, config): step() runs one real engine step (both phases) on a fixed device batch."""
+    ov = [f"train.batch_size={batch}", "train.num_workers=0", "loss.disc_start=0", "data.preview_images=0",
+          "train.steps=1000000"]
+    if resolution:
+        ov.append(f"data.resolution={resolution}")
+    cfg = load_run_config(recipe, ov + list(overrides))
+    env = DistEnv(device=device)
+    with tempfile.TemporaryDirectory() as tmp:  # the task lists a data folder; the timed steps never read it
+        data = Path(tmp) / "images"
+        data.mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "0.png")
+        task = TokenizerTrainTask(cfg, env, data, Path(tmp) / "run", lpips)
+        engine = Engine(cfg.train, env, Path(tmp) / "run")
+    phases = task.phases()
+    if cfg.train.ema:
+        engine.emas = {p.name: EMA(p.module, cfg.train.ema_decay) for p in phases if p.ema}
+    res = cfg.data.resolution
+    images = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device)
+    counter = {"step": 0}
+
+    def step() -> dict[str, float]:
+        metrics, _ = engine._train_step(task, phases, {"images": images}, counter["step"])
+        counter["step"] += 1
+        return metrics
+
+    return step, task, cfg
+
+
+def time_steps(step, device: torch.device, steps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
     for _ in range(steps):
         t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="tiny-vqgan")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median and minimum reported)")
+    ap.add_argument("--resolution", type=int, default=None, help="override data.resolution")
     ap.add_argument("--lpips", default="random-for-tests")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    cfg = load_run_config(args.recipe)
-    tok_cfg = resolve_model(cfg)
-    res = cfg.data.resolution
-    tok = build_tokenizer(tok_cfg).to(device).train()
-    disc = build_discriminator(cfg.loss.disc, res).to(device)
-    lp = LPIPS(args.lpips).to(device)
-    opt_g = torch.optim.Adam(tok.parameters(), lr=1e-5, foreach=True)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, foreach=True)
-    x = torch.rand(args.batch, 3, res, res, device=device)
-    recon = torch.rand_like(x).requires_grad_()
-
-    def g():
-        with autocast(device):
-            out = tok(x)
-            loss = (out.recon - x).abs().mean() + out.aux["loss"]
-        loss.backward()
-
-    def lpips_part():
-        with autocast(device):
-            d = lp(x * 2 - 1, recon * 2 - 1).mean()
-        d.backward()
-
-    def d_on_g():
-        with autocast(device):
-            d = -disc(recon * 2 - 1).float().mean()
-        d.backward()
-
-    def d_step():
-        with autocast(device):
-            d = hinge_d_loss(disc(x * 2 - 1).float(), disc(recon.detach() * 2 - 1).float())
-        d.backward()
-
-    def optim():
-        opt_g.step()
-        opt_d.step()
-
-    parts = {name: timed(fn, device, args.steps) for name, fn in
-             [("g_fwd_bwd", g), ("lpips", lpips_part), ("d_on_g", d_on_g), ("d_step", d_step), ("optim", optim)]}
-    total = sum(parts.values())
-    params = sum(p.numel() for p in tok.parameters()) / 1e6
-    print(f"recipe={args.recipe} res={res} batch={args.batch} device={device} threads={torch.get_num_threads()} "
-          f"tokenizer={params:.1f}M params")
-    for name, t in parts.items():
-        print(f"  {name:10s} {t * 1000:9.1f} ms  ({t / total:5.1%})")
-    print(f"  {'step':10s} {total * 1000:9.1f} ms  -> {args.batch / total:.2f} img/s")
+    load0 = os.getloadavg()[0]
+    step, task, cfg = build_engine_step(args.recipe, args.batch, device, args.overrides, args.lpips, args.resolution)
+    times = time_steps(step, device, args.steps)
+    med, best = statistics.median(times), min(times)
+    params = sum(p.numel() for p in task.tokenizer.parameters()) / 1e6
+    phases = [p.name for p in task.phases()]
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, device {device}, "
+          f"threads {torch.get_num_threads()}, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
+    print(f"recipe={args.recipe} res={cfg.data.resolution} batch={args.batch} tokenizer={params:.1f}M params "
+          f"phases={'+'.join(phases)} perceptual_weight={cfg.loss.perceptual_weight} amp={cfg.train.amp and device.type == 'cuda'}")
+    print(f"engine step: median {med * 1e3:.1f} ms, min {best * 1e3:.1f} ms over {len(times)} steps -> "
+          f"{args.batch / med:.2f} img/s (best {args.batch / best:.2f})")
 
 
 if __name__ == "__main__":

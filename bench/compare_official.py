@@ -1,0 +1,636 @@
+"""vqtok against the official implementations, side by side in one process tree (issue 13).
+
+    python bench/compare_official.py --peers ../shared/peers --deps /work/benchdeps
+    python bench/compare_official.py --peers ../shared/peers --only rar_sampling,maskgit_encode --json out.json
+
+Each case runs in its own child process (so one peer's imports and memory never touch another case). Inside
+it the official model is built, its state dict is converted to vqtok through vqtok's own interop
+(vqtok.interop.*), both get the same inputs, batch and `torch.set_num_threads`, and the two run ALTERNATELY
+(official, vqtok, vqtok, official, ...) after a warm-up each, so load from other work hits both alike.
+Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok is faster), with the
+1-minute load average before and after.
+
+Cases (issue 13 item 1):
+  rar_sampling     official `RAR.generate` vs the `vqtok sample` token loop (vqtok.ar.generate.sample_tokens),
+                   hidden 256 / depth 8 / 8 heads (11M), batch 16, CFG 4.0 power-cosine (pow 2.75), 256 tokens
+  rar_train_h768   one training step (forward + loss + backward + clipping + AdamW), batch 8 x 256 tokens,
+  rar_train_h256   random orders (r = 1), dropout 0.1, class dropout 0.1; hidden 768 / depth 4 / 16 heads and
+                   hidden 256 / depth 8 / 8 heads; each side's matmul GFLOP/s as a fraction of an fp32 GEMM
+                   measured in the same process
+  maskgit_encode   official `PretrainedTokenizer.encode` vs vqtok's converted maskgit-vqgan-f16, 256 px,
+                   batch 10; the indices must be identical
+  vqgan_train_step LlamaGen's vq_train.py step (VQ-16 VQModel + VQLoss: l2 + LPIPS + PatchGAN hinge, Adam
+                   (0.9, 0.95), clipping 1.0, EMA, then the discriminator step) vs one vqtok Engine step of
+                   TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
+                   the same (random) VGG16 LPIPS trunk on both sides, the official PatchGAN weights loaded
+                   into vqtok's
+
+Weights are random (the timing does not depend on them): the official checkpoints cannot be downloaded
+here. The official code needs a few packages vqtok does not (timm, einops, omegaconf, requests); install
+them outside vqtok's environment and pass the folder with --deps:
+
+    pip install --no-deps --target /work/benchdeps timm einops omegaconf antlr4-python3-runtime==4.9.3 \\
+        requests urllib3 idna certifi charset-normalizer
+
+What cannot be imported or run on a CPU without network is stubbed, and every stub is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step"]
+PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "rar_train_h256": "1d-tokenizer",
+           "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen"}
+GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2}
+# packages the official code imports that vqtok does not depend on (module -> pip name)
+PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf"},
+                 "LlamaGen": {}}
+REPO = Path(__file__).resolve().parent.parent
+STUBS: list[str] = []
+
+
+class Missing(Exception):
+    """A path or package the comparison needs is absent: the message says which and what to do."""
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def check_paths(peers: Path, deps: list[Path], cases: list[str]) -> None:
+    if not peers.is_dir():
+        raise Missing(f"--peers {peers} does not exist (it should hold 1d-tokenizer/ and LlamaGen/; see shared/peers/README.md)")
+    for name in sorted({PEER_OF[c] for c in cases}):
+        if not (peers / name).is_dir():
+            raise Missing(f"{peers / name} is missing: the official {name} source tree is needed for "
+                          f"{', '.join(c for c in cases if PEER_OF[c] == name)}")
+    for d in deps:
+        if not d.is_dir():
+            raise Missing(f"--deps {d} does not exist (install the peers' packages there with "
+                          f"pip install --no-deps --target {d} ...)")
+
+
+def stub(name: str, reason: str, **attrs) -> types.ModuleType:
+    """Insert a module (and its parents) into sys.modules and record it."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        sub = ".".join(parts[:i])
+        if sub not in sys.modules:
+            sys.modules[sub] = types.ModuleType(sub)
+        if i > 1:
+            setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], sys.modules[sub])
+    module = sys.modules[name]
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    STUBS.append(f"{name}: {reason}")
+    return module
+
+
+def importable(name: str) -> str | None:
+    """None when `name` imports, else the error text."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception as exc:  # noqa: BLE001 (a broken install is as missing as an absent one)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def setup_peer(peers: Path, name: str, deps: list[Path]) -> None:
+    """Put the peer tree and --deps on sys.path, require its real packages, stub what only serves hubs/GPUs."""
+    for d in reversed(deps):
+        sys.path.insert(0, str(d))
+    sys.path.insert(0, str(peers / name))
+    missing = [(mod, pip, err) for mod, pip in PEER_PACKAGES[name].items() if (err := importable(mod)) is not None]
+    if missing:
+        lines = "; ".join(f"{mod} ({err})" for mod, _, err in missing)
+        pips = " ".join(pip for _, pip, _ in missing)
+        where = deps[0] if deps else "/work/benchdeps"
+        raise Missing(f"the official {name} code needs packages that are not importable: {lines}. Install them with "
+                      f"`pip install --no-deps --target {where} {pips}` and pass --deps {where}")
+    if name == "1d-tokenizer":
+        if importable("accelerate.utils.operations") is not None:
+            # modeling/quantizer/quantizer.py imports accelerate's `gather` (multi-GPU stats) at module level
+            stub("accelerate.utils.operations", "gather() is only called in multi-process training; identity stub",
+                 gather=lambda x: x)
+        if importable("huggingface_hub") is not None:
+            class PyTorchModelHubMixin:  # TiTok's hub upload/download mixin; the benchmark never uses the hub
+                def __init_subclass__(cls, **kwargs):
+                    super().__init_subclass__()
+
+            stub("huggingface_hub", "PyTorchModelHubMixin (hub upload/download mixin of TiTok) as an empty base class",
+                 PyTorchModelHubMixin=PyTorchModelHubMixin)
+    if importable("requests") is not None:
+        stub("requests", "only used by the LPIPS modules to download weights, which the benchmark never does")
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Warm each up, then time them in alternating order (A B, B A, A B, ...); returns {name: [seconds]}."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def summary(times: dict[str, list[float]]) -> dict:
+    off, mine = times["official"], times["vqtok"]
+    out = {"official_s": statistics.median(off), "vqtok_s": statistics.median(mine),
+           "official_min_s": min(off), "vqtok_min_s": min(mine), "repeats": len(off)}
+    out["ratio"] = out["official_s"] / out["vqtok_s"]
+    out["ratio_min"] = out["official_min_s"] / out["vqtok_min_s"]
+    return out
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------------- RAR
+
+
+def official_rar_config(hidden: int, depth: int, heads: int, dropout: float):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "model": {
+            "vq_model": {"codebook_size": 1024},
+            "generator": {"hidden_size": hidden, "num_hidden_layers": depth, "num_attention_heads": heads,
+                          "intermediate_size": 4 * hidden, "image_seq_len": 256, "condition_num_classes": 1000,
+                          "dropout": dropout, "attn_drop": dropout, "class_label_dropout": 0.1},
+        },
+    })
+
+
+def rar_pair(hidden: int, depth: int, heads: int, dropout: float):
+    """The official RAR with random weights (non-zero adaLN) and vqtok's RAR holding the converted weights."""
+    import torch
+    from modeling.rar import RAR as OfficialRAR
+
+    from vqtok.ar.rar import RAR
+    from vqtok.interop import rar as rar_interop
+
+    torch.manual_seed(0)
+    official = OfficialRAR(official_rar_config(hidden, depth, heads, dropout))
+    with torch.no_grad():  # adaLN-zero init makes every block an identity; give it weights a trained model has
+        for block in official.blocks:
+            block.adaLN_modulation[-1].weight.normal_(0, 0.02)
+        official.adaln_before_head.adaLN_modulation[-1].weight.normal_(0, 0.02)
+    sd = official.state_dict()
+    cfg = rar_interop.to_config(sd)
+    cfg.dropout = cfg.attn_dropout = dropout
+    ours = RAR(cfg)
+    ours.load_state_dict(rar_interop.convert(sd), strict=True)
+    return official, ours
+
+
+def case_rar_sampling(args) -> dict:
+    import torch
+
+    from vqtok.ar.generate import sample_noise, sample_tokens
+    from vqtok.ar.sampling import SamplingConfig
+
+    official, ours = rar_pair(256, 8, 8, 0.0)
+    official.eval()
+    ours.eval()
+    batch = 16
+    classes = torch.arange(batch) * 61 % 1000
+    # same weights: the first step's guided logits must agree (teacher-forced, raster order, no cache)
+    with torch.no_grad():
+        ids = torch.randint(0, 1024, (2, 5))
+        cond = official.preprocess_condition(classes[:2])
+        ref = official.forward_fn(ids, cond, orders=None, is_sampling=True)
+        mine = ours.prefix_logits(ids, ours.condition_ids(classes[:2]), torch.arange(256).expand(2, 256))
+        err = (ref - mine).abs().max().item()
+    print(f"  same-weights check: max |logit difference| over 5 teacher-forced steps = {err:.2e}")
+    if err > 1e-3:
+        raise RuntimeError(f"the converted RAR does not reproduce the official logits (max difference {err})")
+    cfg = SamplingConfig(guidance_scale=4.0, guidance_schedule="power-cosine", guidance_power=2.75)
+    uniforms = sample_noise(0, range(batch), 256)
+
+    def run_official():
+        torch.manual_seed(0)
+        out = official.generate(classes, guidance_scale=4.0, randomize_temperature=1.0, guidance_scale_pow=2.75)
+        assert out.shape == (batch, 256)
+
+    def run_vqtok():
+        out = sample_tokens(ours, classes, cfg, uniforms)
+        assert out.shape == (batch, 256)
+
+    # no warm-up run: one batch is 256 model calls, the first of which warms the allocator for the rest
+    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=0)
+    return summary(times) | {"detail": "11M (hidden 256, depth 8), batch 16, CFG 4.0 pow 2.75, tokens only"}
+
+
+def official_weight_groups(model, weight_decay: float):
+    # the rule of the official create_optimizer (utils/train_utils.py): no decay for 1-d, norm, bias, embeddings
+    exclude = (lambda n, p: p.ndim < 2 or "ln" in n or "bias" in n or "embedding" in n or "norm" in n
+               or "gamma" in n or "embed" in n)
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
+
+
+def case_rar_train(args, hidden: int, depth: int, heads: int) -> dict:
+    import torch
+    from modeling.modules.losses import ARLoss
+    from torch import nn
+
+    from vqtok.ar.orders import sample_orders
+    from vqtok.ar.rar import ar_loss
+    from vqtok.train.ar_task import weight_decay_groups
+    from vqtok.train.engine import OptimizerConfig, build_optimizer
+
+    official, ours = rar_pair(hidden, depth, heads, 0.1)
+    official.train()
+    ours.train()
+    official.set_random_ratio(1.0)
+    batch, n = 8, 256
+    tokens = torch.randint(0, 1024, (batch, n))
+    classes = torch.randint(0, 1000, (batch,))
+    loss_module = ARLoss(official.config)
+    opt_official = torch.optim.AdamW(official_weight_groups(official, 0.03), lr=4e-4, betas=(0.9, 0.96))
+    ocfg = OptimizerConfig(kind="adamw", lr=4e-4, betas=(0.9, 0.96), weight_decay=0.03, grad_clip=1.0)
+    opt_ours = build_optimizer(ocfg, weight_decay_groups(ours, 0.03), torch.device("cpu"))
+    target = torch.arange(n)
+
+    def step_official():  # scripts/train_rar.py -> utils/train_utils.train_one_epoch_generator
+        cond = official.preprocess_condition(classes.clone(), cond_drop_prob=0.1)
+        logits, labels = official(tokens, cond, return_labels=True)
+        loss, _ = loss_module(logits, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(official.parameters(), 1.0)
+        opt_official.step()
+        opt_official.zero_grad(set_to_none=True)
+
+    def step_vqtok():  # what ARTrainTask + Engine run per optimizer step
+        orders = sample_orders(batch, target, 1.0)
+        cond = ours.condition_ids(classes, drop_prob=0.1)
+        logits, labels = ours.forward_conditions(tokens, cond, orders)
+        loss, _ = ar_loss(logits, labels)
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        opt_ours.step()
+
+    peak_before = gemm_gflops()
+    times = alternate({"official": step_official, "vqtok": step_vqtok}, args.train_repeats, warmup=2)
+    peak = max(peak_before, gemm_gflops())
+    out = summary(times)
+    mm = sum(m.weight.numel() for m in ours.modules() if isinstance(m, nn.Linear))
+    flops = 6 * mm * batch * n
+    out.update({
+        "gemm_gflops": peak,
+        "official_gemm_fraction": flops / out["official_s"] / 1e9 / peak,
+        "vqtok_gemm_fraction": flops / out["vqtok_s"] / 1e9 / peak,
+        "detail": f"hidden {hidden}, depth {depth}, {heads} heads, batch 8 x 256, dropout 0.1, AdamW + clip",
+    })
+    print(f"  fp32 GEMM 2048^3 (best, same process): {peak:.1f} GFLOP/s; matmul GFLOP/s = 6 x Linear weights x tokens / "
+          f"median step: official {flops / out['official_s'] / 1e9:.1f} ({out['official_gemm_fraction']:.2f} of GEMM), "
+          f"vqtok {flops / out['vqtok_s'] / 1e9:.1f} ({out['vqtok_gemm_fraction']:.2f})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- MaskGIT-VQGAN
+
+
+def case_maskgit_encode(args) -> dict:
+    import torch
+    from modeling.titok import PretrainedTokenizer
+    from omegaconf import OmegaConf
+    from modeling.modules.maskgit_vqgan import Decoder, Encoder, VectorQuantizer
+
+    from vqtok.interop import maskgit
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    # random weights in the official layout (the conf of PretrainedTokenizer), written to a file it loads
+    conf = OmegaConf.create({"channel_mult": [1, 1, 2, 2, 4], "num_resolutions": 5, "dropout": 0.0,
+                             "hidden_channels": 128, "num_channels": 3, "num_res_blocks": 2, "resolution": 256,
+                             "z_channels": 256})
+    holder = torch.nn.Module()
+    holder.encoder, holder.decoder = Encoder(conf), Decoder(conf)
+    holder.quantize = VectorQuantizer(1024, 256, 0.25)
+    with torch.no_grad():  # a codebook spread like a trained one's, so the argmin is not decided by rounding
+        holder.quantize.embedding.weight.normal_(0, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "maskgit-vqgan-random.bin"
+        torch.save(holder.state_dict(), path)
+        official = PretrainedTokenizer(str(path))
+    cfg, state = maskgit.convert(official.state_dict())
+    ours = build_tokenizer(cfg)
+    ours.load_state_dict(state, strict=True)
+    ours.eval()
+    images = torch.rand(10, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = official.encode(images).reshape(10, -1)
+        mine = ours.encode(images)
+    same = int((ref == mine).sum())
+    print(f"  indices identical: {same}/{ref.numel()}")
+    if same != ref.numel():
+        raise RuntimeError(f"vqtok's converted MaskGIT-VQGAN gives {ref.numel() - same} different indices")
+
+    def run_official():
+        with torch.inference_mode():
+            official.encode(images)
+
+    def run_vqtok():
+        with torch.inference_mode():
+            ours.encode(images)
+
+    # the identity check above was both sides' warm-up
+    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.encode_repeats, warmup=0)
+    return summary(times) | {"indices_identical": True, "detail": "256 px, batch 10, random weights, inference mode"}
+
+
+# ------------------------------------------------------------------------------------------- VQGAN training
+
+
+def llamagen_lpips_stubs(lpips_module) -> None:
+    """LlamaGen's LPIPS downloads the VGG16 trunk (torchvision pretrained=True) and its heads at build time."""
+    import torchvision
+
+    class _Models:  # torchvision.models with vgg16 built random: weights are copied in from vqtok's LPIPS afterwards
+        def __getattr__(self, name):
+            return getattr(torchvision.models, name)
+
+        @staticmethod
+        def vgg16(pretrained=False, **kwargs):
+            return torchvision.models.vgg16(weights=None)
+
+    lpips_module.models = _Models()
+    lpips_module.LPIPS.load_from_pretrained = lambda self, name="vgg_lpips": None
+    STUBS.append("tokenizer.tokenizer_image.lpips.models.vgg16(pretrained=True): built random (no download); "
+                 "trunk and heads then copied from vqtok's LPIPS (random trunk, the lpips wheel's heads)")
+    STUBS.append("tokenizer.tokenizer_image.lpips.LPIPS.load_from_pretrained: no download (heads copied as above)")
+
+
+def write_images(folder: Path, count: int, size: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def case_vqgan_train_step(args) -> dict:
+    import copy
+
+    import torch
+    import tokenizer.tokenizer_image.lpips as llamagen_lpips
+
+    llamagen_lpips_stubs(llamagen_lpips)
+    from tokenizer.tokenizer_image.vq_loss import VQLoss
+    from tokenizer.tokenizer_image.vq_model import VQ_16
+
+    from vqtok.interop import llamagen
+    from vqtok.train.distributed import DistEnv
+    from vqtok.train.ema import EMA
+    from vqtok.train.engine import Engine
+    from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
+
+    res, batch = 64, 4
+    torch.manual_seed(0)
+    vq_model = VQ_16(codebook_size=16384, codebook_embed_dim=8)
+    vq_loss = VQLoss(disc_start=0, disc_weight=0.5, disc_type="patchgan", disc_loss="hinge", gen_adv_loss="hinge",
+                     image_size=res, perceptual_weight=1.0, reconstruction_weight=1.0, reconstruction_loss="l2",
+                     codebook_weight=1.0)
+    # register_buffer("codebook_used", nn.Parameter(...)) is a leaf that requires grad; `.to("cuda")` turns it into
+    # a non-leaf copy, which the in-place usage update then accepts. On CPU nothing copies it, so do by hand what
+    # the move to CUDA does for its in-place writes: take it out of autograd.
+    vq_model.quantize.codebook_used.requires_grad_(False)
+    STUBS.append("VQModel.quantize.codebook_used.requires_grad_(False): a leaf Parameter registered as a buffer; on "
+                 "CUDA `.to(device)` makes it a non-leaf copy, on CPU its in-place usage update would raise")
+    ema = copy.deepcopy(vq_model)
+    ema.requires_grad_(False)
+
+    overrides = [
+        f"data.resolution={res}", "data.hflip=false", "data.scale_range=[1.0,1.0]", "data.preview_images=0",
+        "loss.l1_weight=0", "loss.l2_weight=1.0", "loss.perceptual_weight=1.0", "loss.lpips_weights=random-for-tests",
+        "loss.quantizer_weight=1.0", "loss.disc_weight=0.5", "loss.adaptive_weight=false", "loss.disc_start=0",
+        "loss.d_loss=hinge", "loss.g_loss=hinge", "loss.disc.kind=patchgan", "loss.disc.channels=64", "loss.disc.layers=3",
+        "optim.generator.kind=adam", "optim.generator.lr=1e-4", "optim.generator.betas=[0.9,0.95]",
+        "optim.generator.grad_clip=1.0", "optim.discriminator.kind=adam", "optim.discriminator.lr=1e-4",
+        "optim.discriminator.betas=[0.9,0.95]", "optim.discriminator.grad_clip=1.0",
+        f"train.batch_size={batch}", "train.ema=true", "train.ema_decay=0.9999", "train.num_workers=0",
+        "train.steps=1000000",
+    ]
+    cfg = load_run_config({"model": {"preset": "llamagen-vq-f16"}}, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "images"
+        write_images(data, batch, res)
+        task = TokenizerTrainTask(cfg, DistEnv(device=torch.device("cpu")), data, Path(tmp) / "run", "random-for-tests")
+        engine = Engine(cfg.train, DistEnv(device=torch.device("cpu")), Path(tmp) / "run")
+    # the same weights on both sides: tokenizer through vqtok's LlamaGen interop, D and LPIPS copied
+    _, state = llamagen.convert(vq_model.state_dict(), resolution=res)
+    task.tokenizer.load_state_dict(state, strict=True)
+    task.loss_fn.discriminator.load_state_dict(vq_loss.discriminator.state_dict(), strict=True)
+    ours_lpips = task.loss_fn.lpips.net.state_dict()
+    official_lpips = vq_loss.perceptual_loss.state_dict()
+    vq_loss.perceptual_loss.load_state_dict({k: ours_lpips[k] for k in official_lpips}, strict=True)
+    phases = task.phases()
+    engine.emas = {p.name: EMA(p.module, cfg.train.ema_decay) for p in phases if p.ema}
+
+    opt = torch.optim.Adam(vq_model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    opt_disc = torch.optim.Adam(vq_loss.discriminator.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    images01 = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(2))
+    imgs = images01 * 2 - 1  # LlamaGen's data pipeline normalises to [-1, 1]; vqtok's loss does it inside
+    step = {"official": 0, "vqtok": 0}
+
+    class _Log:
+        def info(self, *a, **k):
+            pass
+
+    @torch.no_grad()
+    def update_ema(decay=0.9999):  # LlamaGen utils/ema.py update_ema
+        ema_params = dict(ema.named_parameters())
+        for name, param in vq_model.named_parameters():
+            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+    vq_model.train()
+    vq_loss.train()
+
+    def run_official():  # tokenizer/tokenizer_image/vq_train.py, one iteration (fp32: no CUDA autocast on CPU)
+        step["official"] += 1
+        gs = step["official"]
+        opt.zero_grad()
+        recons, codebook_loss = vq_model(imgs)
+        loss_gen = vq_loss(codebook_loss, imgs, recons, optimizer_idx=0, global_step=gs,
+                           last_layer=vq_model.decoder.last_layer, logger=_Log(), log_every=100)
+        loss_gen.backward()
+        torch.nn.utils.clip_grad_norm_(vq_model.parameters(), 1.0)
+        opt.step()
+        update_ema()
+        first.setdefault("official", float(loss_gen.detach()))
+        opt_disc.zero_grad()
+        loss_disc = vq_loss(codebook_loss, imgs, recons, optimizer_idx=1, global_step=gs, logger=_Log(), log_every=100)
+        loss_disc.backward()
+        torch.nn.utils.clip_grad_norm_(vq_loss.discriminator.parameters(), 1.0)
+        opt_disc.step()
+
+    batch_dict = {"images": images01}
+
+    def run_vqtok():  # one real Engine step: both phases, clipping, EMA
+        metrics, _ = engine._train_step(task, phases, batch_dict, step["vqtok"])
+        first.setdefault("vqtok", metrics["loss"])
+        step["vqtok"] += 1
+
+    first: dict[str, float] = {}
+    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.train_repeats, warmup=1)
+    # the warm-up steps started from the same weights and images: the generator losses must agree
+    print(f"  same-weights check: first generator loss official {first['official']:.6f}, vqtok {first['vqtok']:.6f}")
+    if abs(first["official"] - first["vqtok"]) > 1e-3 * max(1.0, abs(first["official"])):
+        raise RuntimeError("the two sides' first generator losses differ: they are not training the same thing")
+    return summary(times) | {"detail": "LlamaGen VQ-16 (72M) + PatchGAN + LPIPS, 64 px, batch 4, fp32, EMA"}
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def run_case(name: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    setup_peer(Path(args.peers), PEER_OF[name], [Path(d) for d in args.deps])
+    if name == "rar_sampling":
+        result = case_rar_sampling(args)
+    elif name == "rar_train_h768":
+        result = case_rar_train(args, 768, 4, 16)
+    elif name == "rar_train_h256":
+        result = case_rar_train(args, 256, 8, 8)
+    elif name == "maskgit_encode":
+        result = case_maskgit_encode(args)
+    else:
+        result = case_vqgan_train_step(args)
+    result["threads"] = torch.get_num_threads()
+    result["stubs"] = list(STUBS)
+    return result
+
+
+def child_main(args) -> int:
+    load0 = load_avg()
+    try:
+        result = run_case(args.case, args)
+    except Missing as exc:
+        print(json.dumps({"missing": str(exc)}), flush=True)
+        return 2
+    result["load_before"], result["load_after"] = load0, load_avg()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def fmt_case(name: str, r: dict) -> str:
+    goal = GOALS[name]
+    verdict = "meets" if r["ratio"] >= goal else "MISSES"
+    return (f"{name:17s} official {r['official_s']:8.3f} s (min {r['official_min_s']:.3f})  vqtok {r['vqtok_s']:8.3f} s "
+            f"(min {r['vqtok_min_s']:.3f})  ratio {r['ratio']:.2f}x (of minima {r['ratio_min']:.2f}x; goal >= {goal}x: "
+            f"{verdict})  load {r['load_before']:.1f}->{r['load_after']:.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--peers", required=True, help="folder holding the official source trees (1d-tokenizer/, LlamaGen/)")
+    p.add_argument("--deps", action="append", default=[], help="folder with the peers' extra packages, put first on "
+                   "sys.path (repeatable)")
+    p.add_argument("--only", default=None, help=f"comma-separated cases out of {','.join(CASES)}")
+    p.add_argument("--json", default=None, help="write {case: {official_s, vqtok_s, ratio, ...}} here")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides (default 1: on a shared "
+                   "2-core machine two OpenMP threads spin against other work and make both sides noisier)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side for rar_sampling")
+    p.add_argument("--train-repeats", type=int, default=5, help="timed steps per side for the training cases")
+    p.add_argument("--encode-repeats", type=int, default=3, help="timed batches per side for maskgit_encode")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
+    args = p.parse_args(argv)
+    if args.case:
+        return child_main(args)
+    cases = CASES if not args.only else [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        print(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    try:
+        check_paths(Path(args.peers), [Path(d) for d in args.deps], cases)
+    except Missing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {args.threads} (both sides), load average {load_avg():.2f}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [x for x in [env.get("PYTHONPATH")] if x])
+    results: dict[str, dict] = {}
+    failed = []
+    t_all = time.perf_counter()
+    for name in cases:
+        print(f"== {name}", flush=True)
+        cmd = [sys.executable, __file__, "--case", name, "--peers", args.peers, "--threads", str(args.threads),
+               "--repeats", str(args.repeats), "--train-repeats", str(args.train_repeats),
+               "--encode-repeats", str(args.encode_repeats)]
+        for d in args.deps:
+            cmd += ["--deps", d]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        result = None
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+            elif line.startswith('{"missing"'):
+                print(f"error: {json.loads(line)['missing']}", file=sys.stderr)
+                return 2
+            else:
+                print(line, end="", flush=True)
+        proc.wait()
+        if result is None:
+            failed.append(name)
+            print(f"  {name} FAILED (exit {proc.returncode})", flush=True)
+            continue
+        for s in result.pop("stubs"):
+            print(f"  stubbed {s}")
+        result["wall_s"] = time.perf_counter() - t0
+        results[name] = result
+        print("  " + fmt_case(name, result), flush=True)
+    print(f"\nsummary ({time.perf_counter() - t_all:.0f} s in all; ratio = official / vqtok median time, > 1 = vqtok faster)")
+    for name, r in results.items():
+        print("  " + fmt_case(name, r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
