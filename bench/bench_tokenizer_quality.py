@@ -66,8 +66,9 @@ def held_out_tiles(data_dir: Path) -> torch.Tensor:
 # ---------------------------------------------------------------- the vector-quantize-pytorch row
 
 
-def install_vqp_quantizer(vqp_path: str | None) -> None:
-    """Make tiny-vqgan's 'vq' quantizer kind build vector-quantize-pytorch's VectorQuantize (bench only)."""
+def install_vqp_quantizer(vqp_path: str | None):
+    """Make tiny-vqgan's 'vq' quantizer kind build vector-quantize-pytorch's VectorQuantize (bench only);
+    returns the function that undoes it."""
     if vqp_path:
         sys.path.insert(0, vqp_path)
     try:
@@ -101,6 +102,11 @@ def install_vqp_quantizer(vqp_path: str | None) -> None:
 
     original = tokenizer_module.quantizer_classes
     tokenizer_module.quantizer_classes = lambda kind: (VQPQuantizer, VQConfig) if kind == "vq" else original(kind)
+
+    def restore() -> None:
+        tokenizer_module.quantizer_classes = original
+
+    return restore
 
 
 # ---------------------------------------------------------------- train + evaluate one row
@@ -167,7 +173,7 @@ def table(rows: dict[str, dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--rows", default="tiny-vqgan,tiny-fsq,tiny-lfq,tiny-msvq,vqp")
+    ap.add_argument("--rows", default="tiny-vqgan,tiny-fsq,tiny-msvq,vqp,tiny-lfq")
     ap.add_argument("--out", type=Path, default=Path("bench_out/tokenizer_quality"))
     ap.add_argument("--vqp-path", default=None, help="folder holding vector_quantize_pytorch (installed with --target)")
     ap.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth (default: the torch hub cache, if present)")
@@ -176,6 +182,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from vqtok.data.default_dataset import skimage_data_dir
+    from vqtok.errors import UserError
     from vqtok.losses.lpips import resolve_vgg16_weights
 
     data_dir = skimage_data_dir()
@@ -188,23 +195,24 @@ def main() -> int:
         if resolve_vgg16_weights(args.lpips_weights) is not None:
             from vqtok.losses.lpips import build_lpips
             lpips_model = build_lpips(args.lpips_weights).eval()
-    except Exception as exc:  # noqa: BLE001 - a missing weight file only drops the LPIPS column
-        print(f"LPIPS off: {exc}", flush=True)
-    if lpips_model is None:
+    except UserError:
         print("LPIPS off: no VGG16 file (vgg16-397923af.pth) in the torch hub cache or --lpips-weights", flush=True)
 
     results_file = args.out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
         recipe = "tiny-vqgan" if name == "vqp" else name
-        if name == "vqp":
-            install_vqp_quantizer(args.vqp_path)
+        restore = install_vqp_quantizer(args.vqp_path) if name == "vqp" else None
         run_dir = args.out / "runs" / name
         if run_dir.exists():
             import shutil
             shutil.rmtree(run_dir)
         print(f"\n== {name}: {args.steps} steps of {recipe}", flush=True)
-        tok, seconds = train_row(recipe, data, run_dir, args.steps, [])
+        try:
+            tok, seconds = train_row(recipe, data, run_dir, args.steps, [])
+        finally:
+            if restore is not None:
+                restore()
         row = evaluate(tok, tiles, lpips_model)
         row.update(steps=args.steps, train_seconds=seconds, recipe=recipe)
         rows[name] = row
