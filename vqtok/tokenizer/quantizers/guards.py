@@ -27,6 +27,9 @@ class RowPool:
 
     def add(self, rows: torch.Tensor) -> None:
         self.parts.append(rows.detach().float())
+        # a caller that never runs update_codebook() (a hand-written loop) must not grow memory without end
+        while len(self.parts) > 1 and sum(p.shape[0] for p in self.parts[1:]) >= 4 * POOL_ROWS:
+            self.parts.pop(0)
 
     def gather(self) -> torch.Tensor:
         """Every rank's rows concatenated in rank order (a collective), then the pool is emptied."""
