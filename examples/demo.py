@@ -1,6 +1,7 @@
-"""`make demo`: the whole vqtok pipeline on the bundled real photos, CPU-sized (about 5-8 minutes on 2 cores).
+"""`make demo`: the whole vqtok pipeline on the bundled real photos, CPU-sized (a few minutes on 2 idle cores).
 
-demo-data -> train-tokenizer -> reconstruct -> encode --ten-crop -> train-ar --anneal -> sample --cfg
+demo-data -> train-tokenizer (VQGAN, discriminator on) -> eval-tokenizer on held-out photos -> reconstruct
+-> encode --ten-crop -> train-ar --anneal -> sample --cfg -> class consistency of the samples
 
 Every stage runs as the user command (`python -m vqtok ...`), printed before it runs, so the output doubles as a
 walk-through (examples/tiny_cpu_walkthrough.md explains each command). Everything lands in demo_out/.
@@ -20,16 +21,18 @@ import time
 from pathlib import Path
 
 # Settings on top of the recipes, and why:
-# - tiny-fsq: FSQ has no codebook to collapse, so a few hundred CPU steps already give recognisable
-#   reconstructions; the tiny VQ recipe needs many more steps before its codes spread out.
-# - TOKENIZER_OVERRIDES: the recipe's 40 steps are a smoke run (L1 error still ~0.4, blurred colour
-#   fields). 600 steps (150 passes over the 32 photos, about 2 minutes on an idle 2-core CPU) bring the L1
-#   error to ~0.15 and reconstructions where faces, cups and the cat are recognisable (200 steps: ~0.23 and
-#   blurred). The discriminator stays off: at this scale it doubles the step time and does not help in so
-#   few steps.
-TOKENIZER_RECIPE = "tiny-fsq"
-TOKENIZER_OVERRIDES = ["train.steps=600", "loss.disc_start=100000", "train.log_every=50",
-                       "train.ckpt_every=600", "train.preview_every=600"]
+# - tiny-vqgan: the headline tokenizer, a VQGAN trained with its discriminator (StyleGAN D from step 20,
+#   adaptive weight) and the recipe's codebook guards (k-means init, dead-code restarts), which keep
+#   ~all 512 codes in use on held-out photos (bench/README.md, "Tokenizer quality"). LPIPS joins the loss
+#   when the VGG16 file is present; without it the demo says so and trains with L1 + GAN only.
+# - TOKENIZER_OVERRIDES: the recipe's 40 steps are a smoke run. 600 steps (150 passes over the 32 photos)
+#   give reconstructions where faces, cups and the cat are recognisable.
+TOKENIZER_RECIPE = "tiny-vqgan"
+TOKENIZER_OVERRIDES = ["train.steps=600", "train.log_every=50", "train.ckpt_every=600", "train.preview_every=600"]
+# Held-out photos for the tokenizer evaluation: scikit-image photos that are NOT in the demo dataset,
+# tiled into 64 px crops at two zooms (about 100 tiles, 12 tokens per code of the 512-code book).
+HELD_OUT_PHOTOS = ("camera.png", "coins.png", "cell.png", "microaneurysms.png", "clock_motion.png")
+HELD_OUT_SIDES = (128, 256)
 AR_RECIPE = "rar-tiny"      # 120 epochs over the 32 photos (one random ten-crop view each), batch 16
 ANNEAL = ("40", "80")       # random scan orders until epoch 40, linearly down to raster order by epoch 80
 CFG = "3.0"                 # constant guidance scale; the 8 classes are few and the model tiny
@@ -50,6 +53,50 @@ def vqtok(*args: str, device: str | None = None) -> None:
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def write_held_out(folder: Path, size: int = 64) -> int:
+    """64 px tiles of photos the tokenizer never sees, as PNG files; returns the count."""
+    from PIL import Image
+
+    from vqtok.data.default_dataset import skimage_data_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in HELD_OUT_PHOTOS:
+        with Image.open(skimage_data_dir() / name) as im:
+            im = im.convert("RGB")
+            for side in HELD_OUT_SIDES:
+                scale = side / min(im.size)
+                small = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+                for top in range(0, small.height - size + 1, size):
+                    for left in range(0, small.width - size + 1, size):
+                        small.crop((left, top, left + size, top + size)).save(folder / f"{Path(name).stem}_{side}_{top}_{left}.png")
+                        n += 1
+    return n
+
+
+def class_consistency(samples_npz: Path, data: Path, size: int = 64) -> tuple[float, int]:
+    """Fraction of guided samples whose nearest training image (L2 in pixels at the demo resolution, over
+    all ten-crop views of every training image) has the sample's class; chance is 1 / number of classes."""
+    import numpy as np
+    import torch
+
+    from vqtok.data.crops import crop_views
+    from vqtok.data.images import list_images, load_record
+
+    listing = list_images(data, split="train")
+    views, view_class = [], []
+    for rec in listing.records:
+        v = crop_views(load_record(rec).convert("RGB"), size, ten=True)
+        views.append(v.reshape(v.shape[0], -1).float())
+        view_class += [rec.label] * v.shape[0]
+    bank, bank_class = torch.cat(views), torch.tensor(view_class)
+    npz = np.load(samples_npz)
+    images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2).reshape(len(npz["arr_0"]), -1).float()
+    nearest = torch.cdist(images, bank).argmin(1)
+    hits = (bank_class[nearest] == torch.from_numpy(npz["labels"]).long()).float()
+    return float(hits.mean()), len(hits)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (replaced on each run)")
@@ -62,10 +109,21 @@ def main() -> int:
         print(f"removing the previous demo output {out}/", flush=True)
         shutil.rmtree(out)
     data, tok, recon, tokens, rar, samples = (out / n for n in ("data", "runs/tok", "recon", "tokens", "runs/rar", "samples"))
+    held_out, held_report = out / "heldout", out / "heldout.eval.json"
+    from vqtok.losses.lpips import hub_vgg16_path
+
+    overrides = list(TOKENIZER_OVERRIDES)
+    if hub_vgg16_path().is_file():
+        overrides.append("loss.perceptual_weight=1.0")
+    else:
+        print(f"LPIPS off: no VGG16 file at {hub_vgg16_path()}; the tokenizer trains with L1 + GAN losses only", flush=True)
     start = time.perf_counter()
     try:
         vqtok("demo-data", str(data))
-        vqtok("train-tokenizer", str(data), "--config", TOKENIZER_RECIPE, "--out", str(tok), *TOKENIZER_OVERRIDES, device=dev)
+        print(f"\nheld-out set: {write_held_out(held_out)} tiles of photos that are not in {data}", flush=True)
+        vqtok("train-tokenizer", str(data), "--config", TOKENIZER_RECIPE, "--out", str(tok), *overrides, device=dev)
+        vqtok("eval-tokenizer", str(held_out), "--tokenizer", str(tok / "final"), "--no-fid", "--no-lpips",
+              "--workers", "0", "--report", str(held_report), device=dev)
         vqtok("reconstruct", str(data / "train" / "astronaut"), str(data / "train" / "coffee"),
               str(data / "train" / "motorcycle"), "--tokenizer", str(tok / "final"), "--out", str(recon), device=dev)
         vqtok("encode", str(data), "--ten-crop", "--size", "64", "--tokenizer", str(tok / "final"),
@@ -78,8 +136,18 @@ def main() -> int:
     except StageFailed as err:
         print(f"\ndemo stopped: {err}", file=sys.stderr)
         return 1
+    import json
+
+    report = json.loads(held_report.read_text())
+    cb = report["codebook"]
+    consistency, n = class_consistency(samples / "samples.npz", data)
     minutes = (time.perf_counter() - start) / 60
-    print(f"\ndemo finished in {minutes:.1f} min. Look at:")
+    print(f"\ndemo finished in {minutes:.1f} min.")
+    print(f"  tokenizer on {report['num_images']} held-out tiles: codebook usage {cb['usage']:.1%} "
+          f"({cb['codes_used']}/{cb['vocab_size']} codes), perplexity {cb['perplexity']:.0f}, PSNR {report['psnr']:.2f} dB")
+    print(f"  class consistency of the {n} guided samples: {consistency:.0%} have a nearest training image "
+          f"(pixel L2 over all ten-crop views) of their own class (chance 12.5%)")
+    print("Look at:")
     print(f"  reconstructions (original | reconstruction): {recon / 'grid.png'}")
     print(f"  guided samples (8 classes x 4, class id under each): {samples / 'grid.png'}")
     print(f"  tokenizer {tok / 'final'}, token shards {tokens}, generator {rar / 'final'}, ADM npz {samples / 'samples.npz'}")

@@ -124,6 +124,8 @@ def test_usage_buffer_ema_follows_var_schedule():
     q = MultiScaleResidualVQ(codebook_size=8, dim=2, patch_nums=(1, 2)).train()
     z = torch.randn(3, 2, 2, 2)
     _, idx, aux = q(z)
+    assert torch.equal(q.ema_vocab_hit_SV, torch.zeros(2, 8))  # the forward only records
+    q.update_codebook()
     # only the very first scale of the first call is copied; the rest blend into zeros with 0.9
     hits0 = torch.bincount(idx[:, :1].flatten(), minlength=8).float()
     hits1 = torch.bincount(idx[:, 1:].flatten(), minlength=8).float()
@@ -133,6 +135,7 @@ def test_usage_buffer_ema_follows_var_schedule():
     q.eval()
     before = q.ema_vocab_hit_SV.clone()
     q(z)
+    q.update_codebook()
     assert torch.equal(before, q.ema_vocab_hit_SV)
 
 

@@ -129,6 +129,7 @@ def test_ema_moves_codes_to_the_mean_of_their_vectors():
     z = torch.tensor([[1.0, 1.0], [3.0, 1.0]]).t().reshape(1, 2, 1, 2)  # two vectors, both nearest to code 0
     for _ in range(30):
         vq(z)
+        vq.update_codebook()
     torch.testing.assert_close(vq.embedding.weight[0], torch.tensor([2.0, 1.0]), atol=1e-3, rtol=0)
     assert not vq.embedding.weight.requires_grad
     # first step by hand: size 1 -> 0.5*1 + 0.5*2 = 1.5, sum (0,0) -> 0.5*(4,2) = (2,1); code 1's size decays
@@ -136,6 +137,8 @@ def test_ema_moves_codes_to_the_mean_of_their_vectors():
     vq2.embedding.weight.data = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
     vq2.ema_embed_sum.copy_(vq2.embedding.weight.data)
     vq2(z)
+    torch.testing.assert_close(vq2.ema_cluster_size, torch.ones(2))  # the forward only records
+    vq2.update_codebook()
     torch.testing.assert_close(vq2.ema_cluster_size, torch.tensor([1.5, 0.5]))
     torch.testing.assert_close(vq2.ema_embed_sum[0], torch.tensor([2.0, 1.0]))
     # Laplace-smoothed sizes (eps 0) equal the raw ones: row 0 = (2,1)/1.5
@@ -149,10 +152,14 @@ def test_kmeans_init_finds_clusters_on_first_training_batch():
     vq = VectorQuantizer(codebook_size=4, dim=2, kmeans_init=True, ema=True).train()
     vq.eval()
     vq(z)
-    assert not bool(vq.initialized)  # eval forwards never initialise
+    vq.update_codebook()
+    assert not bool(vq.initialized)  # eval forwards record nothing, so nothing initialises
     vq.train()
+    vq(z)
+    assert not bool(vq.initialized)  # the forward only records
+    update = vq.update_codebook()
+    assert bool(vq.initialized) and bool(update.replaced.all())
     _, idx, aux = vq(z)
-    assert bool(vq.initialized)
     # every center has its own code within 0.2 (noise is 0.1)
     dist_to_nearest_code = torch.cdist(centers, vq.embedding.weight).min(1)
     assert dist_to_nearest_code.values.max() < 0.2
@@ -169,9 +176,12 @@ def test_dead_codes_restart_from_batch_vectors(ema):
         vq.ema_embed_sum.copy_(vq.embedding.weight.data)
     z = torch.tensor([[0.1, 0.0], [0.9, 1.0], [0.0, 0.2], [1.1, 1.0]]).t().reshape(1, 2, 2, 2)
     batch = z.permute(0, 2, 3, 1).reshape(-1, 2)
-    vq(z)  # code 2's size 1 -> 0.5: not yet below the threshold
+    vq(z)
+    assert vq.update_codebook().replaced is None  # code 2's size 1 -> 0.5: not yet below the threshold
     assert vq.embedding.weight[2, 0].item() > 99.0
-    vq(z)  # 0.25 < 0.5: restarted from one of the batch vectors
+    vq(z)
+    update = vq.update_codebook()  # 0.25 < 0.5: restarted from one of the batch vectors
+    assert update.replaced.tolist() == [False, False, True]
     row = vq.embedding.weight[2]
     assert any(torch.allclose(row, b) for b in batch)
     assert vq.ema_cluster_size[2].item() == 0.5

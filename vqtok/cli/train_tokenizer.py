@@ -25,6 +25,12 @@ def train_tokenizer_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Resolve everything, print the plan, write RUN/plan.json and RUN/config.yaml; train nothing."
     ),
+    init: Optional[Path] = typer.Option(
+        None, "--init",
+        help="Fine-tune from: a vqtok run dir or checkpoint (with discriminator and optimizer states), a tokenizer "
+             "checkpoint dir, or official MaskGIT-VQGAN / VAR / LlamaGen weights. Decoder only: train.freeze=encoder,quantizer.",
+    ),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow an --init file that needs full unpickling (only files you trust)."),
 ) -> None:
     """Train a discrete image tokenizer (VQGAN, FSQ, LFQ, multi-scale VQ) with LPIPS and GAN losses."""
     from vqtok.train.tokenizer_task import train_tokenizer
@@ -39,7 +45,7 @@ def train_tokenizer_command(
     run_training(
         lambda: train_tokenizer(
             data, config, out, overrides=list(overrides or []), resume=resume == "auto",
-            device=device, lpips_weights=lpips_weights,
+            device=device, lpips_weights=lpips_weights, init=init, trust_pickle=trust_pickle,
         ),
         "tokenizer",
     )

@@ -48,6 +48,10 @@ class LossConfig:
     r1_weight: float = 0.0  # gamma; the lazy penalty is gamma/2 * r1_every * R1
     r1_every: int = 16
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    # collapse monitor (vqtok/train/codebook_monitor.py): codebook usage over the last `usage_window` steps
+    # (all ranks); a warning when it stays under usage_warn for 3 log rows (None: 0.5 for vq/msvq, off otherwise)
+    usage_window: int = 100
+    usage_warn: float | None = None
 
     def check_ranges(self, where: str = "loss") -> None:
         from vqtok.validation import check_fields

@@ -147,6 +147,11 @@ class TrainTask(Protocol):
 
     def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None: ...
 
+    # Optional hooks (looked up with getattr):
+    # after_optimizer_step(phase, optimizer, ema_or_None, step): after the phase's optimizer step, before
+    #   its EMA update, on every rank (it may issue collectives).
+    # on_log(step) -> (metrics, messages): at each log step on every rank (it may issue collectives).
+
 
 class TrainingDiverged(UserError):
     """A non-finite loss: the run stops without writing anything over the last good checkpoint."""
@@ -322,6 +327,9 @@ class Engine:
                         averaged = self._average_metrics(sums, count)
                         # schedule values (e.g. RAR's r) are reported at the logged step, not averaged over the window
                         averaged.update({k: metrics[k] for k in getattr(task, "point_metrics", ()) if k in metrics})
+                        on_log = getattr(task, "on_log", None)  # optional: statistics reduced at log steps only
+                        extra, notes = on_log(step) if on_log is not None else ({}, [])
+                        averaged.update(extra)
                         throughput = window_samples / max(elapsed, 1e-9)
                         if metrics_log is not None:
                             row = {"step": step, "epoch": task.epoch(step) if hasattr(task, "epoch") else None}
@@ -330,6 +338,8 @@ class Engine:
                             row["throughput"] = throughput
                             metrics_log.write(row)
                         progress.update(step, throughput, averaged, lrs[phases[0].name])
+                        for note in notes:
+                            progress.message(note)
                         sums, count = {}, 0
                         window_t, window_samples = time.perf_counter(), 0
                     if step % cfg.preview_every == 0:
@@ -417,6 +427,9 @@ class Engine:
                 phase_metrics[f"grad_norm_{phase.name}"] = norm.detach().float()
             phase.optimizer.step()
             ema = self.emas.get(phase.name)
+            after_step = getattr(task, "after_optimizer_step", None)  # optional: e.g. codebook restarts
+            if after_step is not None:
+                after_step(phase.name, phase.optimizer, ema, step)
             if ema is not None:
                 ema.update(phase.module)
             for k, v in phase_metrics.items():

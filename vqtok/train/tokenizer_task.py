@@ -48,12 +48,19 @@ class TokenizerOptimConfig:
 
 
 @dataclass
+class TokenizerEngineConfig(EngineConfig):
+    # parts of the tokenizer that do not train, comma-separated: encoder, quantizer, decoder
+    # (decoder-only fine-tuning from --init: freeze=encoder,quantizer)
+    freeze: str = ""
+
+
+@dataclass
 class TrainTokenizerConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny-vqgan"})
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
-    train: EngineConfig = field(default_factory=EngineConfig)
+    train: TokenizerEngineConfig = field(default_factory=TokenizerEngineConfig)
 
 
 def seed_everything(seed: int) -> None:
@@ -80,11 +87,13 @@ def resolve_model(cfg: TrainTokenizerConfig):
 
 class TokenizerTrainTask:
     unit = "img/s"
-    progress_keys = ("loss", "rec_l1", "rec_l2", "lpips", "quant", "d_loss")
+    progress_keys = ("loss", "rec_l1", "rec_l2", "lpips", "quant", "d_loss", "code_usage")
 
-    def __init__(self, cfg: TrainTokenizerConfig, env: DistEnv, data: str | Path, run_dir: Path, lpips_weights: str | None = None):
+    def __init__(self, cfg: TrainTokenizerConfig, env: DistEnv, data: str | Path, run_dir: Path, lpips_weights: str | None = None,
+                 init: str | Path | None = None, trust_pickle: bool = False):
         from vqtok.data.images import list_images
         from vqtok.tokenizer.tokenizer import build_tokenizer
+        from vqtok.train import tokenizer_init
 
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         tok_cfg = resolve_model(cfg)
@@ -95,7 +104,14 @@ class TokenizerTrainTask:
         res = cfg.data.resolution
         seed_everything(cfg.train.seed)  # identical initial weights on every rank and every run
         device = env.device
-        self.tokenizer = build_tokenizer(tok_cfg).to(device)
+        self.tokenizer = build_tokenizer(tok_cfg)
+        frozen_parts = tokenizer_init.parse_freeze(getattr(cfg.train, "freeze", ""))
+        source = tokenizer_init.read_init_source(init, trust_pickle) if init is not None else None
+        notes: list[str] = []
+        if source is not None:
+            notes = tokenizer_init.load_into_tokenizer(self.tokenizer, source, init)
+        self.tokenizer.to(device)
+        n_frozen = tokenizer_init.freeze_parts(self.tokenizer, frozen_parts)
         self.loss_fn = TokenizerLoss(cfg.loss, res, lpips_weights).to(device)
         if self.loss_fn.uses_random_lpips and env.is_main:
             print("warning: LPIPS uses a RANDOM VGG16 trunk (lpips_weights: random-for-tests): not a perceptual metric", flush=True)
@@ -105,18 +121,100 @@ class TokenizerTrainTask:
         if cfg.train.compile:
             self.tokenizer.compile()
         self.dataset = TrainImageDataset(self.records, res, tuple(cfg.data.scale_range), cfg.data.hflip, cfg.train.seed)
+        trainable = [p for p in self.tokenizer.parameters() if p.requires_grad]
         self._phases = [
-            Phase("generator", self.tokenizer, build_optimizer(cfg.optim.generator, self.tokenizer.parameters(), device),
+            Phase("generator", self.tokenizer, build_optimizer(cfg.optim.generator, trainable, device),
                   cfg.optim.generator, ema=True),
         ]
         if self.loss_fn.discriminator is not None:
             d = self.loss_fn.discriminator
             self._phases.append(Phase("discriminator", d, build_optimizer(cfg.optim.discriminator, d.parameters(), device),
                                       cfg.optim.discriminator))
+        if source is not None:
+            notes += self._restore_from_source(source, frozen_parts)
+            if env.is_main:
+                print(f"init: tokenizer weights from {source.description}" + "".join(f"; {n}" for n in notes), flush=True)
+        if frozen_parts and env.is_main:
+            print(f"frozen: {', '.join(frozen_parts)} ({n_frozen:,} parameters do not train)", flush=True)
+        self._param_names = {id(p): n for n, p in self.tokenizer.named_parameters()}
+        self.monitor = self._make_monitor(tok_cfg)
         self._recon: dict[int, torch.Tensor] = {}
         self.skipped_total = 0
+        self.codebook_restarts = 0
         self._preview = preview_images(self.records, res, cfg.data.preview_images)
         self._preview_resolution = res
+
+    def _restore_from_source(self, source, frozen_parts: list[str]) -> list[str]:
+        """Discriminator and optimizer states of an --init source: restored when present and fitting."""
+        notes = []
+        d = self.loss_fn.discriminator
+        if d is not None:
+            if source.discriminator is None:
+                notes.append("discriminator started fresh (the source has none)")
+            else:
+                try:
+                    d.load_state_dict(source.discriminator)
+                    notes.append("discriminator restored")
+                except RuntimeError:
+                    notes.append("discriminator started fresh (the source's has another architecture)")
+        for phase in self._phases:
+            saved = source.optimizers.get(phase.name)
+            if saved is None:
+                notes.append(f"{phase.name} optimizer started fresh (the source has no optimizer state)")
+            elif phase.name == "generator" and frozen_parts:
+                notes.append("generator optimizer started fresh (train.freeze changes the trained parameters)")
+            elif phase.name == "discriminator" and not any(n == "discriminator restored" for n in notes):
+                notes.append("discriminator optimizer started fresh")
+            else:
+                try:
+                    phase.optimizer.load_state_dict(saved)
+                    notes.append(f"{phase.name} optimizer restored")
+                except (ValueError, KeyError, RuntimeError):
+                    notes.append(f"{phase.name} optimizer started fresh (its parameters differ from the source's)")
+        return notes
+
+    def _make_monitor(self, tok_cfg):
+        from vqtok.train.codebook_monitor import CodebookMonitor
+
+        kind = tok_cfg.quantizer.kind
+        warn = self.cfg.loss.usage_warn
+        if warn is None:
+            warn = 0.5 if kind in ("vq", "msvq") else 0.0
+        hint = ""
+        if kind in ("vq", "msvq"):
+            hint = ("; turn on quantizer guards, e.g. model.quantizer.params.kmeans_init=true "
+                    "model.quantizer.params.dead_code_threshold=0.1 (see the tiny-vqgan recipe)")
+        return CodebookMonitor(self.tokenizer.vocab_size, self.tokenizer.scales, self.cfg.loss.usage_window, warn, hint=hint)
+
+    # -- optional engine hooks ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def after_optimizer_step(self, phase: str, optimizer: torch.optim.Optimizer, ema, step: int) -> None:
+        """Once per step on every rank: the quantizer's codebook care (k-means init, EMA codebook, dead-code
+        restarts, a collective), then for each re-seeded code fresh Adam moments and weight-EMA rows, so
+        neither the optimizer's memory of the old code nor the exported EMA keeps the stale row."""
+        if phase != "generator":
+            return
+        update = self.tokenizer.quantize.update_codebook(step)
+        self.monitor.push(update.counts)
+        rows = update.replaced
+        if rows is None or not bool(rows.any()):
+            return
+        for p in update.row_params:
+            state = optimizer.state.get(p)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if state and torch.is_tensor(state.get(key)) and state[key].shape[:1] == rows.shape:
+                    state[key][rows] = 0
+            name = self._param_names.get(id(p))
+            if ema is not None and name in ema.shadow:
+                ema.shadow[name][rows] = p.detach().float()[rows]
+        self.codebook_restarts += int(rows.sum())
+
+    def on_log(self, step: int) -> tuple[dict[str, float], list[str]]:
+        """At each log step on every rank: usage over the sliding window, all ranks (one all-reduce)."""
+        metrics, notes = self.monitor.report(self.env.device)
+        metrics["codes_reseeded"] = float(self.codebook_restarts)
+        return metrics, notes
 
     # -- TrainTask ----------------------------------------------------------------------------------
 
@@ -168,13 +266,16 @@ class TokenizerTrainTask:
         return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"skipped_total": self.skipped_total}
+        out: dict[str, Any] = {"skipped_total": self.skipped_total, "codebook_restarts": self.codebook_restarts,
+                               "quantizer": self.tokenizer.quantize.pending_state()}
         if self.loss_fn.lecam is not None:
             out["lecam"] = self.loss_fn.lecam.state_dict()
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_total = int(state.get("skipped_total", 0))
+        self.codebook_restarts = int(state.get("codebook_restarts", 0))
+        self.tokenizer.quantize.load_pending_state(state.get("quantizer", {}))
         if self.loss_fn.lecam is not None and "lecam" in state:
             self.loss_fn.lecam.load_state_dict(state["lecam"])
 
@@ -220,6 +321,8 @@ def train_tokenizer(
     device: str | None = None,
     lpips_weights: str | None = None,
     stop_after: int | None = None,
+    init: str | Path | None = None,
+    trust_pickle: bool = False,
 ):
     """Library entry of `vqtok train-tokenizer`. Bad input raises UserError before any training starts."""
     import yaml
@@ -234,7 +337,7 @@ def train_tokenizer(
     if not Path(data).exists():
         raise UserError(f"data path {data} does not exist")
     env = init_distributed(device)
-    task = TokenizerTrainTask(cfg, env, data, run_dir, cfg.loss.lpips_weights)
+    task = TokenizerTrainTask(cfg, env, data, run_dir, cfg.loss.lpips_weights, init=init, trust_pickle=trust_pickle)
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():
         previous = yaml.safe_load(saved.read_text()) or {}

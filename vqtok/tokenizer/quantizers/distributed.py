@@ -44,6 +44,22 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return _AllReduceMean.apply(tensor)
 
 
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (N_r, D) rows in rank order (N_r may differ between ranks)."""
+    if not dist_ready() or dist.get_world_size() == 1:
+        return rows
+    world = dist.get_world_size()
+    n = torch.tensor([rows.shape[0]], device=rows.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    most = int(max(int(s) for s in sizes))
+    padded = rows.new_zeros((most,) + tuple(rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Copy rank `src`'s tensor to every rank in place, so random choices (k-means, restarts) agree."""
     if dist_ready():

@@ -118,6 +118,7 @@ class FSQ(Quantizer):
             z_q = out.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         aux = {"loss": z.new_zeros((), dtype=torch.float32)}
         aux.update(usage_stats(indices, self.codebook_size))
+        self.record_counts(indices)
         return QuantizerOutput(z_q, indices.view(B, H, W), aux)
 
 

@@ -150,7 +150,7 @@ class LFQ(Quantizer):
             if cfg.entropy_weight > 0:
                 sample_h = per_sample_entropy(x, s, cfg.temperature)
                 avg = average_code_probs(x, s, cfg.temperature, cfg.bit_order)
-                if cfg.all_reduce_avg_probs:
+                if cfg.all_reduce_avg_probs and self.training:  # training steps only: equal calls on every rank
                     avg = all_reduce_mean(avg)
                 book_h = codebook_entropy(avg, cfg.entropy_eps)
                 entropy = sample_h - cfg.diversity_gamma * book_h
@@ -162,6 +162,7 @@ class LFQ(Quantizer):
             z_q = out.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         aux["loss"] = loss
         aux.update(usage_stats(indices, self.codebook_size))
+        self.record_counts(indices)
         return QuantizerOutput(z_q, indices.view(B, H, W), aux)
 
 

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.errors import ConfigError, UserError
-from vqtok.tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
-from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_
-from vqtok.tokenizer.quantizers.vq import nearest_code
+from vqtok.tokenizer.quantizers.base import CodebookUpdate, Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
+from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_, broadcast_
+from vqtok.tokenizer.quantizers.guards import RowPool, pick_rows, rotate_to, seeded_generator
+from vqtok.tokenizer.quantizers.vq import entropy_regularizer, kmeans, nearest_code, squared_distances
 
 PatchNum = int | tuple[int, int]
 
@@ -43,6 +44,19 @@ class MultiScaleVQConfig:
     share_quant_resi: int = 4        # K' convs: 0 = one per scale, 1 = one shared, else partially shared
     default_qresi_counts: int = 0    # with share_quant_resi=0: number of convs (0 = one per scale)
     using_znorm: bool = False        # nearest code by cosine instead of squared L2
+    # Guards against collapse (not in VAR; all off by default so VAR's checkpoints behave as released).
+    # The codebook is shared by all scales, so a code counts as dead when the EMA of its hits per step
+    # summed over the scales (all ranks) falls below `dead_code_threshold`; replacements
+    # are drawn evenly from every scale's residuals (all ranks), so coarse scales get codes near their
+    # own residuals. `entropy_weight` adds LlamaGen's entropy term at each scale (mean over scales).
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    kmeans_init_steps: int = 1
+    dead_code_threshold: float = 0.0
+    dead_code_decay: float = 0.9         # EMA decay of the summed hits per step that find dead codes
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    straight_through: str = "identity"   # "identity" or "rotation" (Fifty et al. 2024)
 
     def __post_init__(self) -> None:
         if self.codebook_size < 1 or self.dim < 1:
@@ -54,6 +68,12 @@ class MultiScaleVQConfig:
                 raise ConfigError(f"multiscale patch_nums must be positive, got {list(self.patch_nums)}")
         if self.share_quant_resi < 0 or self.default_qresi_counts < 0:
             raise ConfigError("multiscale share_quant_resi and default_qresi_counts must not be negative")
+        if not 0.0 < self.dead_code_decay < 1.0:
+            raise ConfigError(f"multiscale dead_code_decay must lie strictly between 0 and 1, got {self.dead_code_decay}")
+        if self.dead_code_threshold < 0 or self.kmeans_iters < 0 or self.kmeans_init_steps < 1:
+            raise ConfigError("multiscale dead_code_threshold and kmeans_iters must not be negative, kmeans_init_steps >= 1")
+        if self.straight_through not in ("identity", "rotation"):
+            raise ConfigError(f"multiscale straight_through must be 'identity' or 'rotation', got '{self.straight_through}'")
 
 
 def scale_sizes(patch_nums) -> list[tuple[int, int]]:
@@ -134,6 +154,15 @@ class MultiScaleResidualVQ(Quantizer):
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.dim)
         # VAR leaves the init to its caller; uniform(+-1/V) is what its eini(-1) would give.
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        self.num_count_scales = K
+        if cfg.kmeans_init:
+            self.register_buffer("initialized", torch.tensor(False))
+        if cfg.kmeans_init or cfg.dead_code_threshold > 0:
+            self.register_buffer("codebook_updates", torch.tensor(0, dtype=torch.long))
+        if cfg.dead_code_threshold > 0:
+            self.register_buffer("ema_cluster_size", torch.ones(cfg.codebook_size))
+        self._pool = RowPool()  # rows (N, C + 1): a scale's residual vector and the scale index
+        self._kmeans_rows: list[torch.Tensor] = []
 
     @property
     def tokens_per_image(self) -> int:
@@ -198,42 +227,137 @@ class MultiScaleResidualVQ(Quantizer):
             f_rest = f_no_grad.clone()
             f_hat = torch.zeros_like(f_rest)
             loss = f.new_zeros(())
-            all_idx, scale_usage = [], []
+            entropy = f.new_zeros(())
+            all_idx, scale_idx, scale_usage = [], [], []
+            want_rows = self.training and self._wants_rows
             for k in range(len(self.scales)):
-                idx = self._nearest(self._downsample(f_rest, k))
+                rest_k = self._downsample(f_rest, k)
+                idx = self._nearest(rest_k)
+                if want_rows:
+                    rows = rest_k.permute(0, 2, 3, 1).reshape(-1, C)
+                    self._pool.add(torch.cat([rows, rows.new_full((rows.shape[0], 1), float(k))], 1))
+                if cfg.entropy_weight > 0:
+                    # the same residual with the encoder's gradient: f minus what earlier scales explain
+                    rest_grad = self._downsample(f - f_hat.detach(), k).permute(0, 2, 3, 1).reshape(-1, C)
+                    entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, self.embedding.weight),
+                                                            cfg.entropy_temperature)
                 r = self._residual_of(idx, k, (H, W))
                 f_hat = f_hat + r
                 f_rest = f_rest - r.detach()  # only feeds the next argmin
                 # beta pulls the encoder toward sg(f_hat); the second term trains codebook and Phi
                 loss = loss + cfg.beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f_no_grad)
-                hits = self._record_hits(idx, k)
-                scale_usage.append((hits > 0).float().mean())
+                scale_usage.append((torch.bincount(idx.reshape(-1), minlength=self.codebook_size) > 0).float().mean())
+                scale_idx.append(idx)
                 all_idx.append(idx.reshape(B, -1))
             loss = loss / len(self.scales)
-            z_q = ((f_hat.detach() - f_no_grad) + f).to(z.dtype)
+            aux = {}
+            if cfg.entropy_weight > 0:
+                aux["entropy_loss"] = entropy / len(self.scales)
+                loss = loss + cfg.entropy_weight * aux["entropy_loss"]
+            if cfg.straight_through == "rotation":
+                rows = rotate_to(f.permute(0, 2, 3, 1).reshape(-1, C), f_hat.detach().permute(0, 2, 3, 1).reshape(-1, C))
+                z_q = rows.reshape(B, H, W, C).permute(0, 3, 1, 2).to(z.dtype)
+            else:
+                z_q = ((f_hat.detach() - f_no_grad) + f).to(z.dtype)
+        if self.training:
+            self.record_counts(scale_idx)
         indices = torch.cat(all_idx, 1)
-        aux = {"loss": loss, "vq_loss": loss.detach(), "usage_per_scale": torch.stack(scale_usage)}
+        aux.update({"loss": loss, "vq_loss": loss.detach(), "usage_per_scale": torch.stack(scale_usage)})
         aux.update(usage_stats(indices, cfg.codebook_size))
         return QuantizerOutput(z_q, indices, aux)
 
+    # ------------------------------------------------------------------ training-time codebook care
+
+    @property
+    def _wants_rows(self) -> bool:
+        cfg = self.config
+        if self.codebook_frozen:
+            return False
+        return cfg.dead_code_threshold > 0 or (cfg.kmeans_init and not bool(self.initialized))
+
     @torch.no_grad()
-    def _record_hits(self, idx: torch.Tensor, scale: int) -> torch.Tensor:
-        """Code histogram of one scale (all-reduced); in training also VAR's per-scale EMA of hits.
+    def update_codebook(self, step: int = 0) -> CodebookUpdate:
+        """VAR's per-scale hit EMA, k-means init and dead-code restarts from this step's training forwards.
+
+        Collective under torch.distributed: every rank, once per optimizer step.
+        """
+        cfg = self.config
+        counts = self.take_counts()
+        update = CodebookUpdate(counts, row_params=[self.embedding.weight])
+        if self.codebook_frozen:
+            self._pool.clear()
+            return CodebookUpdate(counts)
+        if "codebook_updates" in self._buffers:
+            self.codebook_updates += 1
+        hits = all_reduce_sum_(counts.to(self.ema_vocab_hit_SV.device).float())
+        if bool(hits.sum() > 0):  # steps without training forwards anywhere leave the EMA alone
+            for k in range(len(self.scales)):
+                self._record_hits(hits[k], k)
+            if "ema_cluster_size" in self._buffers:
+                self.ema_cluster_size.lerp_(hits.sum(0), 1 - cfg.dead_code_decay)
+        if cfg.kmeans_init and not bool(self.initialized):
+            rows = self._pool.gather().cpu()
+            if rows.shape[0]:  # a step without training forwards (anywhere) does not count
+                self._kmeans_rows.append(rows)
+            if len(self._kmeans_rows) >= cfg.kmeans_init_steps:
+                rows = torch.cat(self._kmeans_rows)[:, :-1]
+                n_steps = len(self._kmeans_rows)
+                self._kmeans_rows = []
+                gen = seeded_generator(int(self.codebook_updates))
+                means, bins = kmeans(rows, self.codebook_size, cfg.kmeans_iters, cosine=cfg.using_znorm, generator=gen)
+                self.embedding.weight.data.copy_(broadcast_(means.to(self.embedding.weight.device)))
+                self.initialized.fill_(True)
+                if "ema_cluster_size" in self._buffers:  # hits per step expected from the k-means clusters
+                    self.ema_cluster_size.copy_(broadcast_(bins.to(self.embedding.weight.device)) / max(1, n_steps))
+                update.replaced = torch.ones(self.codebook_size, dtype=torch.bool, device=self.embedding.weight.device)
+            return update
+        if cfg.dead_code_threshold > 0:
+            update.replaced = self._restart_dead_codes()
+        self._pool.clear()
+        return update
+
+    @torch.no_grad()
+    def _restart_dead_codes(self) -> torch.Tensor | None:
+        K = len(self.scales)
+        threshold = self.config.dead_code_threshold
+        dead = self.ema_cluster_size < threshold  # identical on every rank (all-reduced hits)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return None
+        pool = self._pool.gather()
+        if pool.shape[0] == 0:
+            return None
+        gen = seeded_generator(int(self.codebook_updates))
+        scale_of = pool[:, -1].long()
+        # dead code i takes a residual of scale i mod K: every scale, coarse ones included, gets new codes
+        new = torch.empty(n_dead, self.dim, device=pool.device)
+        targets = torch.arange(n_dead) % K
+        for k in range(K):
+            want = int((targets == k).sum())
+            rows = pool[scale_of == k, :-1]
+            if want and rows.shape[0]:
+                new[targets == k] = pick_rows(rows, want, gen)
+            elif want:
+                new[targets == k] = pick_rows(pool[:, :-1], want, gen)
+        weight = self.embedding.weight.data
+        weight[dead] = new.to(weight.device, weight.dtype)
+        self.ema_cluster_size[dead] = threshold
+        return dead
+
+    @torch.no_grad()
+    def _record_hits(self, hits: torch.Tensor, scale: int) -> None:
+        """VAR's per-scale EMA of (all-ranks) hits: the first record copies, <100 blends 0.9, then 0.99.
 
         VAR only updates the EMA when a process group exists; here single-process training updates it too.
         """
-        hits = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
-        if self.training:
-            all_reduce_sum_(hits)
-            ema = self.ema_vocab_hit_SV[scale]
-            if self.record_hit == 0:
-                ema.copy_(hits)
-            elif self.record_hit < 100:
-                ema.mul_(0.9).add_(hits, alpha=0.1)
-            else:
-                ema.mul_(0.99).add_(hits, alpha=0.01)
-            self.record_hit += 1
-        return hits
+        ema = self.ema_vocab_hit_SV[scale]
+        if self.record_hit == 0:
+            ema.copy_(hits)
+        elif self.record_hit < 100:
+            ema.mul_(0.9).add_(hits, alpha=0.1)
+        else:
+            ema.mul_(0.99).add_(hits, alpha=0.01)
+        self.record_hit += 1
 
     def encode_scales(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Per-scale token maps, coarse first: [(B, h_k * w_k)] int64 (VAR's img_to_idxBl after the encoder)."""
