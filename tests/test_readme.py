@@ -86,7 +86,10 @@ def _command_lines(text: str) -> list[list[str]]:
     found = []
     for block in _fenced(text):
         joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
+        lines = joined.splitlines()
+        if any(line.startswith("$ ") for line in lines):  # a transcript: commands are the prompted lines
+            lines = [line for line in lines if line.startswith("$ ")]
+        for line in lines:
             line = line.strip().removeprefix("$ ")
             m = re.search(r"(?:^|-m )vqtok(\s.*)?$", line)
             if m and not line.startswith("#"):
