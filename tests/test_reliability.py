@@ -346,6 +346,18 @@ def test_disk_full_during_an_hdf5_encode_is_one_line_not_a_crash(tmp_path, image
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 9
 
 
+def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, generator):
+    out = tmp_path / "s"
+    args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num", "64", "--batch-size", "64", "--device", "cpu"]
+    full = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(4 * 1024))  # tokens.npy is 8 KB
+    _one_line_error(full, "cannot write", "file-size limit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half-written --out, work dir or lock
+    rerun = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert np.load(out / "tokens.npy").shape == (64, 8, 8)
+
+
 def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(tmp_path, tokens, tok_dir):
     run = tmp_path / "run"
     args = ["train-ar", tokens, "--tokenizer", tok_dir, "--out", run, *TRAIN_AR, "train.steps=4", "train.ckpt_every=2"]
