@@ -511,6 +511,10 @@ def test_random_bytes_are_not_a_weight_file_and_no_absent_flag_is_suggested(tmp_
     line = _one_line_error(runner.invoke(app, ["convert", str(noise), "--out", str(tmp_path / "c")]),
                            "not a weight file (unrecognised content")
     assert "pickle" not in line
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "hub.bin")  # safetensors content under a .bin name loads
+    assert torch.equal(load_state_dict_file(tmp_path / "hub.bin")["w"], torch.ones(2))
     import argparse
 
     pickled = tmp_path / "pickled.pth"
