@@ -329,6 +329,35 @@ def test_disk_full_during_encode_is_one_line_leaves_no_temporaries_and_a_rerun_c
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 9
 
 
+@pytest.mark.parametrize("limit, needle", [(4 * 1024, "file too large"), (10 * 1024, "only 0.0 MB fit")])
+def test_disk_full_during_an_hdf5_encode_is_one_line_not_a_crash(tmp_path, images, tok_dir, limit, needle):
+    # 4 KB: a per-shard part cannot be written; 10 KB: the parts fit but the merged tokens.h5 does not
+    # (the HDF5 library kills the process on a failed write, so parts go through Python file I/O and the
+    # merge checks the room it needs first).
+    out = tmp_path / "out"
+    args = _encode_args(images, tok_dir, out, "--format", "h5")
+    full = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(limit))
+    _one_line_error(full, "cannot write", needle)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name] and not (out / "tokens.h5").exists()
+    rerun = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert ("resuming" in rerun.stdout) == (limit > 8 * 1024)
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 9
+
+
+def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, generator):
+    out = tmp_path / "s"
+    args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num", "64", "--batch-size", "64", "--device", "cpu"]
+    full = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(4 * 1024))  # tokens.npy is 8 KB
+    _one_line_error(full, "cannot write", "file-size limit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half-written --out, work dir or lock
+    rerun = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert np.load(out / "tokens.npy").shape == (64, 8, 8)
+
+
 def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(tmp_path, tokens, tok_dir):
     run = tmp_path / "run"
     args = ["train-ar", tokens, "--tokenizer", tok_dir, "--out", run, *TRAIN_AR, "train.steps=4", "train.ckpt_every=2"]
@@ -482,6 +511,10 @@ def test_random_bytes_are_not_a_weight_file_and_no_absent_flag_is_suggested(tmp_
     line = _one_line_error(runner.invoke(app, ["convert", str(noise), "--out", str(tmp_path / "c")]),
                            "not a weight file (unrecognised content")
     assert "pickle" not in line
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "hub.bin")  # safetensors content under a .bin name loads
+    assert torch.equal(load_state_dict_file(tmp_path / "hub.bin")["w"], torch.ones(2))
     import argparse
 
     pickled = tmp_path / "pickled.pth"

@@ -31,6 +31,9 @@ _REASONS = {
 }
 
 
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
 class FilesystemError(UserError):
     """A write or read the filesystem refused, for a reason the user can fix."""
 
@@ -38,6 +41,8 @@ class FilesystemError(UserError):
 def filesystem_error(exc: OSError, path: str | Path | None = None, action: str = "write") -> FilesystemError | None:
     """The one-line user error for a filesystem fault, or None when `exc` is not one (then it is a bug)."""
     known = _REASONS.get(exc.errno)
+    if known is None and exc.errno is None and _SHORT_WRITE.search(str(exc)):
+        known = ("a short write (the disk is full or the file-size limit was reached)", _SPACE)  # numpy's tofile
     if known is None:
         return None
     reason, hint = known

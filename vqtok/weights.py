@@ -6,8 +6,8 @@ unpickling (an old LlamaGen checkpoint holding an `argparse.Namespace`, say) is 
 naming `--trust-pickle` (only for commands that have that flag); only then is `weights_only=False` used.
 A file that is neither safetensors nor a torch file is "not a weight file (unrecognised content)".
 
-Integrity: every model checkpoint records a content hash of its weights in its identity file
-(`state_dict_sha256`, computed over the tensors' bytes in key order) and its loader checks it, so a
+Integrity: every model checkpoint records a content hash of its weights in its identity file `hash`
+(tokenizers: `Tokenizer.identity`; generators: `state_dict_sha256`) and its loader checks it, so a
 damaged or edited checkpoint is refused in one line instead of loading silently different weights.
 
 Writing is atomic: a checkpoint directory is built under a temporary name beside its destination and
@@ -64,7 +64,7 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool | None = None, key
             raise UserError(f"{path} is a directory without model.safetensors; pass the weights file itself")
     if path.stat().st_size == 0:
         raise UserError(f"weights file {path} is empty")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -88,6 +88,16 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool | None = None, key
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"could not read weights file {path}: it is truncated or not a torch file ({_first_line(exc)})") from None
     return _extract_state_dict(obj, path, key)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors content under another name (a `.bin` from the Hub): an 8-byte header length, then JSON."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def _looks_like_torch_file(path: Path) -> bool:

@@ -197,13 +197,18 @@ class TokenShardWriter:
     def _write_h5_part(self) -> None:
         import h5py
 
-        with h5py.File(self.tmp, "w") as f:
+        # Built in memory (a part is one shard's rows) and written with plain file I/O: the HDF5 library
+        # crashes the process when a write fails on a full disk, a Python write raises an OSError instead.
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as f:
             n = len(self._rows)
             data = np.stack([r[1] for r in self._rows]) if n else np.zeros((0, *self.shape), self.dtype)
             f.create_dataset("tokens", data=data)
             f.create_dataset("cls", data=np.array([r[2] for r in self._rows], dtype=np.int64))
             f.create_dataset("keys", data=np.array([r[0] for r in self._rows], dtype=h5py.string_dtype()))
         self._rows = []
+        with open(self.tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
 
 
 def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> str:
@@ -211,6 +216,7 @@ def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple
     returns its sha256."""
     final = out_dir / H5_NAME
     tmp = out_dir / f".{H5_NAME}.tmp-{os.getpid()}"
+    _check_room_for(final, sum(shard_path(out_dir, k, "h5").stat().st_size for k in range(num_shards)) + (1 << 20))
     try:
         with writing(final):
             _merge_h5(tmp, out_dir, num_shards, dtype, shape, total)
@@ -222,6 +228,24 @@ def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple
         tmp.unlink(missing_ok=True)
         raise
     return digest
+
+
+def _check_room_for(path: Path, size: int) -> None:
+    """Refuse up front when `size` bytes will not fit (free space or the file-size limit): the HDF5 library
+    crashes the process, instead of raising, when a write fails."""
+    import resource
+    import shutil
+
+    from vqtok.fs_errors import FilesystemError
+
+    free = shutil.disk_usage(path.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free < size or (limit != resource.RLIM_INFINITY and limit < size):
+        room = min(free, limit) if limit != resource.RLIM_INFINITY else free
+        raise FilesystemError(
+            f"cannot write {path}: it needs about {size / 1e6:.1f} MB and only {room / 1e6:.1f} MB fit (free space or "
+            "the file-size limit); free some space and rerun the same command: it resumes where it stopped"
+        )
 
 
 def _merge_h5(tmp: Path, out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> None:
