@@ -1,0 +1,58 @@
+"""The figures `make demo` prints beyond the commands' own output: the held-out tiles and class consistency."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vqtok.data.crops import crop_views
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("demo", REPO / "examples" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dataset(root: Path) -> list[tuple[Path, int]]:
+    out = []
+    for label, name in enumerate(("a", "b", "c")):
+        d = root / "train" / name
+        d.mkdir(parents=True)
+        for i in range(2):
+            rng = np.random.default_rng(10 * label + i)
+            arr = (rng.random((80, 90, 3)) * 80 + 60 * label).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{name}_{i}.png")
+            out.append((d / f"{name}_{i}.png", label))
+    return out
+
+
+def test_class_consistency_counts_nearest_training_view_of_the_same_class(tmp_path):
+    demo = _demo()
+    images = _dataset(tmp_path / "data")
+    # "samples" that are training views themselves: every nearest neighbour is of its own class
+    views = [crop_views(Image.open(p).convert("RGB"), 64, ten=True)[3] for p, _ in images]
+    arr = torch.stack(views).permute(0, 2, 3, 1).numpy()
+    labels = np.array([lab for _, lab in images])
+    np.savez(tmp_path / "right.npz", arr_0=arr, labels=labels)
+    score, n = demo.class_consistency(tmp_path / "right.npz", tmp_path / "data")
+    assert (score, n) == (1.0, 6)
+    np.savez(tmp_path / "wrong.npz", arr_0=arr, labels=(labels + 1) % 3)  # every label wrong
+    assert demo.class_consistency(tmp_path / "wrong.npz", tmp_path / "data")[0] == 0.0
+
+
+def test_held_out_tiles_come_from_photos_outside_the_demo_dataset(tmp_path):
+    from vqtok.data.default_dataset import CLASSES
+
+    demo = _demo()
+    in_dataset = {n for names in CLASSES.values() for n in names}
+    assert not in_dataset & set(demo.HELD_OUT_PHOTOS)
+    n = demo.write_held_out(tmp_path / "held")
+    files = list((tmp_path / "held").glob("*.png"))
+    assert n == len(files) >= 64
+    assert all(Image.open(f).size == (64, 64) for f in files[:5])
