@@ -54,7 +54,7 @@ PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "ra
            "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen"}
 GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2}
 # packages the official code imports that vqtok does not depend on (module -> pip name)
-PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf"},
+PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf antlr4-python3-runtime==4.9.3"},
                  "LlamaGen": {}}
 REPO = Path(__file__).resolve().parent.parent
 STUBS: list[str] = []
