@@ -54,7 +54,7 @@ PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "ra
            "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen"}
 GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2}
 # packages the official code imports that vqtok does not depend on (module -> pip name)
-PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf"},
+PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf antlr4-python3-runtime==4.9.3"},
                  "LlamaGen": {}}
 REPO = Path(__file__).resolve().parent.parent
 STUBS: list[str] = []
@@ -303,7 +303,7 @@ def case_rar_train(args, hidden: int, depth: int, heads: int) -> dict:
         opt_ours.step()
 
     peak_before = gemm_gflops()
-    times = alternate({"official": step_official, "vqtok": step_vqtok}, args.train_repeats, warmup=2)
+    times = alternate({"official": step_official, "vqtok": step_vqtok}, args.train_repeats, warmup=1)
     peak = max(peak_before, gemm_gflops())
     out = summary(times)
     mm = sum(m.weight.numel() for m in ours.modules() if isinstance(m, nn.Linear))
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides (default 1: on a shared "
                    "2-core machine two OpenMP threads spin against other work and make both sides noisier)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side for rar_sampling")
-    p.add_argument("--train-repeats", type=int, default=5, help="timed steps per side for the training cases")
+    p.add_argument("--train-repeats", type=int, default=4, help="timed steps per side for the training cases")
     p.add_argument("--encode-repeats", type=int, default=3, help="timed batches per side for maskgit_encode")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     args = p.parse_args(argv)

@@ -202,12 +202,12 @@ class GraphedSampler:
     On CPU (`graphs=False`) the same steps run directly on the static buffers, which is what --check tests.
     """
 
-    def __init__(self, model, batch: int, cfg, graphs: bool):
+    def __init__(self, model, batch: int, cfg, graphs: bool, autocast_dtype: torch.dtype | None = torch.bfloat16):
         from vqtok.ar.orders import scan_order
 
         if not cfg.uses_cfg:
             raise ValueError("GraphedSampler is written for guided sampling (CFG > 1)")
-        self.model, self.B, self.cfg, self.graphs_on = model, batch, cfg, graphs
+        self.model, self.B, self.cfg, self.graphs_on, self.dtype = model, batch, cfg, graphs, autocast_dtype
         mcfg = model.config
         device = model.lm_head.weight.device
         self.device, self.N = device, mcfg.seq_len
@@ -232,7 +232,9 @@ class GraphedSampler:
             self._capture()
 
     def _autocast(self):
-        return autocast_bf16(self.device)
+        if self.device.type == "cuda" and self.dtype is not None:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def _run(self, step: int) -> torch.Tensor:
