@@ -54,15 +54,14 @@ def one_token_floor(model: RAR, rows: int, device, repeats: int = 20) -> float:
     orders = torch.arange(N, device=device).expand(rows, N)
     cache = model.new_cache(rows, device=device)
     model.prefill(cond, orders, cache)
-    emb = model.embeddings(cond)
     token = torch.zeros(rows, dtype=torch.long, device=device)
     for step in range(1, N // 2):
-        model.decode_step(token, step, emb, orders, cache)
+        model.decode_step(token, step, orders, cache)
     times = []
     for _ in range(repeats):
         cache.length = 1 + N // 2
         t0 = time.perf_counter()
-        model.decode_step(token, N // 2, emb, orders, cache)
+        model.decode_step(token, N // 2, orders, cache)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 

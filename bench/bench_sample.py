@@ -72,13 +72,12 @@ def step_time(model: RAR, rows: int, cache_len: int, device, repeats: int = 5) -
     orders = torch.arange(N, device=device).expand(rows, N)
     cache = model.new_cache(rows, device=device)
     model.prefill(cond, orders, cache)
-    emb = model.embeddings(cond)
     token = torch.zeros(rows, dtype=torch.long, device=device)
     step = cache_len - 1  # decode_step(step) feeds slot step+1, so cache_len slots are filled after it
     times = []
     for _ in range(repeats + 1):
         cache.length = cache_len - 1
-        times.append(timed(lambda: model.decode_step(token, step, emb, orders, cache), device))
+        times.append(timed(lambda: model.decode_step(token, step, orders, cache), device))
     return median(times[1:])
 
 
@@ -155,11 +154,11 @@ def case_rar_b(args) -> None:
 
 
 def graphed_sampler(model: RAR, batch: int, autocast_dtype):
-    """The CUDA-graph sampler of bench/gpu_suite.py (static buffers, static CFG condition groups).
+    """`vqtok sample --cuda-graphs on`'s decoder (vqtok.ar.cuda_graphs), through bench/gpu_suite.py's wrapper.
 
     An earlier class here refilled its condition buffer in place while the KV cache memoised the adaLN
     condition groups on that buffer's identity, so every graphed batch was modulated with the warm-up's
-    classes; gpu_suite.GraphedSampler fixes the groups to the CFG layout and refills them with the buffer.
+    classes; the product's static decoder groups the conditions explicitly at prefill instead.
     """
     import sys
     from pathlib import Path

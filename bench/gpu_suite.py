@@ -177,7 +177,7 @@ def part_commands(device: torch.device, sz: dict, work: Path) -> dict:
     graphs = device.type == "cuda" and sample_has_cuda_graphs()
     out["sample_cuda_graphs"] = graphs if device.type == "cuda" else "n/a (CPU)"
     out["sample_s"] = vqtok_cli([
-        "sample", "--ckpt", ar / "final", "--tokenizer", tok / "final", "--cfg", 3.0, "--num", sz["cli_sample_num"],
+        "sample", "--ckpt", ar / "final", "--tokenizer", tok / "final", "--cfg", 3.0, "--num-samples", sz["cli_sample_num"],
         "--batch-size", sz["cli_sample_num"], "--out", samples, "--device", dev, "--dtype", "bf16", "--png",
         *(["--cuda-graphs", "on"] if graphs else []),
     ], log)
@@ -190,103 +190,41 @@ def part_commands(device: torch.device, sz: dict, work: Path) -> dict:
 
 
 class GraphedSampler:
-    """`sample_tokens` with every decode step recorded as a CUDA graph (static shapes and addresses).
-
-    The KV cache is allocated once for the whole sequence, so step s always writes the same slots and
-    reads the same prefix: each step's kernels are captured once and relaunched with one call, which
-    removes the per-kernel launch cost (256 steps x 24 layers x ~20 kernels) that bounds RAR-B on a fast GPU.
-    All inputs live in static buffers that are refilled in place before each batch: the condition ids,
-    their embeddings, the fed-back token, and the adaLN condition groups, which are fixed to the CFG layout
-    ([B conditional rows, B null rows] -> B + 1 distinct rows) instead of being discovered with
-    `torch.unique` (a host sync that cannot be captured and that would go stale on an in-place refill).
-    On CPU (`graphs=False`) the same steps run directly on the static buffers, which is what --check tests.
-    """
+    """The product's static-buffer decoding (`vqtok sample --cuda-graphs`): vqtok.ar.cuda_graphs.CUDAGraphDecoder
+    on CUDA (one captured graph per decode step), vqtok.ar.sampling.StaticDecoder elsewhere (the same static
+    buffers refilled in place, run eagerly; what --check tests on CPU), driven by the one sampling loop."""
 
     def __init__(self, model, batch: int, cfg, graphs: bool, autocast_dtype: torch.dtype | None = torch.bfloat16):
+        from vqtok.ar.cuda_graphs import CUDAGraphDecoder
         from vqtok.ar.orders import scan_order
+        from vqtok.ar.sampling import StaticDecoder
 
         if not cfg.uses_cfg:
             raise ValueError("GraphedSampler is written for guided sampling (CFG > 1)")
-        self.model, self.B, self.cfg, self.graphs_on, self.dtype = model, batch, cfg, graphs, autocast_dtype
+        self.model, self.cfg = model, cfg
+        self.device = model.lm_head.weight.device
+        self.dtype = autocast_dtype if self.device.type == "cuda" else None
         mcfg = model.config
-        device = model.lm_head.weight.device
-        self.device, self.N = device, mcfg.seq_len
-        rows = 2 * batch
-        order = scan_order(cfg.order or mcfg.order, *mcfg.grid_shape).to(device)
-        self.orders = order.expand(rows, self.N)
-        self.cond_ids = torch.full((rows,), mcfg.class_offset, dtype=torch.long, device=device)
-        self.token = torch.zeros(rows, dtype=torch.long, device=device)
-        with self._autocast():
-            self.cache = model.new_cache(rows, device=device)
-            self.cond_emb = model.embeddings(self.cond_ids).clone()
-        self.distinct = torch.empty(batch + 1, self.cond_emb.shape[1], dtype=self.cond_emb.dtype, device=device)
-        self.inverse = torch.cat([torch.arange(batch, device=device), torch.full((batch,), batch, device=device)])
-        # every decode step asks the cache for the condition groups: answer with the static ones
-        self.cache.condition_groups = lambda cond_emb: (self.distinct, self.inverse)
-        from vqtok.ar.sampling import guidance_schedule
-
-        self.scales = guidance_schedule(cfg, self.N).tolist()
-        self.graphs: list = []
-        self.logits: list[torch.Tensor] = []
-        if graphs:
-            self._capture()
+        order = scan_order(cfg.order or mcfg.order, *mcfg.grid_shape)
+        with self._autocast():  # the graphs keep the dtypes they were captured with
+            self.decoder = (CUDAGraphDecoder if graphs else StaticDecoder)(model, batch, True, order)
+        self.first_logits: torch.Tensor | None = None
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.dtype is not None:
+        if self.dtype is not None:
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def _run(self, step: int) -> torch.Tensor:
-        with self._autocast():
-            if step == 0:
-                self.cache.length = 0
-                return self.model.prefill(self.cond_ids, self.orders, self.cache)
-            self.cache.length = step + 1  # [cls, cond, x_0 .. x_{step-2}] are in the cache
-            return self.model.decode_step(self.token, step, self.cond_emb, self.orders, self.cache)
-
-    def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside capture: allocator, cuBLAS workspaces, lazy inits
-            for step in range(3):
-                self._run(step)
-        torch.cuda.current_stream().wait_stream(stream)
-        pool = torch.cuda.graph_pool_handle()
-        for step in range(self.N):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._run(step)
-            self.graphs.append(graph)
-            self.logits.append(out)
-        torch.cuda.synchronize()
-
-    @torch.no_grad()
     def sample(self, class_ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        from vqtok.ar.generate import draw_tokens
+        from vqtok.ar.generate import sample_tokens
 
-        model, B = self.model, self.B
-        cond = model.condition_ids(class_ids.to(self.device))
-        self.cond_ids.copy_(torch.cat([cond, model.null_condition_ids(B, self.device)]))
-        self.cond_emb.copy_(model.embeddings(self.cond_ids))
-        self.distinct.copy_(torch.cat([self.cond_emb[:B], self.cond_emb[B:B + 1]]))
-        uniforms = uniforms.to(self.device)
-        generated = torch.empty(B, self.N, dtype=torch.long, device=self.device)
-        for step in range(self.N):
-            if self.graphs_on:
-                self.graphs[step].replay()
-                logits = self.logits[step]
-            else:
-                logits = self._run(step)
-            logits = logits.float()
-            if step == 0:
-                self.first_logits = logits.clone()  # kept for the in-place refill check
-            c, u = logits.chunk(2)
-            logits = u + (c - u) * self.scales[step]
-            token = draw_tokens(logits, self.cfg, uniforms[:, step])
-            generated[:, step] = token
-            self.token.copy_(torch.cat([token, token]))
-        return torch.empty_like(generated).scatter_(1, self.orders[:B], generated)
+        with self._autocast():
+            tokens = sample_tokens(self.model, class_ids.to(self.device), self.cfg, uniforms.to(self.device),
+                                   decoder=self.decoder)
+            # the first step's logits of this batch, kept for the in-place refill check
+            self.first_logits = self.decoder.start(self.decoder.cond_ids.clone(), self.decoder.orders).float().clone()
+        return tokens
 
 
 def build_rar(spec, device):

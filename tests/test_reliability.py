@@ -215,7 +215,7 @@ def test_a_generator_with_flipped_bytes_is_refused(tmp_path, generator):
     _patch(weights, size - 4096, bytes(b ^ 0xFF for b in weights.read_bytes()[size - 4096:]))
     before = _snapshot(tmp_path)
     result = runner.invoke(app, ["sample", "--ckpt", str(damaged), "--out", str(tmp_path / "s"), "--tokens-only",
-                                 "--num", "2", "--device", "cpu"])
+                                 "--num-samples", "2", "--device", "cpu"])
     _one_line_error(result, str(damaged), "does not match the hash")
     assert _snapshot(tmp_path) == before and not (tmp_path / "s").exists()
     load_generator(generator)  # the intact copy still loads
@@ -348,7 +348,7 @@ def test_disk_full_during_an_hdf5_encode_is_one_line_not_a_crash(tmp_path, image
 
 def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, generator):
     out = tmp_path / "s"
-    args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num", "64", "--batch-size", "64", "--device", "cpu"]
+    args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num-samples", "64", "--batch-size", "64", "--device", "cpu"]
     full = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300,
                           preexec_fn=_limit_file_size(4 * 1024))  # tokens.npy is 8 KB
     _one_line_error(full, "cannot write", "file-size limit")
@@ -395,7 +395,7 @@ def test_read_only_permission_denied_and_full_destinations_are_user_errors(tmp_p
         ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "dest" / "run"), *TRAIN_AR],
         ["train-tokenizer", str(images), "--config", "tiny-vqgan", "--out", str(tmp_path / "dest" / "tok"),
          "--device", "cpu"],
-        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "dest" / "s"), "--tokens-only", "--num", "1", "--device", "cpu"],
+        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "dest" / "s"), "--tokens-only", "--num-samples", "1", "--device", "cpu"],
     ):
         _one_line_error(runner.invoke(app, argv), words)
     assert not (tmp_path / "dest").exists()
@@ -449,7 +449,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
 def test_training_and_sampling_refuse_an_out_that_another_run_holds(tmp_path, tokens, tok_dir, generator):
     for argv in (
         ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "run"), *TRAIN_AR],
-        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "run"), "--tokens-only", "--num", "1", "--device", "cpu"],
+        ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "run"), "--tokens-only", "--num-samples", "1", "--device", "cpu"],
     ):
         lock = acquire_run_lock(tmp_path / "run", "train")
         try:
@@ -570,7 +570,7 @@ def test_overwrite_replaces_only_directories_the_command_made(tmp_path, generato
     before = _snapshot(dataset)
     for argv in (
         ["convert", str(generator / "model.safetensors"), "--out", str(dataset), "--arch", "rar", "--overwrite"],
-        ["sample", "--ckpt", str(generator), "--out", str(dataset), "--tokens-only", "--num", "1", "--overwrite", "--device", "cpu"],
+        ["sample", "--ckpt", str(generator), "--out", str(dataset), "--tokens-only", "--num-samples", "1", "--overwrite", "--device", "cpu"],
         ["demo-data", str(dataset), "--overwrite"],
         _encode_args(images, tok_dir, dataset, "--overwrite"),
     ):
@@ -582,6 +582,6 @@ def test_overwrite_replaces_only_directories_the_command_made(tmp_path, generato
     assert runner.invoke(app, convert).exit_code == 0
     assert runner.invoke(app, [*convert, "--overwrite"]).exit_code == 0
     sampled = tmp_path / "sampled"
-    sample = ["sample", "--ckpt", str(generator), "--out", str(sampled), "--tokens-only", "--num", "1", "--device", "cpu"]
+    sample = ["sample", "--ckpt", str(generator), "--out", str(sampled), "--tokens-only", "--num-samples", "1", "--device", "cpu"]
     assert runner.invoke(app, sample).exit_code == 0
     assert runner.invoke(app, [*sample, "--overwrite"]).exit_code == 0

@@ -79,7 +79,7 @@ def test_sample_and_train_ar_dry_run_accept_run_directories(finished_run, tmp_pa
                     dropout=0.0, attn_dropout=0.0, class_dropout=0.0)
     gen_run = tmp_path / "gen-run"
     save_generator(gen_run / "final", RAR(cfg), cfg, identity)
-    result = runner.invoke(app, ["sample", "--ckpt", str(gen_run), "--tokenizer", str(finished_run), "--num", "2",
+    result = runner.invoke(app, ["sample", "--ckpt", str(gen_run), "--tokenizer", str(finished_run), "--num-samples", "2",
                                  "--tokens-only", "--out", str(tmp_path / "samples"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert f"--ckpt {gen_run} is a run directory: using {gen_run / 'final'}" in result.output

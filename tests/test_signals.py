@@ -191,17 +191,37 @@ def test_sigterm_during_sample_removes_its_work_dir_and_exits_143(tmp_path, setu
     cfg = RARConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=64, vocab_size=512, seq_len=64, num_classes=3)
     torch.manual_seed(0)
     save_generator(tmp_path / "gen", RAR(cfg), cfg, identity)
-    original = generate.sample_tokens
+    original = generate.sample  # the one sampling loop run_sampling calls per batch
 
     def then_signal(*args, **kwargs):
-        tokens = original(*args, **kwargs)
+        out = original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
-        return tokens
+        return out
 
-    monkeypatch.setattr(generate, "sample_tokens", then_signal)
+    monkeypatch.setattr(generate, "sample", then_signal)
     out = tmp_path / "samples"
     result = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "gen"), "--tokenizer", str(tok), "--per-class", "4",
                                  "--batch-size", "4", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 143, result.output
     assert "error: sample interrupted by SIGTERM" in result.output and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.glob(".samples*"))
+
+
+def test_a_process_exits_promptly_with_an_unclosed_loader_whose_workers_ignore_sigterm(tmp_path):
+    # multiprocessing ends daemonic children at exit with SIGTERM, which these workers ignore, then joins them
+    # without a timeout: without vqtok's exit hook the interpreter hangs after its last line (seen when an
+    # error left a DataLoader iterator alive in a traceback)
+    script = tmp_path / "leak.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader\n"
+        "from vqtok.signals import loader_worker_init\n"
+        "loader = DataLoader(list(range(1000)), batch_size=1, num_workers=2, worker_init_fn=loader_worker_init())\n"
+        "KEEP = iter(loader)\n"
+        "next(KEEP)\n"
+        "print('done', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vqtok.cli import app
-from vqtok.data.token_shards import TokenShardWriter, iter_samples, merge_h5_parts, token_dtype, write_json_atomic
+from vqtok.data.token_shards import TokenShardWriter, file_sha256, iter_samples, merge_h5_parts, token_dtype, write_json_atomic
 from vqtok.errors import UserError
 from vqtok.train.ar_data import EpochViewTokens, open_ar_tokens
 from vqtok.train.ar_task import ARTrainTask, load_run_config, train_ar, weight_decay_groups
@@ -42,6 +42,8 @@ def make_token_dir(out: Path, identity: dict, tokens: np.ndarray, classes: list[
         shards = [{"name": "tokens.h5", "count": n}]
     else:
         shards = [{"name": f"tokens-{k:06d}.tar", "count": c} for k, c in enumerate(counts)]
+    for shard in shards:  # per-shard checksums, as encode records them (issue 15)
+        shard["sha256"] = file_sha256(out / shard["name"])
     tok = {"preset": identity.get("preset"), "hash": identity.get("hash"), "vocab_size": identity["vocab_size"],
            "scales": identity["scales"], "tokens_per_view": t}
     manifest = {"format": fmt, "version": 1, "dtype": dtype.name, "tokenizer": tok, "views": [f"view{i}" for i in range(v)],

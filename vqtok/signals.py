@@ -3,9 +3,12 @@
 SLURM, Kubernetes and `timeout` send SIGTERM, a terminal's Ctrl-C sends SIGINT, often to the whole process
 group, DataLoader workers included. The rules:
 
-- DataLoader workers ignore both (`ignore_stop_signals` as `worker_init_fn`): the main process decides
+- DataLoader workers ignore both (`loader_worker_init()` as `worker_init_fn`): the main process decides
   when to stop and shuts its workers down itself, so a worker never dies mid-batch and the main process
-  never sees "DataLoader worker ... is killed by signal".
+  never sees "DataLoader worker ... is killed by signal". A worker that ignores SIGTERM also ignores the
+  `terminate()` with which multiprocessing ends daemonic children at interpreter exit (and then joins them
+  without a timeout), so the main process SIGKILLs any such worker still alive when it exits (e.g. after
+  an error left a DataLoader iterator unclosed); otherwise the process would hang after its last line.
 - The training engine turns a stop signal into a clean stop at the end of the current step (it saves a
   checkpoint); other commands turn it into an `Interrupted` exception, so their `finally` blocks remove
   temporaries before the process exits.
@@ -15,7 +18,9 @@ group, DataLoader workers included. The rules:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -55,6 +60,38 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_exit_hook_registered = False
+
+
+def loader_worker_init():
+    """The `worker_init_fn` for every DataLoader (`ignore_stop_signals`); called in the main process when the
+    loader is built, it also registers the exit hook that kills workers still alive at exit. Registered then,
+    after `multiprocessing.util` (imported by torch.utils.data), the hook runs before multiprocessing's own
+    exit handler (atexit runs last-registered first)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_leftover_workers)
+        _exit_hook_registered = True
+    return ignore_stop_signals
+
+
+def _kill_leftover_workers() -> None:
+    import multiprocessing
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report the kill as a failed worker
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
+    for p in children:
+        p.join(timeout=5)
 
 
 @contextlib.contextmanager

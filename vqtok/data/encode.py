@@ -44,7 +44,7 @@ from vqtok.data.token_shards import (
     write_json_atomic,
 )
 from vqtok.errors import UserError
-from vqtok.signals import ignore_stop_signals
+from vqtok.signals import loader_worker_init
 
 SETTINGS = "settings.json"
 
@@ -318,7 +318,7 @@ def _encode_shards(opts, listing, tok, device, out: Path, shards: list[int], log
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=opts.batch_size, shuffle=False, num_workers=opts.workers,
         collate_fn=collate_crops, prefetch_factor=4 if opts.workers else None,
-        persistent_workers=False, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        persistent_workers=False, pin_memory=device.type == "cuda", worker_init_fn=loader_worker_init(),
     )
     progress = _Progress(len(items), enabled=show_progress, log=log)
     try:

@@ -20,7 +20,6 @@ map-style dataset for HDF5; both yield `(tokens, cls)` with one view per sample,
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import torch
 
 from vqtok.errors import UserError
 from vqtok.fs_errors import writing
+from vqtok.weights import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -78,14 +78,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[str]:

@@ -37,7 +37,7 @@ from vqtok.ar.orders import canonical_order_name, sample_orders, scan_order
 from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.config import from_dict, to_dict
 from vqtok.errors import UserError
-from vqtok.signals import ignore_stop_signals
+from vqtok.signals import loader_worker_init
 from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
 from vqtok.train.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
@@ -272,7 +272,6 @@ class ARTrainTask:
                                        tokens_per_image=int(manifest["tokenizer"]["tokens_per_view"]))
         self.model_config, cfg.model = resolve_model(cfg.model, manifest)
         self.num_samples = int(manifest["num_samples"])
-        self.class_names = list(manifest.get("classes") or [])  # recorded so `sample --classes` takes names
         if self.num_samples < 1:
             raise UserError(f"{self.tokens_dir} holds no samples")
         self.schedule = resolve_schedule(cfg, self.num_samples)
@@ -344,7 +343,7 @@ class ARTrainTask:
         # (which dropout uses) at a different point in a resumed run than in an uninterrupted one
         loader = DataLoader(self.tokens, batch_sampler=sampler, num_workers=workers,
                             pin_memory=env.device.type == "cuda", persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals,
+                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=loader_worker_init(),
                             generator=torch.Generator().manual_seed(cfg.train.seed))
         step = start_step
         for tokens, classes in loader:

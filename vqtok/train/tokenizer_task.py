@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from vqtok.config import to_dict
 from vqtok.errors import UserError
 from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
-from vqtok.signals import ignore_stop_signals
+from vqtok.signals import loader_worker_init
 from vqtok.train.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
 from vqtok.train.images import reconstruction_grid
@@ -233,7 +233,7 @@ class TokenizerTrainTask:
         workers = self.cfg.train.num_workers
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                             pin_memory=self.env.device.type == "cuda", persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
+                            prefetch_factor=4 if workers > 0 else None, worker_init_fn=loader_worker_init())
         for batch in loader:
             if batch["skipped"]:
                 self._record_skips(batch["skipped"])
