@@ -15,6 +15,16 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    their models are tiny, and extra threads only add synchronisation cost on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         if os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1":  # .ci/run: no conformance checked is a failure

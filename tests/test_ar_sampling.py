@@ -12,12 +12,7 @@ from vqtok.ar.sampling import (CachedDecoder, ForcedDraw, FullRecompute, Generat
 from vqtok.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed=0, **kw) -> RAR:

@@ -21,12 +21,7 @@ from vqtok.weights import load_state_dict_file
 from test_train_tokenizer import FAST, make_photos, rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

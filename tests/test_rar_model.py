@@ -12,13 +12,7 @@ from vqtok.errors import UserError
 from vqtok.interop import rar as rar_interop
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: extra threads only add synchronisation cost on a shared, loaded CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> RARConfig:

@@ -22,12 +22,7 @@ runner = CliRunner()
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_generator(seed=0, **kw) -> tuple[RAR, RARConfig]:

@@ -21,6 +21,18 @@ from vqtok.tokenizer.quantizers.distributed import all_gather_rows
 POOL_ROWS = 1 << 16
 
 
+class CodebookGuards:
+    """Mixin for the quantizers with a learned codebook (VQ, multi-scale): whether this step's training
+    forwards must keep encoder vectors, for k-means init (until done) or dead-code restarts."""
+
+    @property
+    def _wants_rows(self) -> bool:
+        cfg = self.config
+        if self.codebook_frozen:
+            return False
+        return cfg.dead_code_threshold > 0 or (cfg.kmeans_init and not bool(self.initialized))
+
+
 class RowPool:
     def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []

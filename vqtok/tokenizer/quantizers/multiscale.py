@@ -28,7 +28,7 @@ from torch import nn
 from vqtok.errors import ConfigError, UserError
 from vqtok.tokenizer.quantizers.base import CodebookUpdate, Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
 from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_, broadcast_
-from vqtok.tokenizer.quantizers.guards import RowPool, pick_rows, rotate_to, seeded_generator
+from vqtok.tokenizer.quantizers.guards import CodebookGuards, RowPool, pick_rows, rotate_to, seeded_generator
 from vqtok.tokenizer.quantizers.vq import entropy_regularizer, kmeans, nearest_code, squared_distances
 
 PatchNum = int | tuple[int, int]
@@ -127,7 +127,7 @@ def _make_phi(dim: int, quant_resi: float) -> nn.Module:
     return Phi(dim, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity()
 
 
-class MultiScaleResidualVQ(Quantizer):
+class MultiScaleResidualVQ(CodebookGuards, Quantizer):
     """z (B, C, H, W) with (H, W) = the last patch size -> (z_q, indices (B, L), aux)."""
 
     def __init__(self, config: MultiScaleVQConfig | None = None, **kwargs) -> None:
@@ -267,13 +267,6 @@ class MultiScaleResidualVQ(Quantizer):
         return QuantizerOutput(z_q, indices, aux)
 
     # ------------------------------------------------------------------ training-time codebook care
-
-    @property
-    def _wants_rows(self) -> bool:
-        cfg = self.config
-        if self.codebook_frozen:
-            return False
-        return cfg.dead_code_threshold > 0 or (cfg.kmeans_init and not bool(self.initialized))
 
     @torch.no_grad()
     def update_codebook(self, step: int = 0) -> CodebookUpdate:

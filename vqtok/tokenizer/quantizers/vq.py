@@ -22,7 +22,7 @@ from torch import nn
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.base import CodebookUpdate, Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
 from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_, broadcast_
-from vqtok.tokenizer.quantizers.guards import RowPool, pick_rows, rotate_to, seeded_generator
+from vqtok.tokenizer.quantizers.guards import CodebookGuards, RowPool, pick_rows, rotate_to, seeded_generator
 
 # Rows of the (tokens x codes) distance matrix computed at once, so 16k tokens x 16k codes stays small.
 _DISTANCE_BLOCK_ELEMENTS = 1 << 24
@@ -143,7 +143,7 @@ def kmeans(samples: torch.Tensor, k: int, iters: int, cosine: bool,
     return means, bins
 
 
-class VectorQuantizer(Quantizer):
+class VectorQuantizer(CodebookGuards, Quantizer):
     """z (B, C, H, W) -> (z_q, indices (B, H, W), aux). See the module docstring and `VQConfig`."""
 
     def __init__(self, config: VQConfig | None = None, **kwargs) -> None:
@@ -249,13 +249,6 @@ class VectorQuantizer(Quantizer):
         return QuantizerOutput(z_q_st, indices.view(B, H, W), aux)
 
     # ------------------------------------------------------------------ training-time codebook care
-
-    @property
-    def _wants_rows(self) -> bool:
-        cfg = self.config
-        if self.codebook_frozen:
-            return False
-        return cfg.dead_code_threshold > 0 or (cfg.kmeans_init and not bool(self.initialized))
 
     @torch.no_grad()
     def _record(self, z_e: torch.Tensor, indices: torch.Tensor) -> None:
