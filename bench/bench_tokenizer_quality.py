@@ -113,7 +113,7 @@ def install_vqp_quantizer(vqp_path: str | None):
 
 
 def train_row(recipe: str, data: Path, run_dir: Path, steps: int, extra: list[str]):
-    from vqtok.train.distributed import DistEnv
+    from vqtok.distributed import DistEnv
     from vqtok.train.engine import Engine
     from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
 

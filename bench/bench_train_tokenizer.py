@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from vqtok.device import pick_device
-from vqtok.train.distributed import DistEnv
+from vqtok.distributed import DistEnv
 from vqtok.train.ema import EMA
 from vqtok.train.engine import Engine
 from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config

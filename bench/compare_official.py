@@ -415,7 +415,7 @@ def case_vqgan_train_step(args) -> dict:
     from tokenizer.tokenizer_image.vq_model import VQ_16
 
     from vqtok.interop import llamagen
-    from vqtok.train.distributed import DistEnv
+    from vqtok.distributed import DistEnv
     from vqtok.train.ema import EMA
     from vqtok.train.engine import Engine
     from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config

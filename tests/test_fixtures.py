@@ -291,7 +291,7 @@ def test_fixture(json_path: Path):
     json_path = _present(json_path, "fixture JSONs")
     kind = json.loads(json_path.read_text()).get("fixture")
     if kind == "rar":
-        from vqtok.ar.conformance import check_rar_fixture  # an ImportError here is a failure, not a skip
+        from conformance_rar import check_rar_fixture  # an ImportError here is a failure, not a skip
 
         check_rar_fixture(json_path)
         return
@@ -369,7 +369,7 @@ def test_rar_fixture_through_the_sample_command_at_temperature_1_with_top_k_and_
     from typer.testing import CliRunner
 
     import vqtok.ar.generate as generate
-    from vqtok.ar.conformance import load_rar_fixture
+    from conformance_rar import load_rar_fixture
     from vqtok.cli import app
     from vqtok.interop.rar import save_converted
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vqtok.ar.checkpoint import load_generator, save_generator
-from vqtok.ar.conformance import check_rar_fixture, check_rar_keys, load_rar_fixture
+from conformance_rar import check_rar_fixture, check_rar_keys, load_rar_fixture
 from vqtok.ar.presets import PRESETS, get_preset
 from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.errors import UserError

@@ -242,7 +242,7 @@ SMALL_RUN = ["data.resolution=64", "train.batch_size=1", "train.num_workers=0", 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["vqgan-f16", "fsq-f16", "lfq-llamagen-f16", "msvq-f16"])
 def test_full_size_tokenizer_recipe_takes_one_real_step_with_the_gan_phase(recipe, images64, tmp_path):
-    from vqtok.train.distributed import DistEnv
+    from vqtok.distributed import DistEnv
     from vqtok.train.engine import Engine
     from vqtok.train.tokenizer_task import TokenizerTrainTask
     from vqtok.train.tokenizer_task import load_run_config as load_tokenizer_config

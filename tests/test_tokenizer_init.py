@@ -9,7 +9,7 @@ from vqtok.cli import app
 from vqtok.errors import UserError
 from vqtok.tokenizer.config import tokenizer_config_to_dict
 from vqtok.tokenizer.tokenizer import Tokenizer
-from vqtok.train.distributed import DistEnv
+from vqtok.distributed import DistEnv
 from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config, train_tokenizer
 from vqtok.weights import load_state_dict_file
 

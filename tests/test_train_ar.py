@@ -17,7 +17,7 @@ from vqtok.data.token_shards import TokenShardWriter, file_sha256, iter_samples,
 from vqtok.errors import UserError
 from vqtok.train.ar_data import EpochViewTokens, open_ar_tokens
 from vqtok.train.ar_task import ARTrainTask, load_run_config, train_ar, weight_decay_groups
-from vqtok.train.distributed import DistEnv
+from vqtok.distributed import DistEnv
 
 runner = CliRunner()
 # tiny model, tiny batches; CPU fp32 so runs are bit-exact

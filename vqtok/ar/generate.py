@@ -234,16 +234,6 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return images.float().clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def labelled_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None):
-    """uint8 (N, H, W, 3) -> a PIL image: one row per class, its name (or id) at the row's start."""
-    from PIL import Image
-
-    from vqtok.train.images import sample_grid
-
-    grid = sample_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), labels.tolist(), class_names)
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-
-
 def recorded_class_names(ckpt: Path) -> list[str] | None:
     """The class names `train-ar` recorded in generator.json (from the token manifest), if any."""
     try:
@@ -392,7 +382,7 @@ def run_sampling(opts: SampleOptions, log=print) -> SampleResult:
 
     `log` receives (on rank 0) the resolved settings before sampling starts."""
     from vqtok.ar.checkpoint import load_generator
-    from vqtok.train.distributed import barrier, init_distributed, shutdown_distributed
+    from vqtok.distributed import barrier, init_distributed, shutdown_distributed
 
     _check_options(opts)
     ckpt, out = Path(opts.ckpt), Path(opts.out)
@@ -562,6 +552,8 @@ def _assemble(work: Path, labels: np.ndarray, tokenizer, opts: SampleOptions) ->
         if sum(len(a) for a in shown) >= GRID_MAX:
             break
     grid_images = np.concatenate(shown)[:GRID_MAX]
+    from vqtok.image_grid import labelled_grid
+
     labelled_grid(grid_images, labels[: len(grid_images)], recorded_class_names(opts.ckpt)).save(work / "grid.png")
     files.append("grid.png")
     if opts.npz:
@@ -581,5 +573,5 @@ __all__ = [
     "SampleOptions", "SampleResult", "class_labels", "parse_class_list", "split_class_list", "resolve_classes",
     "rank_chunk", "sampling_config", "sample_noise", "draw_tokens", "sample_tokens", "batch_draw", "use_cuda_graphs",
     "check_tokenizer", "resolve_tokenizer", "to_uint8_nhwc",
-    "labelled_grid", "write_adm_npz", "run_sampling", "describe",
+    "write_adm_npz", "run_sampling", "describe",
 ]

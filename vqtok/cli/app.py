@@ -82,7 +82,7 @@ def run_training(train, what: str) -> None:
     import os
     import signal
 
-    from vqtok.train.distributed import shutdown_distributed
+    from vqtok.distributed import shutdown_distributed
 
     try:
         result = train()

@@ -43,6 +43,7 @@ from vqtok.data.token_shards import (
     token_dtype,
     write_json_atomic,
 )
+from vqtok.distributed import barrier, broadcast_object, init_distributed, raise_if_refused, shutdown_distributed
 from vqtok.errors import UserError
 from vqtok.signals import loader_worker_init
 
@@ -105,40 +106,6 @@ def collate_crops(items):
     """Keep order; stack the decoded views, carry failures alongside."""
     ok = [views for _, views, _ in items if views is not None]
     return [i for i, _, _ in items], (torch.stack(ok) if ok else None), [reason for _, _, reason in items]
-
-
-# -------------------------------------------------------------------------------------- distributed
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world, we_initialised). Under torchrun: gloo on CPU, NCCL on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def _broadcast_error(message: str | None, world: int) -> None:
-    """Rank 0's preparation outcome reaches every rank, so a refusal stops all ranks instead of hanging them."""
-    if world > 1:
-        box = [message]
-        torch.distributed.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message:
-        raise UserError(message)
-
-
-# ------------------------------------------------------------------------------------- output dir
 
 
 def _settings(opts: EncodeOptions, listing: ImageListing, identity: dict) -> dict:
@@ -253,15 +220,11 @@ def run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict 
 
 
 def _run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict | None:
-    from vqtok.device import pick_device
     from vqtok.tokenizer.tokenizer import load_tokenizer
 
     opts.validate()
-    device = pick_device(opts.device)
-    rank, world, own_pg = _init_distributed(device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    env = init_distributed(opts.device)
+    device, rank, world = env.device, env.rank, env.world
     log = log if rank == 0 else (lambda _msg: None)
     try:
         listing = list_images(opts.input, opts.split, opts.labels)
@@ -278,11 +241,8 @@ def _run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict
                 state = prepare_output(out, settings, opts.overwrite)
             except UserError as exc:
                 message = str(exc)
-        _broadcast_error(message, world)
-        if world > 1:
-            box = [state]
-            torch.distributed.broadcast_object_list(box, src=0)
-            state = box[0]
+        raise_if_refused(message)
+        state = broadcast_object(state)
         if state == "done":
             log(f"{out} is already complete ({len(listing.records)} inputs, same settings); nothing to do")
             return _read_json(out / MANIFEST) if rank == 0 else None
@@ -293,13 +253,13 @@ def _run_encode(opts: EncodeOptions, log: Callable[[str], None] = print) -> dict
         if done_before:
             log(f"resuming: {done_before} shard(s) already complete, {len(mine)} to encode on rank {rank}")
         _encode_shards(opts, listing, tok, device, out, mine, log, show_progress=rank == 0)
-        _barrier(world)
+        barrier(env)
         if rank == 0:
             return finalize_output(out, opts, listing, identity, settings, num_shards, log)
         return None
     finally:
-        if own_pg:
-            torch.distributed.destroy_process_group()
+        if env.owns_group:
+            shutdown_distributed()
 
 
 def _encode_shards(opts, listing, tok, device, out: Path, shards: list[int], log, show_progress: bool = True) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from vqtok.distributed import rank_and_world
 from vqtok.errors import UserError
 from vqtok.fs_errors import writing
 from vqtok.weights import file_sha256
@@ -333,12 +334,6 @@ def _as_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _pick_view(tokens: np.ndarray, view: str | int, rng: random.Random) -> np.ndarray:
     if view == "all":
         return tokens
@@ -371,7 +366,7 @@ class TokenShardStream(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def _stream_id(self) -> tuple[int, int]:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         return rank * nw + wid, world * nw

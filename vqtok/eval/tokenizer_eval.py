@@ -131,7 +131,7 @@ def reconstruct_images(
     log: Log = _stderr,
 ) -> ReconstructReport:
     """Center-crop, encode, decode; write `<name>.png` (original | reconstruction), `grid.png`, `metrics.json`."""
-    from vqtok.train.images import reconstruction_grid, save_image_grid
+    from vqtok.image_grid import reconstruction_grid, save_image_grid
 
     device = torch.device(device)
     size = eval_size(tok, size)

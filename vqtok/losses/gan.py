@@ -9,9 +9,10 @@ Conventions (reference: quantizers_losses.md §4, §5, §8.6-8.7, §9; var_llama
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from vqtok.distributed import mean_over_ranks
 
 
 def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -56,14 +57,6 @@ def disc_factor(step: int, start: int, warmup: int = 0) -> float:
     return min(1.0, (step - start + 1) / warmup)
 
 
-def _mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
 def adaptive_weight(
     nll: torch.Tensor, g: torch.Tensor, last_layer: nn.Parameter, max_weight: float = 1e4
 ) -> torch.Tensor:
@@ -75,7 +68,7 @@ def adaptive_weight(
     """
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
     g_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0].float()
-    nll_grad, g_grad = _mean_across_ranks(nll_grad), _mean_across_ranks(g_grad)
+    nll_grad, g_grad = mean_over_ranks(nll_grad), mean_over_ranks(g_grad)
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 
@@ -96,7 +89,7 @@ class LeCam(nn.Module):
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         reg = F.relu(real - self.ema_fake).pow(2).mean() + F.relu(self.ema_real - fake).pow(2).mean()
         with torch.no_grad():
-            means = _mean_across_ranks(torch.stack([real.detach().float().mean(), fake.detach().float().mean()]))
+            means = mean_over_ranks(torch.stack([real.detach().float().mean(), fake.detach().float().mean()]))
             self.ema_real.mul_(self.decay).add_((1 - self.decay) * means[0])
             self.ema_fake.mul_(self.decay).add_((1 - self.decay) * means[1])
         return reg

@@ -39,7 +39,7 @@ from vqtok.config import from_dict, to_dict
 from vqtok.errors import UserError
 from vqtok.signals import loader_worker_init
 from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
-from vqtok.train.distributed import DistEnv, broadcast_module
+from vqtok.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
 from vqtok.train.schedule import ScheduleConfig
 from vqtok.train.sampler import StreamBatchSampler
@@ -385,7 +385,7 @@ class ARTrainTask:
     @torch.no_grad()
     def preview(self, step: int, weights: dict[str, dict[str, torch.Tensor]] | None) -> torch.Tensor | None:
         from vqtok.ar.sampling import SamplingConfig, sample
-        from vqtok.train.images import sample_grid
+        from vqtok.image_grid import sample_grid
 
         model = self.model
         if weights is not None:  # sample with the EMA weights, from a second copy of the model
@@ -472,7 +472,7 @@ def train_ar(
     """Library entry of `vqtok train-ar`. Bad input raises UserError before any training starts."""
     import yaml
 
-    from vqtok.train.distributed import init_distributed
+    from vqtok.distributed import init_distributed
     from vqtok.train.engine import Engine
 
     from vqtok.run_dirs import resolve_checkpoint

@@ -32,7 +32,7 @@ from vqtok.run_lock import run_lock
 from vqtok.signals import STOP_SIGNALS, Interrupted, signal_name
 from vqtok.validation import check_fields
 from vqtok.train import checkpoint as ckpt
-from vqtok.train.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
+from vqtok.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
 from vqtok.train.ema import EMA
 from vqtok.train.progress import MetricsLog, Progress
 from vqtok.train.schedule import ScheduleConfig, lr_factor
@@ -387,7 +387,7 @@ class Engine:
         grid = task.preview(step, self._ema_weights(phases) if self.emas else None)
         if grid is None or not self.env.is_main:
             return
-        from vqtok.train.images import save_image_grid
+        from vqtok.image_grid import save_image_grid
 
         save_image_grid(grid, self.run_dir / "previews" / f"step-{step:08d}.png")
 

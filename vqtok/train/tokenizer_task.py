@@ -20,9 +20,9 @@ from vqtok.config import to_dict
 from vqtok.errors import UserError
 from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
 from vqtok.signals import loader_worker_init
-from vqtok.train.distributed import DistEnv, broadcast_module
+from vqtok.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
-from vqtok.train.images import reconstruction_grid
+from vqtok.image_grid import reconstruction_grid
 from vqtok.train.image_dataset import TrainImageDataset, collate, preview_images
 from vqtok.train.sampler import StreamBatchSampler
 
@@ -327,7 +327,7 @@ def train_tokenizer(
     """Library entry of `vqtok train-tokenizer`. Bad input raises UserError before any training starts."""
     import yaml
 
-    from vqtok.train.distributed import init_distributed
+    from vqtok.distributed import init_distributed
     from vqtok.train.engine import Engine
 
     cfg = load_run_config(config, overrides)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqtok.tokenizer.quantizers.distributed import all_gather_rows
+from vqtok.distributed import all_gather_rows
 
 # Rows a rank keeps per step for restarts and k-means (beyond this a uniform subsample is kept).
 POOL_ROWS = 1 << 16

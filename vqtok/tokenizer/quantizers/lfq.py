@@ -27,7 +27,7 @@ from torch import nn
 
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.base import Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
-from vqtok.tokenizer.quantizers.distributed import all_reduce_mean
+from vqtok.distributed import all_reduce_mean
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 
 from vqtok.errors import ConfigError, UserError
 from vqtok.tokenizer.quantizers.base import CodebookUpdate, Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
-from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_, broadcast_
+from vqtok.distributed import all_reduce_sum_, broadcast_
 from vqtok.tokenizer.quantizers.guards import CodebookGuards, RowPool, pick_rows, rotate_to, seeded_generator
 from vqtok.tokenizer.quantizers.vq import entropy_regularizer, kmeans, nearest_code, squared_distances
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.base import CodebookUpdate, Quantizer, QuantizerOutput, fp32_no_autocast, usage_stats
-from vqtok.tokenizer.quantizers.distributed import all_reduce_sum_, broadcast_
+from vqtok.distributed import all_reduce_sum_, broadcast_
 from vqtok.tokenizer.quantizers.guards import CodebookGuards, RowPool, pick_rows, rotate_to, seeded_generator
 
 # Rows of the (tokens x codes) distance matrix computed at once, so 16k tokens x 16k codes stays small.

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from vqtok.train.images import (
+from vqtok.image_grid import (
     MIN_CELL,
     class_label,
+    labelled_grid,
     make_grid,
     reconstruction_grid,
     sample_grid,
@@ -61,6 +62,20 @@ def test_sample_grid_has_one_row_per_class_with_its_name():
         label = grid[:, r * (cell + gap) : r * (cell + gap) + cell, :label_w]
         assert (label < 0.3).any() and (label == 1).float().mean() > 0.8
     assert class_label(2, ["cat", "coffee", "rocket"]) == "rocket (2)" and class_label(7, ["cat"]) == "7"
+
+
+def test_labelled_grid_of_uint8_samples_ends_short_rows_in_white_cells():
+    black = np.zeros((3, 64, 64, 3), dtype=np.uint8)  # class 0 twice, class 1 once: row 1 has one empty cell
+    image = labelled_grid(black, np.array([0, 0, 1]), ["cat", "dog"])
+    arr = np.asarray(image)
+    cell = upscale_factor(64) * 64
+    gap = max(2, cell // 64)
+    assert image.mode == "RGB" and arr.shape[0] == 2 * cell + gap
+    label_w = arr.shape[1] - 2 * cell - gap
+    row1 = arr[cell + gap :, label_w:]
+    assert (row1[:, :cell] == 0).all()  # the one sample of class 1 is drawn as given
+    assert (row1[:, cell + gap :] == 255).all()  # the empty cell after it is white, not black
+    assert (arr[:cell, label_w : label_w + cell] == 0).all() and (arr[:cell, label_w + cell + gap :] == 0).all()
 
 
 def test_sample_grid_accepts_uint8_and_checks_lengths():

@@ -1,4 +1,4 @@
-"""Conformance against the official RAR (bytedance/1d-tokenizer): the fixtures in shared/fixtures.
+"""Conformance harness against the official RAR (bytedance/1d-tokenizer), driven by the fixture folder.
 
 `check_rar_fixture(json_path)` is driven by the fixture JSON alone (config, file names, tolerances), so
 fixtures with other sizes, seeds and batch sizes work unchanged. It loads the official state dict through

@@ -1,9 +1,9 @@
-"""Image grids people look at: training previews, `reconstruct`'s grid.png and `sample`'s grid.png.
+"""The one image-grid module: training previews, `reconstruct`'s grid.png and `sample`'s grid.png.
 
 All grids share three rules: small images are upscaled with nearest-neighbour (every code's pixels stay
 sharp) to at least `MIN_CELL` px per cell; empty cells and margins are white; a grid says what it shows in
 text drawn into it (a caption row over reconstruction pairs, the class name at the start of each sample row).
-Tensors are (3, H, W) floats in [0, 1] until `save_image_grid` writes a PNG.
+Tensors are (3, H, W) floats in [0, 1] until `to_pil` converts them (`save_image_grid` writes a PNG).
 """
 
 from __future__ import annotations
@@ -162,10 +162,23 @@ def _fit(text: str, width: int, font_size: int) -> str:
     return text + "..."
 
 
+def labelled_grid(images: np.ndarray, labels: Sequence[int] | np.ndarray,
+                  class_names: Sequence[str] | None = None) -> Image.Image:
+    """uint8 (N, H, W, 3) samples -> a PIL image of `sample_grid` (one row per class, named; white empty cells)."""
+    nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return to_pil(sample_grid(nchw, [int(x) for x in labels], class_names))
+
+
+def to_pil(grid: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> an RGB PIL image (values rounded to the nearest 8-bit level)."""
+    arr = grid.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
 def save_image_grid(grid: torch.Tensor, path: Path) -> None:
+    """Write `grid` as a PNG at `path`; a reader never sees a half-written file (write, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (grid.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+    to_pil(grid).save(tmp, format="PNG")
     tmp.replace(path)
