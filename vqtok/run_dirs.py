@@ -1,4 +1,7 @@
-"""A training run directory accepted wherever a checkpoint is expected.
+"""Training run directories: where their checkpoints lie, and a run accepted wherever a checkpoint is expected.
+
+RUN/checkpoints/step-XXXXXXXX/ holds one training checkpoint (state.pt and meta.json, written by
+vqtok.train.checkpoint); `list_checkpoints` and `latest_checkpoint` find the complete ones.
 
 `vqtok train-tokenizer/train-ar --out RUN` leaves RUN/final (the weights) next to RUN/checkpoints/ (training
 state). Every option that takes a checkpoint (`--tokenizer`, `--ckpt`, `--init`, `eval-tokenizer`,
@@ -15,12 +18,35 @@ state). Every option that takes a checkpoint (`--tokenizer`, `--ckpt`, `--init`,
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from vqtok.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / "meta.json").is_file() and (p / "state.pt").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -29,8 +55,6 @@ def _is_checkpoint(path: Path) -> bool:
 
 def resolve_checkpoint(path: str | Path, option: str = "--tokenizer", announce: bool = True) -> Path:
     """The checkpoint directory `path` names: itself, or RUN/final when `path` is a training run."""
-    from vqtok.train.checkpoint import latest_checkpoint
-
     path = Path(path)
     if not path.is_dir() or _is_checkpoint(path):
         return path
@@ -51,4 +75,4 @@ def resolve_checkpoint(path: str | Path, option: str = "--tokenizer", announce: 
     return path
 
 
-__all__ = ["resolve_checkpoint"]
+__all__ = ["resolve_checkpoint", "checkpoint_dir", "list_checkpoints", "latest_checkpoint"]

@@ -28,31 +28,10 @@ import torch
 
 from vqtok.errors import UserError
 from vqtok.fs_errors import torch_save, writing
+from vqtok.run_dirs import STEP_DIR, checkpoint_dir, latest_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 from vqtok.weights import atomic_dir, file_sha256
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
 LEFTOVER = re.compile(r"^\.(step-\d{8}|final)\.(tmp|old)-[0-9a-f]+$|^\.step-\d{8}\.pruning(-[0-9a-f]+)?$")
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:08d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and (p / "meta.json").is_file() and (p / "state.pt").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def write_checkpoint(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path:
