@@ -7,7 +7,7 @@ naming `--trust-pickle` (only for commands that have that flag); only then is `w
 A file that is neither safetensors nor a torch file is "not a weight file (unrecognised content)".
 
 Integrity: every model checkpoint records a content hash of its weights in its identity file `hash`
-(tokenizers: `Tokenizer.identity`; generators: `state_dict_sha256`) and its loader checks it, so a
+(`state_dict_sha256`, for tokenizers and generators alike) and its loader checks it, so a
 damaged or edited checkpoint is refused in one line instead of loading silently different weights.
 
 Writing is atomic: a checkpoint directory is built under a temporary name beside its destination and

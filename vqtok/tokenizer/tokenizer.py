@@ -13,7 +13,6 @@ VAR / LlamaGen [-1, 1]) happens here. Module names (`encoder`, `decoder`, `quant
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,6 +23,7 @@ from torch import nn
 
 from vqtok.config import ConfigError, dump_yaml, from_dict, to_dict
 from vqtok.errors import UserError
+from vqtok.weights import state_dict_sha256
 from vqtok.tokenizer.autoencoder import Decoder, Encoder
 from vqtok.tokenizer.config import TokenizerConfig, quantizer_classes, quantizer_config, tokenizer_config_to_dict
 
@@ -195,7 +195,7 @@ class Tokenizer(nn.Module):
             "value_range": [0.0, 1.0],  # what encode() takes and decode() returns
             "model_value_range": list(self.config.value_range),
             "index_dtype": "uint16" if self.vocab_size <= 65536 else "uint32",
-            "hash": state_dict_hash(self._in_model_order(state_dict)),
+            "hash": state_dict_sha256(self._in_model_order(state_dict)),
         }
 
     def _in_model_order(self, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -215,15 +215,6 @@ class Tokenizer(nn.Module):
             raise ValueError(f"state_dict does not match the tokenizer's keys (e.g. {sorted(missing)[0]})")
         config_yaml = dump_yaml(tokenizer_config_to_dict(self.config))
         return save_model_dir(path, state, config_yaml, IDENTITY_FILE, self.identity(state))
-
-
-def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the raw bytes of every tensor, in key order (names and dtypes excluded)."""
-    digest = hashlib.sha256()
-    for key in state:
-        t = state[key].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ construction
@@ -299,7 +290,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
             )
     ordered = {k: state[k] for k in expected}
     recorded = identity.get("hash")
-    if recorded and recorded != state_dict_hash(ordered):
+    if recorded and recorded != state_dict_sha256(ordered):
         raise UserError(f"checkpoint {path} was modified after saving: its weights no longer match the hash in {IDENTITY_FILE}")
     tok.load_state_dict(ordered, strict=True)
     return tok.to(device).eval()
