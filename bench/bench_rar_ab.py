@@ -12,7 +12,7 @@ machine hits both alike; best-of-N is reported. Cases:
 --baseline takes a commit (anything `git rev-parse` accepts): its vqtok/ar/rar.py is the "before" side, the
 working tree's the "after" side. The baseline must be given: comparing against HEAD when HEAD already holds
 the change under test would show x1.00 by construction. The `sample` case drives both sides through the
-current sampling loop, so it needs a baseline with the same prefill/decode API (issue 12's, commit 7aa22ea
+current sampling loop, so it needs a baseline with the same prefill/decode API (commit 7aa22ea
 or later); `floor` and `train` work with older baselines too.
 """
 
@@ -91,7 +91,7 @@ def floor_fn(model, rows: int = 32):
     cache = model.new_cache(rows)
     model.prefill(cond, orders, cache)
     token = torch.zeros(rows, dtype=torch.long)
-    # rar.py before the one-loop refactor (issue 12) took the condition embeddings in every decode step;
+    # rar.py before the one-sampling-loop refactor took the condition embeddings in every decode step;
     # since then prefill stores them in the cache
     old_api = "emb" in inspect.signature(model.decode_step).parameters
     extra = (model.embeddings(cond),) if old_api else ()

@@ -1,4 +1,4 @@
-"""`vqtok sample` speed: the issue-6 sampling benchmarks (results in bench/README.md).
+"""`vqtok sample` speed: the sampling benchmarks (results in bench/README.md).
 
     python bench/bench_sample.py --threads 1                    # the CPU cases below
     python bench/bench_sample.py --case small --uncached full   # run the full-recomputation sampler end to end

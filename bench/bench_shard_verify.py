@@ -1,4 +1,4 @@
-"""Start-up cost of train-ar's token-shard verification (issue 15.2).
+"""Start-up cost of train-ar's token-shard verification.
 
 Writes one tar shard of N samples of (views, tokens) uint16 with TokenShardWriter, then times
 `vqtok.train.ar_data._scan_tar` three ways: the header scan alone (what train-ar did before), plus the

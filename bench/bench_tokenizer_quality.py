@@ -1,4 +1,4 @@
-"""Held-out tokenizer quality of the tiny recipes at a fixed step budget (issue 11).
+"""Held-out tokenizer quality of the tiny recipes at a fixed step budget.
 
 Training data: random crops (short side 128..384 px, then a 64 px crop) of 9 of the photos scikit-image ships.
 Held-out set: 6 other whole photos, never seen in training, each resized to short sides 128, 256 and 384 and

@@ -1,4 +1,4 @@
-"""vqtok against the official implementations, side by side in one process tree (issue 13).
+"""vqtok against the official implementations, side by side in one process tree.
 
     python bench/compare_official.py --peers ../shared/peers --deps /work/benchdeps
     python bench/compare_official.py --peers ../shared/peers --only rar_sampling,maskgit_encode --json out.json
@@ -10,7 +10,7 @@ it the official model is built, its state dict is converted to vqtok through vqt
 Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok is faster), with the
 1-minute load average before and after.
 
-Cases (issue 13 item 1):
+Cases:
   rar_sampling     official `RAR.generate` vs the `vqtok sample` token loop (vqtok.ar.generate.sample_tokens),
                    hidden 256 / depth 8 / 8 heads (11M), batch 16, CFG 4.0 power-cosine (pow 2.75), 256 tokens
   rar_train_h768   one training step (forward + loss + backward + clipping + AdamW), batch 8 x 256 tokens,
@@ -69,7 +69,7 @@ class Missing(Exception):
 
 def check_paths(peers: Path, deps: list[Path], cases: list[str]) -> None:
     if not peers.is_dir():
-        raise Missing(f"--peers {peers} does not exist (it should hold 1d-tokenizer/ and LlamaGen/; see shared/peers/README.md)")
+        raise Missing(f"--peers {peers} does not exist (it should hold checkouts of the official repositories in 1d-tokenizer/ and LlamaGen/)")
     for name in sorted({PEER_OF[c] for c in cases}):
         if not (peers / name).is_dir():
             raise Missing(f"{peers / name} is missing: the official {name} source tree is needed for "

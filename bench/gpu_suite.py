@@ -1,4 +1,4 @@
-"""The GPU suite: every command's CUDA path on tiny data, then the GPU throughput figures (issue 13 item 3).
+"""The GPU suite: every command's CUDA path on tiny data, then the GPU throughput figures.
 
     python bench/gpu_suite.py                      # on a CUDA machine: about 5-8 minutes
     python bench/gpu_suite.py --check --out /tmp/g # on CPU: the same code paths at toy sizes (a test runs this)

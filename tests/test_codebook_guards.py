@@ -1,4 +1,4 @@
-"""Issue 11: the anti-collapse guards (k-means init, dead-code restarts from all ranks, fresh optimizer moments
+"""The anti-collapse guards (k-means init, dead-code restarts from all ranks, fresh optimizer moments
 and EMA rows for restarted codes, per-scale guards of the multi-scale quantizer), SimVQ and the rotation trick,
 the sliding-window usage monitor and its warning, and their behaviour under 2-process torchrun."""
 

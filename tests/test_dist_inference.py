@@ -1,4 +1,4 @@
-"""Issue 16 item 1: no collective in any inference path, so encode and sample under torchrun finish with any
+"""No collective in any inference path, so encode and sample under torchrun finish with any
 split of the work (ranks with unequal numbers of batches), also after a kill and a resume."""
 
 import json
@@ -72,8 +72,8 @@ def _same_shards(a: Path, b: Path) -> None:
 
 
 def test_two_process_encode_with_unequal_batches_per_rank_finishes(tmp_path, guarded_tokenizer):
-    # 9 images in shards of 4 -> shards of 4, 4, 1: one rank has more batches than the other. Before
-    # issue 16 the quantizer all-reduced its usage in every forward and this run hung forever.
+    # 9 images in shards of 4 -> shards of 4, 4, 1: one rank has more batches than the other. A quantizer
+    # that all-reduced its usage in every forward would make this run hang forever.
     data = _folder(tmp_path / "in", 9)
     args = [data, "--tokenizer", guarded_tokenizer, "--size", 64, "--shard-size", 4, "--batch-size", 2,
             "--workers", 0, "--device", "cpu"]

@@ -18,7 +18,7 @@ def test_output_shapes(res):
 
 
 def test_full_size_parameter_counts_match_llamagen():
-    # var_llamagen.md §B3: 36,500,225 (StyleGAN at 256) and 2,765,633 (PatchGAN ndf 64, 3 layers)
+    # LlamaGen's modules: 36,500,225 (StyleGAN at 256) and 2,765,633 (PatchGAN ndf 64, 3 layers)
     assert sum(p.numel() for p in StyleGANDiscriminator(256).parameters()) == 36_500_225
     assert sum(p.numel() for p in PatchGANDiscriminator(64, 3).parameters()) == 2_765_633
 

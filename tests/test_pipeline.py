@@ -2,7 +2,7 @@
 
 demo-data -> train-tokenizer -> reconstruct -> encode --ten-crop -> inspect -> train-ar --anneal -> sample (CFG).
 Each stage gets the previous stage's output exactly as a user would pass it, and each stage's file contract
-(DESIGN.md "Contracts") is asserted before the next stage runs. `make demo` (examples/demo.py) runs the same
+(checkpoint directories, token shards, sample outputs) is asserted before the next stage runs. `make demo` (examples/demo.py) runs the same
 chain with bigger settings; this test uses a handful of photos and a few optimiser steps.
 """
 

@@ -1,10 +1,9 @@
 """Recipe conformance: every full recipe's resolved plan pinned to its anchor, and every full recipe built at
 its real size taking one real optimizer step on CPU.
 
-Each number carries the anchor file it comes from (paths inside /work/shared/peers, summarised in
-/work/shared/reference):
+Each number carries the file of the official repository it comes from:
 - RAR: bytedance/1d-tokenizer configs/training/generator/rar.yaml ("rar.yaml"), README_RAR.md, and the
-  parameter counts of modeling/rar.py built at each size (reference rar.md §1.1).
+  parameter counts of modeling/rar.py built at each size.
 - vqgan-f16: LlamaGen tokenizer/tokenizer_image/vq_train.py argparse defaults ("vq_train.py") and vq_loss.py.
 - lfq-llamagen-f16: SEED-Voken configs/Open-MAGVIT2/gpu/imagenet_lfqgan_256_L.yaml ("lfqgan_256_L.yaml").
 - msvq-f16: VAR models/vqvae.py (vae_ch160v4096z32); VAR published no tokenizer training recipe.
@@ -25,7 +24,7 @@ MASKGIT_MANIFEST = {
     "tokenizer": {"preset": "maskgit-vqgan-f16", "vocab_size": 1024, "scales": [[16, 16]], "tokens_per_view": 256},
     "classes": [f"n{i:08d}" for i in range(1000)], "views": [f"crop{i}" for i in range(10)], "num_samples": IMAGENET_TRAIN,
 }
-# rar.md §1.1: modeling/rar.py built on the meta device at the README_RAR.md sizes
+# the official modeling/rar.py built on the meta device at the README_RAR.md sizes
 OFFICIAL_RAR_PARAMS = {"b": 260_923_648, "l": 461_668_352, "xl": 955_425_024, "xxl": 1_498_520_704}
 # README_RAR.md L68-71: hidden size, layers, intermediate size (16 heads for all)
 RAR_SIZES = {"b": (768, 24, 3072), "l": (1024, 24, 4096), "xl": (1280, 32, 5120), "xxl": (1408, 40, 6144)}
@@ -66,7 +65,7 @@ def test_rar_recipe_plan_is_the_papers(size):
     assert plan["dropout"] == {"dropout": 0.1, "attn_dropout": 0.1, "class_dropout": 0.1}  # rar.yaml dropout, attn_drop, class_label_dropout
     assert plan["seed"] == 42  # rar.yaml training.seed
     assert plan["log_every"] == 50 and plan["preview_every"] == 5000  # rar.yaml log_every, generate_every
-    assert plan["parameters"]["total"] == OFFICIAL_RAR_PARAMS[size]  # rar.md §1.1
+    assert plan["parameters"]["total"] == OFFICIAL_RAR_PARAMS[size]  # the official model at this size
     wd = plan["weight_decay_params"]
     assert wd["decayed"] + wd["not_decayed"] == OFFICIAL_RAR_PARAMS[size]
     hidden, depth, inter = RAR_SIZES[size]
@@ -121,7 +120,7 @@ def test_rar_b_at_full_size_takes_one_real_optimizer_step_on_cpu():
     head_before = model.lm_head.weight.detach().clone()
     model.train()
     loss, acc = ar_loss(*model.forward_conditions(tokens, cond, orders))
-    assert abs(loss.item() - math.log(1024)) < 0.5  # about 7 at random init (1d-tokenizer issue #88)
+    assert abs(loss.item() - math.log(1024)) < 0.5  # about 7 at random init: the uniform distribution over 1024 codes
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
     assert torch.isfinite(norm)
@@ -145,7 +144,7 @@ def test_vqgan_f16_is_llamagen_vq16():
     cfg, plan = _tok_plan("vqgan-f16")
     q = cfg.model["quantizer"]["params"]
     assert (q["codebook_size"], q["dim"], q["l2_norm"], q["beta"]) == (16384, 8, True, 0.25)  # vq_train.py --codebook-size, --codebook-embed-dim, --codebook-l2-norm, --commit-loss-beta
-    assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 71_883_403  # LlamaGen VQ-16 (var_llamagen.md: "72M")
+    assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 71_883_403  # LlamaGen VQ-16 (its paper: "72M")
     assert plan["resolution"] == 256  # vq_train.py --image-size
     assert tuple(cfg.data.scale_range) == (1.0, 1.25) and cfg.data.hflip  # vq_train.py random_crop_arr [256, 320] + RandomHorizontalFlip
     loss = cfg.loss
@@ -157,7 +156,7 @@ def test_vqgan_f16_is_llamagen_vq16():
     assert loss.disc_start == 20000  # vq_train.py --disc-start
     assert (loss.d_loss, loss.g_loss) == ("hinge", "hinge")  # vq_train.py --disc-loss, --gen-loss
     assert (loss.disc.kind, loss.disc.channels, loss.disc.layers) == ("patchgan", 64, 3)  # vq_train.py --disc-type; vq_loss.py disc_dim, disc_num_layers
-    assert plan["parameters"]["modules"]["discriminator"] == 2_765_633  # LlamaGen PatchGAN (var_llamagen.md §B3)
+    assert plan["parameters"]["modules"]["discriminator"] == 2_765_633  # LlamaGen PatchGAN (ndf 64, 3 layers)
     for name in ("generator", "discriminator"):
         o = plan["optimizers"][name]
         assert o["kind"] == "adam" and o["lr"] == 1e-4  # vq_train.py torch.optim.Adam, --lr
@@ -179,7 +178,7 @@ def test_lfq_recipe_is_open_magvit2s_losses_and_schedule_on_another_autoencoder(
     assert q["entropy_weight"] == 0.1  # lfqgan_256_L.yaml lossconfig codebook_weight
     assert q["commitment_weight"] == 0.25  # lfqgan_256_L.yaml commit_weight
     assert q["diversity_gamma"] == 1.0  # lfqgan_256_L.yaml batch_maximization_weight / sample_minimization_weight
-    assert q["all_reduce_avg_probs"] is False  # Open-MAGVIT2 computes the batch entropy per GPU (quantizers_losses.md §8.3)
+    assert q["all_reduce_avg_probs"] is False  # Open-MAGVIT2 computes the batch entropy per GPU
     loss = cfg.loss
     assert (loss.l1_weight, loss.perceptual_weight) == (1.0, 1.0)  # vqperceptual.py pixel + perceptual_weight 1.0
     assert loss.disc_weight == 0.1 and loss.adaptive_weight is False  # lfqgan_256_L.yaml gen_loss_weight (adaptive weight skipped)
@@ -211,7 +210,7 @@ def test_msvq_f16_has_vars_architecture_and_says_the_rest_is_not_vars():
     assert q["patch_nums"] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR train.py --pn 256
     assert (q["beta"], q["quant_resi"], q["share_quant_resi"]) == (0.25, 0.5, 4)  # VAR models/vqvae.py defaults
     assert cfg.model["autoencoder"]["ch"] == 160 and cfg.model["autoencoder"]["z_channels"] == 32  # vae_ch160v4096z32
-    assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 108_948_355  # VAR VQVAE (var_llamagen.md: 108,948,355)
+    assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 108_948_355  # VAR VQVAE (vae_ch160v4096z32)
     header = _header(RECIPES_DIR / "tokenizer" / "msvq-f16.yaml")
     assert "never released its tokenizer training code" in header and "nothing below except the architecture is VAR's" in header
 

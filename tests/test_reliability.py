@@ -1,4 +1,4 @@
-"""The reliability sweep in miniature (issue 15): hostile-but-realistic inputs and faults.
+"""The reliability sweep in miniature: hostile-but-realistic inputs and faults.
 
 Each case asserts the exit code, that the message is one `error:` line (no traceback), and that nothing
 written before changed. Cases: link cycles and duplicate links in the input, gif / unsupported image

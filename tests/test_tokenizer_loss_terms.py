@@ -1,4 +1,4 @@
-"""Issue 11 item 6: the loss terms no test exercised inside the tokenizer loss and a training run — LPIPS with a
+"""The loss terms no other test exercised inside the tokenizer loss and a training run — LPIPS with a
 real (test-written) VGG16 file and its weight in the total, the adaptive GAN weight against a hand computation
 on a tiny decoder, and R1 inside a short training run."""
 

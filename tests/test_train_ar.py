@@ -42,7 +42,7 @@ def make_token_dir(out: Path, identity: dict, tokens: np.ndarray, classes: list[
         shards = [{"name": "tokens.h5", "count": n}]
     else:
         shards = [{"name": f"tokens-{k:06d}.tar", "count": c} for k, c in enumerate(counts)]
-    for shard in shards:  # per-shard checksums, as encode records them (issue 15)
+    for shard in shards:  # per-shard checksums, as encode records them
         shard["sha256"] = file_sha256(out / shard["name"])
     tok = {"preset": identity.get("preset"), "hash": identity.get("hash"), "vocab_size": identity["vocab_size"],
            "scales": identity["scales"], "tokens_per_view": t}

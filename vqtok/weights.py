@@ -13,7 +13,7 @@ damaged or edited checkpoint is refused in one line instead of loading silently 
 Writing is atomic: a checkpoint directory is built under a temporary name beside its destination and
 renamed into place, so a crash never leaves a half-written checkpoint where a good one was.
 
-Model checkpoint directory (the contract in DESIGN.md):
+Model checkpoint directory (the contract every checkpoint kind follows):
 
     model.safetensors   weights (EMA weights when the run kept an EMA)
     config.yaml         the config that rebuilds the model

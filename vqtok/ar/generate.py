@@ -30,7 +30,7 @@ CUDA graph per decode step over static buffers (vqtok.ar.cuda_graphs); the graph
 run for `--batch-size` rows, and a last, smaller batch is padded to that size (the padding rows are
 dropped; every row's tokens depend only on its own class and noise).
 
-Images follow the FID protocol of the official RAR script (reference rar.md §2.5): decoded images are
+Images follow the FID protocol of the official RAR script: decoded images are
 clamped to [0, 1] and converted with `(x * 255)` truncated to uint8.
 
 Distributed. Under torchrun every rank takes a contiguous chunk of the label list, writes its batches as

@@ -1,7 +1,7 @@
 """Named RAR sizes and the paper's sampling settings for each.
 
-Sizes are the official ones (reference rar.md §1.1); `rar-tiny` is a CPU-sized model for tests and
-demos. Sampling presets are the README/paper values per size (rar.md §2.4): temperature, the
+Sizes are the official ones (the README_RAR.md table of bytedance/1d-tokenizer); `rar-tiny` is a CPU-sized model for tests and
+demos. Sampling presets are the README/paper values per size: temperature, the
 power-cosine guidance scale and its power.
 """
 

@@ -3,7 +3,7 @@
 A decoder-only ViT over image tokens with DiT-style adaLN-Zero blocks. It reproduces the official
 bytedance/1d-tokenizer `modeling/rar.py` exactly: same state-dict keys and table sizes, so released
 weights load unchanged (see vqtok/interop/rar.py), and the same numbers (tests/test_rar_model.py checks
-the conformance fixtures). Facts used here are in shared/reference/rar.md §1.
+the conformance fixtures).
 
 Sequence layout for N image tokens generated in order `o` (o[j] = raster position of the j-th token):
 
@@ -112,7 +112,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     """Softmax attention of a single query per head, q (B, H, 1, hd), over cache slices k, v (B, H, L, hd).
 
     The cache slice k[:, :, :L] is strided (rows are Lmax apart per head), which SDPA's CPU flash kernel
-    handles slowly (0.98 ms vs 0.38 ms per layer on contiguous keys, bench/README.md). Each head's
+    handles at less than half its speed on contiguous keys (bench/README.md has the times). Each head's
     (L, hd) block is contiguous, and B and H merge into one batch dim without a copy, so two batched
     matmuls and a softmax over (B*H, 1, L) do the same work with no copy of the keys.
     """

@@ -17,7 +17,7 @@ draws
 
 CFG runs the conditional and the null-class rows as one doubled batch (the null row is both the input
 condition token and the adaLN condition), then mixes `uncond + (cond - uncond) * scale(step)` before the
-temperature, as the official `generate` does (reference rar.md §2). Temperature 0 turns each step's
+temperature, as the official `generate` does. Temperature 0 turns each step's
 distribution into a one-hot of the argmax, which every draw returns.
 """
 

@@ -1,4 +1,4 @@
-"""Token shards: the output of `vqtok encode` and the input of `train-ar` (contract in DESIGN.md).
+"""Token shards: the output of `vqtok encode` and the input of `train-ar` (the format, described below).
 
 A token directory holds `manifest.json`, `skipped.jsonl` and either webdataset tar shards
 (`tokens-000000.tar`, ...: per sample `<key>.tokens.npy` of shape (views, tokens) in uint16, or uint32

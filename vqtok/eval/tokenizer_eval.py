@@ -1,6 +1,6 @@
 """Tokenizer evaluation: `vqtok reconstruct` (a few images, side by side) and `vqtok eval-tokenizer` (a dataset).
 
-Protocol (LlamaGen/RAR rFID protocol, var_llamagen.md §B7): each image is ADM-center-cropped to the
+Protocol (the rFID protocol of LlamaGen and RAR): each image is ADM-center-cropped to the
 tokenizer's resolution, encoded to tokens, decoded; the reconstruction is quantised to uint8 (round of
 255 x, the same as LlamaGen's clamp(127.5 x + 128) on [-1, 1]) before any metric, so the numbers
 describe exactly the pixels written to disk. PSNR and SSIM are per image on [0, 1] (data_range 1,

@@ -1,4 +1,4 @@
-"""Image discriminators for tokenizer training (reference: var_llamagen.md §B3, quantizers_losses.md §4, §9).
+"""Image discriminators for tokenizer training.
 
 - `StyleGANDiscriminator`: LlamaGen's StyleGAN-style D: residual blocks with a [1,2,1] blur before each
   strided conv, down to 4x4, then a linear head: one logit per image, (B,).

@@ -1,9 +1,9 @@
 """Adversarial losses, taming's adaptive generator weight, the discriminator schedule, LeCam and R1.
 
-Conventions (reference: quantizers_losses.md §4, §5, §8.6-8.7, §9; var_llamagen.md §B2):
+Conventions:
 - logits are raw D outputs: (B,) per image or (B,1,h,w) patch maps; losses average over every logit.
 - non-saturating losses call `binary_cross_entropy_with_logits(logits, target)`: logits first. LlamaGen
-  swaps the two arguments (LlamaGen#84), which silently turns the D fake term into a constant.
+  swaps the two arguments in its discriminator loss, which silently turns the D fake term into a constant.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def adaptive_weight(
 ) -> torch.Tensor:
     """taming: ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped to [0, max_weight], detached.
 
-    W is the decoder's final conv weight. Norms are taken in fp32 (latent-diffusion#176: fp16 NaNs).
+    W is the decoder's final conv weight. Norms are taken in fp32 (in fp16 they overflow to NaN).
     Under DDP the gradients are averaged over ranks first, so the weight is that of the global batch
     (and every rank applies the same one).
     """

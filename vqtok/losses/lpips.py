@@ -1,6 +1,6 @@
 """LPIPS-VGG perceptual loss through the `lpips` package, loaded offline and checked.
 
-Facts this wrapper relies on (reference: quantizers_losses.md §6, §8.8):
+Facts this wrapper relies on:
 - the package's linear heads (`lin{0..4}.model.1.weight`) ship in the wheel at lpips/weights/v0.1/vgg.pth;
   they load with `strict=False`, so a `use_dropout=False` build silently leaves them random. We keep
   `use_dropout=True` (the key layout the file expects) and then compare every head with the file.

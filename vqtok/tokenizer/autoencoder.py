@@ -18,9 +18,9 @@ lowest-resolution level and sits in the middle block.
 Memory layout: on CPU both networks run in channels-last (NHWC) internally for batches of at least
 CHANNELS_LAST_MIN_PIXELS image pixels, and hand back ordinary contiguous tensors. oneDNN's NHWC convolutions
 take and return that layout directly, while NCHW input makes every conv reorder its input into a blocked
-layout and its output back; GroupNorm, SiLU, pooling and the adds have NHWC kernels too. That is worth
-~10-15% at 256 px (bench/README.md). The price is a channels-last copy of each (NCHW) weight per call,
-which outweighs the gain on small batches (64 px, batch 1: 7-9% slower), hence the threshold. Other
+layout and its output back; GroupNorm, SiLU, pooling and the adds have NHWC kernels too (the gain at
+256 px is in bench/README.md). The price is a channels-last copy of each (NCHW) weight per call, which
+outweighs the gain on small batches (64 px, batch 1 is slower), hence the threshold. Other
 devices keep the caller's layout (the CUDA bench converts model and input to channels-last itself).
 """
 

@@ -155,7 +155,7 @@ def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Below this many input pixels (batch x H x W) folding the kernels costs more than the saved multiplies
-# (measured on CPU: 8x8 inputs 1.4-1.8x slower in the phase form, 16x16 and up 0.5-0.85x the time).
+# (on CPU 8x8 inputs are slower in the phase form, 16x16 and up faster; bench/README.md has the times).
 UPSAMPLE_PHASES_MIN_PIXELS = 256
 
 
@@ -164,8 +164,9 @@ def upsample2x_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     One conv with 2x2 kernels and 4 * C_out channels (one block per output phase (a, b)) over x padded by one
     gives each phase on an (H+1, W+1) grid; phase (a, b) is its [a:a+H, b:b+W] window, written to the
-    output pixels (2i+a, 2j+b). This does 16/36 of the multiply-adds of the direct form (about 1.7-2x
-    faster on CPU at the decoder's sizes); results differ from it only by float rounding (~1e-6 relative).
+    output pixels (2i+a, 2j+b). This does 16/36 of the multiply-adds of the direct form (CPU times at
+    the decoder's sizes are in bench/README.md); results differ from it only by float rounding (~1e-6
+    relative).
     Small inputs take the direct form: there the (H+1)(W+1) border and the kernel folding dominate.
     """
     if x.shape[0] * x.shape[-2] * x.shape[-1] < UPSAMPLE_PHASES_MIN_PIXELS:

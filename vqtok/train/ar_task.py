@@ -13,7 +13,7 @@ to the engine (vqtok/train/engine.py):
   ranks see the same orders, and nothing but the step needs checkpointing;
 - AdamW in two groups: decay exactly the weight matrices of the Linear layers; no decay on biases, norm
   parameters, the embedding table, the cls token and the positional / target-aware / timestep tables
-  (rar.md §5.3 has the official substring rule; it also decays cls_token and, through a case quirk,
+  (the official trainer selects by name substrings; it also decays cls_token and, through a case quirk,
   skips the final adaLN weight, which this rule treats like every other Linear weight);
 - warm-up then cosine to `end_lr`, both in epochs unless given in steps;
 - a sample grid (KV-cached sampling, decoded by the tokenizer) as the engine's preview, and the final

@@ -10,7 +10,7 @@
   tensor, zero when it has none); the individual terms and detached statistics (`usage`: fraction of
   codes hit in the batch, `perplexity`) sit beside it under their own names.
 - Distance, rounding and entropy math run in float32 with autocast disabled, whatever the caller uses.
-- `forward` never communicates across ranks (issue 16): encode, sample and eval call it a different number
+- `forward` never communicates across ranks: encode, sample and eval call it a different number
   of times on different ranks. A training forward only *records* what it saw (code histograms, encoder
   vectors); `update_codebook()`, called once per optimizer step on every rank (the tokenizer task does it),
   applies k-means init, EMA codebooks and dead-code restarts, all-reducing what it needs.

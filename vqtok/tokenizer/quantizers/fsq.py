@@ -6,7 +6,7 @@ bounded = tanh(z + shift) * half_l - offset, so f(0) = 0 and even L gives asymme
 (L=8: -1, -0.75, ..., 0.75). Codes are round(bounded) / (L // 2) with a straight-through round.
 
 Index = sum_i level_index_i * prod(L_0 .. L_{i-1}): mixed radix, first channel least significant.
-Indices are computed from the rounded integers in int64 (never through bf16, see vq-pytorch #114).
+Indices are computed from the rounded integers in int64 (never through bf16, which cannot hold every index exactly).
 """
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ class VectorQuantizer(CodebookGuards, Quantizer):
         every = torch.ones(self.codebook_size, dtype=torch.bool, device=device)
         self._set_codes(every, means)
         if cfg.ema:
-            # keep sum and size consistent, else the first EMA step collapses codes (vq-pytorch #66)
+            # keep sum and size consistent, else the first EMA step collapses codes
             self.ema_embed_sum.copy_(means * bins[:, None])
         if "ema_cluster_size" in self._buffers:
             # hits per step, the unit the EMA tracks (the k-means saw kmeans_init_steps steps of vectors)
