@@ -24,11 +24,6 @@ from test_train_tokenizer import FAST, make_photos, rows
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return make_photos(tmp_path_factory.mktemp("photos"))
-
-
 def _clusters(seed: int, n_clusters: int = 32, n: int = 1024, dim: int = 4):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(n_clusters, dim, generator=g) * 3

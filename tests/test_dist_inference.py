@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import smooth_photo
 from vqtok.cli import app
 from vqtok.data.token_shards import iter_samples, read_manifest
 
@@ -22,18 +22,11 @@ runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _photo(w, h, seed):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], -1) * 0.4 + 0.5
-    return Image.fromarray((np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1) * 255).astype(np.uint8))
-
-
 def _folder(root: Path, n: int) -> Path:
     for i in range(n):
         d = root / "train" / f"n0{i % 3}000000"
         d.mkdir(parents=True, exist_ok=True)
-        _photo(90 + 7 * i, 70 + 3 * i, i).save(d / f"img_{i:03d}.JPEG", quality=90)
+        smooth_photo(90 + 7 * i, 70 + 3 * i, i).save(d / f"img_{i:03d}.JPEG", quality=90)
     return root
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import smooth_photo
 from vqtok.cli import app
 from vqtok.data.crops import crop_views
 from vqtok.data.images import load_record, list_images
@@ -23,15 +24,6 @@ from vqtok.data.token_shards import iter_samples, open_token_dataset, read_manif
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-
-
-def _photo(w, h, seed):
-    # Smooth colour fields with some texture: realistic enough for the tokenizer, cheap to make.
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y - seed), np.sin(4 * (x + y))], -1) * 0.4 + 0.5
-    arr = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
-    return Image.fromarray((arr * 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def imagenet(tmp_path_factory):
         d.mkdir(parents=True)
         for i in range(3):
             seed += 1
-            _photo(90 + 7 * seed, 70 + 3 * seed, seed).save(d / f"{wnid}_{i}.JPEG", quality=90)
+            smooth_photo(90 + 7 * seed, 70 + 3 * seed, seed).save(d / f"{wnid}_{i}.JPEG", quality=90)
     return root
 
 
@@ -110,14 +102,14 @@ def test_wds_and_h5_hold_the_same_samples(tmp_path, imagenet, tokenizer_dir):
 def _bad_files_dir(root):
     d = root / "train" / "n00000001"
     d.mkdir(parents=True)
-    rgb = _photo(80, 72, 5)
+    rgb = smooth_photo(80, 72, 5)
     for name, img in (("cmyk", rgb.convert("CMYK")), ("gray", rgb.convert("L"))):
         img.save(d / f"{name}.JPEG", format="JPEG")
     rgb.convert("P").save(d / "palette.png")
     Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)).save(d / "sixteen.png")
     rgb.save(d / "disguised.JPEG", format="PNG")
     buf = io.BytesIO()
-    _photo(300, 300, 6).save(buf, format="JPEG")
+    smooth_photo(300, 300, 6).save(buf, format="JPEG")
     (d / "truncated.JPEG").write_bytes(buf.getvalue()[:700])
     (d / "zero.JPEG").write_bytes(b"")
     (d / "text.JPEG").write_text("<html>404 not found</html>")
@@ -187,7 +179,7 @@ def test_resume_after_killing_a_real_encode_process(tmp_path, tokenizer_dir):
     root = tmp_path / "in"
     (root / "c").mkdir(parents=True)
     for i in range(16):
-        _photo(100, 80, i).save(root / "c" / f"c_{i:03d}.JPEG")
+        smooth_photo(100, 80, i).save(root / "c" / f"c_{i:03d}.JPEG")
     # One image per shard and per batch: many shard boundaries to be killed between.
     args = [root, "--tokenizer", tokenizer_dir, "--ten-crop", "--size", 64, "--shard-size", 1,
             "--batch-size", 1, "--workers", 0, "--device", "cpu"]

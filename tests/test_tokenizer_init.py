@@ -23,11 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return make_photos(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
 def source_run(photos, tmp_path_factory):
     run = tmp_path_factory.mktemp("src") / "run"
     train_tokenizer(photos, "tiny-vqgan", run, FAST + ["train.steps=2", "model.quantizer.params.kmeans_init_steps=1"])

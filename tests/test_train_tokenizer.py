@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import make_photos  # noqa: F401 (other test modules import it from here)
 from vqtok.cli import app
 from vqtok.config import list_recipes
 from vqtok.errors import ConfigError, UserError
@@ -21,32 +22,11 @@ from vqtok.train.engine import TrainingDiverged
 from vqtok.train.tokenizer_task import train_tokenizer
 from vqtok.weights import load_state_dict_file
 
-PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-          "hubble_deep_field.jpg", "brick.png", "retina.jpg")
-
-
-def make_photos(folder: Path, side: int = 32) -> Path:
-    """8 real photographs (scikit-image's bundled ones), center-cropped and resized to side x side."""
-    from vqtok.data.default_dataset import skimage_data_dir
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in PHOTOS:
-        with Image.open(skimage_data_dir() / name) as im:
-            im = im.convert("RGB")
-            s = min(im.size)
-            left, top = (im.width - s) // 2, (im.height - s) // 2
-            im.crop((left, top, left + s, top + s)).resize((side, side), Image.BICUBIC).save(folder / f"{Path(name).stem}.png")
-    return folder
 
 
 # small and fast: 32 px, batch 4, disc on from step 1 so every loss term and both phases run
 FAST = ["data.resolution=32", "train.batch_size=4", "train.num_workers=0", "train.log_every=1",
         "train.ckpt_every=2", "train.preview_every=2", "loss.disc_start=1", "data.preview_images=2"]
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return make_photos(tmp_path_factory.mktemp("photos"))
 
 
 def rows(run: Path) -> list[dict]:

@@ -16,11 +16,5 @@ FAMILIES = {
 def list_presets() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for kind, module_name in FAMILIES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # family not built yet
-                continue
-            raise
-        out[kind] = sorted(module.PRESETS)
+        out[kind] = sorted(importlib.import_module(module_name).PRESETS)
     return out

@@ -74,14 +74,6 @@ class RARConfig:
         return self.hidden_size // self.num_heads
 
     @property
-    def mlp_ratio(self) -> float:
-        return self.intermediate_size / self.hidden_size
-
-    @property
-    def mask_token_id(self) -> int:  # embedding row kept for format compatibility; RAR never uses it
-        return self.vocab_size
-
-    @property
     def class_offset(self) -> int:  # embedding row of class 0
         return self.vocab_size + 1
 

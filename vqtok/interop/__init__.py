@@ -2,7 +2,7 @@
 
 Each format module exposes `NAME`, `DESCRIPTION`, `matches(state_dict) -> bool` (from key names and
 shapes) and `convert(state_dict) -> (config, vqtok_state_dict)`. Tokenizer formats also expose
-`to_config` and `check_keys` (shape-only checks). A generator format (RAR) may instead provide
+`to_config` (the config from key shapes alone). A generator format (RAR) may instead provide
 `save_converted(state_dict, out_dir)`, which writes its own checkpoint directory.
 """
 
@@ -23,15 +23,8 @@ FORMATS = [
 
 
 def available_formats() -> list[ModuleType]:
-    """The format modules present in this build (the RAR one arrives with the generator)."""
-    modules = []
-    for name in FORMATS:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    return modules
+    """Every format module, in FORMATS order."""
+    return [importlib.import_module(name) for name in FORMATS]
 
 
 def _norm(name: str) -> str:

@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 
 from vqtok.errors import UserError
-from vqtok.tokenizer.config import TokenizerConfig
+from vqtok.tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 
 Shape = tuple[int, ...]
 
@@ -83,6 +83,21 @@ def convert_state(
     mapping = key_mapping(state, cfg, rename, fmt, want)
     renamed = {mapping[k]: v.detach().to(torch.float32) for k, v in state.items()}
     return {k: renamed[k] for k in want}
+
+
+def official_config(ae: AutoencoderConfig, quantizer: QuantizerConfig, resolution: int,
+                    value_range: tuple[float, float]) -> TokenizerConfig:
+    """The TokenizerConfig of an official checkpoint, named after the preset it equals (if any)."""
+    cfg = TokenizerConfig(preset="", resolution=resolution, value_range=value_range, autoencoder=ae, quantizer=quantizer)
+    cfg.preset = matching_preset(cfg)
+    return cfg
+
+
+def convert_with(to_config: Callable[..., TokenizerConfig], rename: Callable[[str], str], fmt: str,
+                 state: Mapping[str, torch.Tensor], *args) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
+    """A format's `convert`: its config from the shapes (`to_config(state, *args)`), then the checked tensors."""
+    cfg = to_config(state, *args)
+    return cfg, convert_state(state, cfg, rename, fmt)
 
 
 def matching_preset(cfg: TokenizerConfig) -> str:

@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 
 from vqtok.errors import UserError
-from vqtok.interop.common import convert_state, indices_under, key_mapping, matching_preset, require
+from vqtok.interop.common import convert_with, indices_under, official_config, require
 from vqtok.tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 
 NAME = "llamagen_vq"
@@ -69,22 +69,12 @@ def to_config(state: Mapping, resolution: int | None = None) -> TokenizerConfig:
         attention=attention, mid_attention=mid_attention, quant_conv_kernel=quant_kernel,
     )
     params = {"codebook_size": codebook_size, "dim": dim, "l2_norm": True, "beta": 0.25, "usage_buffer": usage}
-    cfg = TokenizerConfig(
-        preset="", resolution=resolution or TOKENS_PER_SIDE * ae.downsample, value_range=(-1.0, 1.0),
-        autoencoder=ae, quantizer=QuantizerConfig(kind="vq", params=params),
-    )
-    cfg.preset = matching_preset(cfg)
-    return cfg
-
-
-def check_keys(state: Mapping, resolution: int | None = None) -> tuple[TokenizerConfig, dict[str, str]]:
-    cfg = to_config(state, resolution)
-    return cfg, key_mapping(state, cfg, rename, DESCRIPTION)
+    return official_config(ae, QuantizerConfig(kind="vq", params=params), resolution or TOKENS_PER_SIDE * ae.downsample,
+                           (-1.0, 1.0))
 
 
 def convert(state: Mapping[str, torch.Tensor], resolution: int | None = None) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
-    cfg = to_config(state, resolution)
-    return cfg, convert_state(state, cfg, rename, DESCRIPTION)
+    return convert_with(to_config, rename, DESCRIPTION, state, resolution)
 
 
-__all__ = ["NAME", "DESCRIPTION", "matches", "to_config", "check_keys", "convert", "rename"]
+__all__ = ["NAME", "DESCRIPTION", "matches", "to_config", "convert", "rename"]

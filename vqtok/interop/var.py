@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 
 from vqtok.errors import UserError
-from vqtok.interop.common import convert_state, indices_under, key_mapping, matching_preset, require
+from vqtok.interop.common import convert_with, indices_under, official_config, require
 from vqtok.tokenizer.config import AutoencoderConfig, QuantizerConfig, TokenizerConfig
 from vqtok.tokenizer.presets import VAR_PATCH_NUMS
 
@@ -87,24 +87,14 @@ def to_config(
         params["default_qresi_counts"] = counts
     last = patch_nums[-1]
     last_side = int(last) if isinstance(last, int) else int(max(last))
-    cfg = TokenizerConfig(
-        preset="", resolution=resolution or last_side * ae.downsample, value_range=(-1.0, 1.0),
-        autoencoder=ae, quantizer=QuantizerConfig(kind="msvq", params=params),
-    )
-    cfg.preset = matching_preset(cfg)
-    return cfg
-
-
-def check_keys(state: Mapping, resolution: int | None = None, patch_nums: Sequence[int] | None = None):
-    cfg = to_config(state, resolution, patch_nums)
-    return cfg, key_mapping(state, cfg, rename, DESCRIPTION)
+    return official_config(ae, QuantizerConfig(kind="msvq", params=params), resolution or last_side * ae.downsample,
+                           (-1.0, 1.0))
 
 
 def convert(
     state: Mapping[str, torch.Tensor], resolution: int | None = None, patch_nums: Sequence[int] | None = None
 ) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
-    cfg = to_config(state, resolution, patch_nums)
-    return cfg, convert_state(state, cfg, rename, DESCRIPTION)
+    return convert_with(to_config, rename, DESCRIPTION, state, resolution, patch_nums)
 
 
-__all__ = ["NAME", "DESCRIPTION", "matches", "to_config", "check_keys", "convert", "rename"]
+__all__ = ["NAME", "DESCRIPTION", "matches", "to_config", "convert", "rename"]

@@ -112,12 +112,7 @@ def quantizer_classes(kind: str) -> tuple[type, type]:
     if kind not in QUANTIZER_KINDS:
         raise ConfigError(f"quantizer.kind must be one of {', '.join(QUANTIZER_KINDS)}; got '{kind}'")
     module_name, cls_name, cfg_name = QUANTIZER_KINDS[kind]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise ConfigError(f"quantizer kind '{kind}' is not available in this build ({module_name} is missing)") from None
-        raise
+    module = importlib.import_module(module_name)
     return getattr(module, cls_name), getattr(module, cfg_name)
 
 

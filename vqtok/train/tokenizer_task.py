@@ -302,10 +302,6 @@ class TokenizerTrainTask:
         self.tokenizer.save(dest, state_dict=state)
 
 
-def run_config_dict(cfg: TrainTokenizerConfig) -> dict:
-    return to_dict(cfg)
-
-
 def load_run_config(config: str | Path | dict | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainTokenizerConfig:
     from vqtok.config import load_config
 

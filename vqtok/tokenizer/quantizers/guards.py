@@ -32,6 +32,19 @@ class CodebookGuards:
             return False
         return cfg.dead_code_threshold > 0 or (cfg.kmeans_init and not bool(self.initialized))
 
+    def _dead_codes_and_pool(self) -> tuple[torch.Tensor, int, torch.Tensor] | None:
+        """(dead mask, how many, every rank's pooled rows) when codes are below the dead-code threshold and
+        rows were kept; None when there is nothing to restart. The mask is identical on every rank (it is
+        built from all-reduced hits); the gather is a collective, so every rank calls this together."""
+        dead = self.ema_cluster_size < self.config.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return None
+        pool = self._pool.gather()
+        if pool.shape[0] == 0:
+            return None
+        return dead, n_dead, pool
+
 
 class RowPool:
     def __init__(self) -> None:

@@ -313,13 +313,10 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
     def _restart_dead_codes(self) -> torch.Tensor | None:
         K = len(self.scales)
         threshold = self.config.dead_code_threshold
-        dead = self.ema_cluster_size < threshold  # identical on every rank (all-reduced hits)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        found = self._dead_codes_and_pool()
+        if found is None:
             return None
-        pool = self._pool.gather()
-        if pool.shape[0] == 0:
-            return None
+        dead, n_dead, pool = found
         gen = seeded_generator(int(self.codebook_updates))
         scale_of = pool[:, -1].long()
         # dead code i takes a residual of scale i mod K: every scale, coarse ones included, gets new codes

@@ -341,13 +341,10 @@ class VectorQuantizer(CodebookGuards, Quantizer):
     @torch.no_grad()
     def _restart_dead_codes(self) -> torch.Tensor | None:
         threshold = self.config.dead_code_threshold
-        dead = self.ema_cluster_size < threshold  # identical on every rank: built from all-reduced hits
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        found = self._dead_codes_and_pool()
+        if found is None:
             return None
-        pool = self._pool.gather()
-        if pool.shape[0] == 0:
-            return None
+        dead, n_dead, pool = found
         new = pick_rows(pool, n_dead, seeded_generator(int(self.codebook_updates)))
         if self.config.l2_norm:
             new = F.normalize(new, dim=-1)
