@@ -94,6 +94,13 @@ class RARConfig:
     def embedding_rows(self) -> int:
         return self.vocab_size + 1 + self.num_classes + 1
 
+    def identity_fields(self) -> dict:
+        """What a checkpoint's generator.json records about this config."""
+        from vqtok.ar.presets import preset_for
+
+        return {"preset": preset_for(self), "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "num_classes": self.num_classes, "order": self.order}
+
     @property
     def grid_shape(self) -> tuple[int, int]:
         if self.grid is not None:
