@@ -63,7 +63,7 @@ def model_throughput(tok, size: int, batch: int, views: int, seconds: float) -> 
 
 
 def pipeline_throughput(data: Path, tok_dir: Path, out: Path, args) -> float:
-    from vqtok.data.encode import EncodeOptions, run_encode
+    from vqtok.app.encode import EncodeOptions, run_encode
 
     opts = EncodeOptions(input=str(data), tokenizer=str(tok_dir), out=str(out), ten_crop=True, size=args.size, allow_grid_change=True,
                          batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
@@ -76,7 +76,7 @@ def pipeline_throughput(data: Path, tok_dir: Path, out: Path, args) -> float:
 
 def rss_child(args) -> None:
     """Subprocess entry: run the pipeline once and print peak RSS of this process and its workers (MiB)."""
-    from vqtok.data.encode import EncodeOptions, run_encode
+    from vqtok.app.encode import EncodeOptions, run_encode
 
     run_encode(EncodeOptions(input=args.data, tokenizer=args.tok, out=args.out, ten_crop=True, size=args.size, allow_grid_change=True,
                              batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,

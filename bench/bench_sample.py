@@ -6,7 +6,7 @@
 
 Cases (random-init weights, 256 tokens, CFG power-cosine 4.0 / pow 2.75, so every step runs 2 x batch rows):
 - small: a hidden 256 / depth 8 / 8 heads model (11.1M parameters), batch 16, tokens only:
-  * the `vqtok sample` loop (vqtok.ar.generate.sample_tokens, per-sample noise) and the RAR sampler
+  * the `vqtok sample` loop (vqtok.app.sample.sample_tokens, per-sample noise) and the RAR sampler
     (vqtok.ar.sampling.sample) it mirrors;
   * the sampler without KV cache (full recomputation of the prefix each step). `--uncached estimate` (the
     default) times the full-prefix forward at 9 prefix lengths and integrates over the 256 steps, because
@@ -31,7 +31,8 @@ import time
 import numpy as np
 import torch
 
-from vqtok.ar.generate import sample_noise, sample_tokens
+from timing import sync
+from vqtok.app.sample import sample_noise, sample_tokens
 from vqtok.ar.presets import get_preset
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.ar.sampling import SamplingConfig, sample
@@ -45,11 +46,6 @@ def build(cfg: RARConfig, device) -> RAR:
         for block in model.blocks:
             block.adaLN_modulation[1].weight.normal_(0, 0.02)
     return model.to(device).eval()
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device) -> float:

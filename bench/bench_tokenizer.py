@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from timing import sync
 from vqtok.device import autocast, pick_device
 from vqtok.errors import UserError
 from vqtok.tokenizer import autoencoder, blocks
@@ -89,17 +90,12 @@ def keep_freed_memory() -> None:
 # ------------------------------------------------------------------ timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device) -> tuple[float, float, object]:
     """(wall seconds, process CPU seconds, result) of one call."""
-    _sync(device)
+    sync(device)
     w, c = time.perf_counter(), time.process_time()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - w, time.process_time() - c, out
 
 
@@ -148,7 +144,7 @@ def bench_threads(args, device: torch.device, threads: int) -> None:
     with torch.inference_mode(), autocast(device, enabled=on_cuda and not args.fp32):
         for p in plan:  # one-time setup (library init, primitive caches) outside the timed runs
             models[p].decode(models[p].encode(images[(p, plan[p][0])][:1]))
-            _sync(device)
+            sync(device)
         for rep in range(args.repeats):
             for p, b in cases:
                 tok, x = models[p], images[(p, b)]

@@ -21,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from timing import sync, time_calls
 from vqtok.ar.orders import sample_orders
 from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.device import autocast
@@ -35,17 +36,12 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5, dtype=tor
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_params(model: RAR) -> int:
@@ -80,16 +76,8 @@ def bench_model(hidden: int, depth: int, heads: int, batch: int, steps: int, dev
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    for _ in range(3 if compile else 2):  # warm-up: allocator, optimizer state, kernels (and compilation)
-        step()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    times.sort()
+    # warm-up: allocator, optimizer state, kernels (and compilation)
+    times = sorted(time_calls(step, device, steps, warmup=3 if compile else 2))
     median = times[len(times) // 2]
     n_tok = batch * cfg.seq_len
     mm = matmul_params(model)

@@ -20,23 +20,18 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from timing import time_calls
 from vqtok.device import pick_device
 from vqtok.distributed import DistEnv
 from vqtok.train.ema import EMA
 from vqtok.train.engine import Engine
 from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_engine_step(recipe: str, batch: int, device: torch.device, overrides: list[str] = (),
@@ -69,19 +64,6 @@ def build_engine_step(recipe: str, batch: int, device: torch.device, overrides: 
     return step, task, cfg
 
 
-def time_steps(step, device: torch.device, steps: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="tiny-vqgan")
@@ -98,7 +80,7 @@ def main() -> None:
     device = pick_device(args.device)
     load0 = os.getloadavg()[0]
     step, task, cfg = build_engine_step(args.recipe, args.batch, device, args.overrides, args.lpips, args.resolution)
-    times = time_steps(step, device, args.steps)
+    times = time_calls(step, device, args.steps)
     med, best = statistics.median(times), min(times)
     params = sum(p.numel() for p in task.tokenizer.parameters()) / 1e6
     phases = [p.name for p in task.phases()]

@@ -11,7 +11,7 @@ Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok i
 1-minute load average before and after.
 
 Cases:
-  rar_sampling     official `RAR.generate` vs the `vqtok sample` token loop (vqtok.ar.generate.sample_tokens),
+  rar_sampling     official `RAR.generate` vs the `vqtok sample` token loop (vqtok.app.sample.sample_tokens),
                    hidden 256 / depth 8 / 8 heads (11M), batch 16, CFG 4.0 power-cosine (pow 2.75), 256 tokens
   rar_train_h768   one training step (forward + loss + backward + clipping + AdamW), batch 8 x 256 tokens,
   rar_train_h256   random orders (r = 1), dropout 0.1, class dropout 0.1; hidden 768 / depth 4 / 16 heads and
@@ -216,7 +216,7 @@ def rar_pair(hidden: int, depth: int, heads: int, dropout: float):
 def case_rar_sampling(args) -> dict:
     import torch
 
-    from vqtok.ar.generate import sample_noise, sample_tokens
+    from vqtok.app.sample import sample_noise, sample_tokens
     from vqtok.ar.sampling import SamplingConfig
 
     official, ours = rar_pair(256, 8, 8, 0.0)

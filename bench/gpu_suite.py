@@ -11,7 +11,7 @@ file contract (final/model.safetensors, manifest.json, grid.png).
 
 Part 2, the measurements (library calls, median of the timed runs):
 - RAR-B (261M) guided sampling, batch 128, CFG 4.0 power-cosine, bf16 autocast: eager
-  (vqtok.ar.generate.sample_tokens, what `vqtok sample` runs) and with one CUDA graph per decode step
+  (vqtok.app.sample.sample_tokens, what `vqtok sample` runs) and with one CUDA graph per decode step
   (static KV cache and buffers, see GraphedSampler), tokens only and with MaskGIT-VQGAN (maskgit-vqgan-f16)
   decoding to 256 px pixels: img/s. Goal >= 200 img/s including decoding on an H100-class GPU.
 - RAR-B training step (vectorised random orders, dropout 0.1, forward, loss, backward, clipping, fused AdamW),
@@ -49,30 +49,13 @@ import torch
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+from timing import sync, time_calls  # noqa: E402 (bench/ is on sys.path from here)
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs the MFU goal is stated for
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "A800": 312.0,
                     "L40S": 362.1, "L4": 121.0, "RTX 4090": 165.2}
 
 GOALS = {"rar_b_sampling_with_decode_img_s": 200.0, "rar_b_train_mfu": 0.45}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_runs(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def autocast_bf16(device: torch.device):
@@ -215,7 +198,7 @@ class GraphedSampler:
 
     @torch.no_grad()
     def sample(self, class_ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        from vqtok.ar.generate import sample_tokens
+        from vqtok.app.sample import sample_tokens
 
         with self._autocast():
             tokens = sample_tokens(self.model, class_ids.to(self.device), self.cfg, uniforms.to(self.device),
@@ -239,7 +222,7 @@ def build_rar(spec, device):
 
 
 def part_sampling(device: torch.device, sz: dict) -> dict:
-    from vqtok.ar.generate import sample_noise, sample_tokens
+    from vqtok.app.sample import sample_noise, sample_tokens
     from vqtok.ar.sampling import SamplingConfig
     from vqtok.tokenizer.tokenizer import build_tokenizer
 
@@ -262,16 +245,16 @@ def part_sampling(device: torch.device, sz: dict) -> dict:
         with torch.inference_mode(), autocast_bf16(device):
             return tok.decode(tokens)
 
-    t = timed_runs(eager_tokens, device, reps, warm)
+    t = time_calls(eager_tokens, device, reps, warm)
     out["eager_tokens_img_s"] = B / statistics.median(t)
-    t = timed_runs(lambda: decode(eager_tokens()), device, reps, warm)
+    t = time_calls(lambda: decode(eager_tokens()), device, reps, warm)
     out["eager_with_decode_img_s"] = B / statistics.median(t)
     t0 = time.perf_counter()
     graphed = GraphedSampler(model, B, cfg, graphs=device.type == "cuda")
     out["graph_capture_s"] = time.perf_counter() - t0 if device.type == "cuda" else "n/a (CPU: steps run on the static buffers)"
-    t = timed_runs(lambda: graphed.sample(classes, noise), device, reps, warm)
+    t = time_calls(lambda: graphed.sample(classes, noise), device, reps, warm)
     out["graphed_tokens_img_s"] = B / statistics.median(t)
-    t = timed_runs(lambda: decode(graphed.sample(classes, noise)), device, reps, warm)
+    t = time_calls(lambda: decode(graphed.sample(classes, noise)), device, reps, warm)
     out["graphed_with_decode_img_s"] = B / statistics.median(t)
     ref, got = eager_tokens(), graphed.sample(classes, noise)
     out["graphed_tokens_equal_eager"] = float((ref == got).float().mean())
@@ -314,7 +297,7 @@ def part_tokenizer_train(device: torch.device, sz: dict) -> dict:
 
     step, task, cfg = build_engine_step(sz["tok_recipe"], sz["tok_batch"], device, ["train.amp=true"],
                                         resolution=sz["tok_res"])
-    times = timed_runs(step, device, sz["tok_steps"], warmup=2)
+    times = time_calls(step, device, sz["tok_steps"], warmup=2)
     phases = [p.name for p in task.phases()]
     return {"recipe": sz["tok_recipe"], "resolution": cfg.data.resolution, "batch": sz["tok_batch"], "phases": phases,
             "step_s": statistics.median(times), "img_s": sz["tok_batch"] / statistics.median(times),
@@ -334,7 +317,7 @@ def part_encode(device: torch.device, sz: dict) -> dict:
 
     idx = run()
     assert idx.shape[0] == B
-    times = timed_runs(run, device, sz["encode_repeats"], sz["warmup"])
+    times = time_calls(run, device, sz["encode_repeats"], sz["warmup"])
     return {"tokenizer": sz["encode_tokenizer"], "resolution": res, "batch": B, "img_s": B / statistics.median(times)}
 
 

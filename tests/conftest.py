@@ -1,6 +1,9 @@
 """Fixtures and helpers shared by the test modules (helpers are imported with `from conftest import ...`)."""
 
+import contextlib
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +72,26 @@ def make_photos(folder: Path, side: int = 32) -> Path:
 def photos(tmp_path_factory) -> Path:
     """A folder of `make_photos` pictures, made once per test module."""
     return make_photos(tmp_path_factory.mktemp("photos"))
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+@contextlib.contextmanager
+def process_group(cmd: list[str], env: dict[str, str]):
+    """Run `cmd` in a session of its own (a signal to the group reaches its DataLoader workers too), with
+    stdout and stderr piped; whatever is still running when the block ends is killed."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def signal_group(proc: subprocess.Popen, sig: int, timeout: float = 120) -> tuple[str, str]:
+    """Send `sig` to the process group of `proc` and return its (stdout, stderr) once it exits."""
+    os.killpg(proc.pid, sig)
+    return proc.communicate(timeout=timeout)

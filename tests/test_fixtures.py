@@ -368,7 +368,7 @@ RAR_JSONS = [p for p in FIXTURE_JSONS if json.loads(p.read_text()).get("fixture"
 def test_rar_fixture_through_the_sample_command_at_temperature_1_with_top_k_and_top_p(json_path, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import vqtok.ar.generate as generate
+    import vqtok.app.sample as generate
     from conformance_rar import load_rar_fixture
     from vqtok.cli import app
     from vqtok.interop.rar import save_converted

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from vqtok.ar.checkpoint import save_generator
-from vqtok.ar.generate import class_labels, draw_tokens, rank_chunk, sample_noise, sample_tokens, sampling_config
+from vqtok.app.sample import class_labels, draw_tokens, rank_chunk, sample_noise, sample_tokens, sampling_config
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.ar.sampling import SamplingConfig, sample
 from vqtok.cli import app
@@ -251,7 +251,7 @@ def test_unwritable_or_occupied_output_is_refused(ckpts, tmp_path):
 
 
 def test_a_run_that_fails_midway_leaves_nothing_behind(ckpts, tmp_path, monkeypatch):
-    import vqtok.ar.generate as generate
+    import vqtok.app.sample as generate
 
     calls = []
     real = generate.sample
@@ -263,8 +263,9 @@ def test_a_run_that_fails_midway_leaves_nothing_behind(ckpts, tmp_path, monkeypa
         return real(*args, **kw)
 
     monkeypatch.setattr(generate, "sample", failing)
-    opts = generate.SampleOptions(ckpt=ckpts / "gen", out=tmp_path / "o", num_samples=4, batch_size=2, npz=True, png=True,
-                                  device="cpu", progress=False)
+    opts = generate.SampleJob(ckpt=ckpts / "gen", labels=generate.LabelRequest(num_samples=4),
+                              output=generate.SampleOutput(out=tmp_path / "o", npz=True, png=True), batch_size=2,
+                              device="cpu", progress=False)
     with pytest.raises(KeyboardInterrupt):
         generate.run_sampling(opts)
     assert len(calls) == 2 and not list(tmp_path.iterdir())
@@ -321,7 +322,7 @@ def test_cuda_graphs_on_without_cuda_is_refused(ckpts, tmp_path):
 
 def test_static_decoder_run_with_a_padded_last_batch_writes_the_eager_tokens(ckpts, tmp_path, monkeypatch):
     # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
-    import vqtok.ar.generate as generate
+    import vqtok.app.sample as generate
     from vqtok.ar.rar_decoding import StaticDecoder
 
     made = []

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import process_group, signal_group
 from test_train_ar import make_token_dir
 
 from vqtok.ar.annealing import PermutationAnnealing, annealing_warning
@@ -60,17 +61,11 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path,
            "--anneal", "0", "1", "--anneal-unit", "steps"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # a session of its own: the signal goes to the main process and its DataLoader workers alike
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with process_group(cmd, env) as proc:
         _wait_for_rows(run, proc, rows=3)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) >= 2, "expected two DataLoader worker processes"
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        out, err = signal_group(proc, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
     assert "--resume auto" in err and "SIGTERM" in err
@@ -92,9 +87,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_143(tmp_path,
     assert done.exit_code == 0, done.output
     assert (run / "final" / "model.safetensors").is_file()
     # the generator records the manifest's class names (sample grids show them)
-    from vqtok.ar.generate import recorded_class_names
-
-    assert recorded_class_names(run / "final") == ["class0", "class1", "class2"]
+    assert json.loads((run / "final" / "generator.json").read_text())["classes"] == ["class0", "class1", "class2"]
 
 
 def test_sigterm_during_encode_cleans_up_and_exits_143(tmp_path, setup):
@@ -111,18 +104,12 @@ def test_sigterm_during_encode_cleans_up_and_exits_143(tmp_path, setup):
     cmd = [sys.executable, "-m", "vqtok", "encode", str(tmp_path / "data"), "--tokenizer", str(tok), "--out", str(out),
            "--size", "64", "--ten-crop", "--shard-size", "8", "--batch-size", "1", "--workers", "2", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with process_group(cmd, env) as proc:
         deadline = time.time() + 120
         while time.time() < deadline and not list(out.glob("tokens-*.tar")):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _, err = signal_group(proc, signal.SIGTERM)
     if proc.returncode == 0:
         pytest.skip("encode finished before the signal arrived (machine too fast for this input)")
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -181,7 +168,7 @@ def test_train_ar_prints_the_annealing_warning(tmp_path, setup):
 def test_sigterm_during_sample_removes_its_work_dir_and_exits_143(tmp_path, setup, monkeypatch):
     import torch
 
-    import vqtok.ar.generate as generate
+    import vqtok.app.sample as generate
     from vqtok.ar.checkpoint import save_generator
     from vqtok.ar.rar import RAR, RARConfig
     from vqtok.tokenizer.tokenizer import load_tokenizer

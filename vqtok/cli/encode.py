@@ -33,7 +33,7 @@ def encode(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
 ) -> None:
     """Tokenize an image dataset once into token shards (resumable; torchrun splits the work)."""
-    from vqtok.data.encode import EncodeOptions, run_encode
+    from vqtok.app.encode import EncodeOptions, run_encode
     from vqtok.run_dirs import resolve_checkpoint
 
     run_encode(EncodeOptions(

@@ -1,4 +1,4 @@
-"""`vqtok sample`: class-conditional images (or tokens) from a RAR generator checkpoint; see vqtok.ar.generate."""
+"""`vqtok sample`: class-conditional images (or tokens) from a generator checkpoint; see vqtok.app.sample."""
 
 from __future__ import annotations
 
@@ -57,20 +57,22 @@ def sample_command(
 
     Prints the resolved guidance schedule, temperature and filters before it starts. Under torchrun the ranks split the label list and rank 0 writes the outputs.
     """
-    from vqtok.ar.generate import SampleOptions, describe, run_sampling, split_class_list
+    from vqtok.app.sample import (LabelRequest, SampleJob, SampleOutput, SamplingRequest, describe, run_sampling,
+                                  split_class_list)
     from vqtok.run_dirs import resolve_checkpoint
     from vqtok.run_lock import run_lock
 
-    ckpt, tokenizer = resolve_checkpoint(ckpt, "--ckpt"), tokenizer and resolve_checkpoint(tokenizer, "--tokenizer")
-    options = SampleOptions(
-        ckpt=ckpt, out=out, tokenizer=tokenizer,
-        classes=split_class_list(classes) if classes is not None else None, per_class=per_class, num_samples=num_samples,
-        guidance=cfg, schedule=cfg_schedule, power=cfg_power, paper=cfg_preset is not None,
-        temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
-        npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite, device=device, dtype=dtype.value,
-        cuda_graphs=cuda_graphs.value,
+    job = SampleJob(
+        ckpt=resolve_checkpoint(ckpt, "--ckpt"),
+        tokenizer=tokenizer and resolve_checkpoint(tokenizer, "--tokenizer"),
+        sampling=SamplingRequest(guidance=cfg, schedule=cfg_schedule, power=cfg_power, paper=cfg_preset is not None,
+                                 temperature=temperature, top_k=top_k, top_p=top_p),
+        labels=LabelRequest(classes=tuple(split_class_list(classes)) if classes is not None else None,
+                            per_class=per_class, num_samples=num_samples),
+        output=SampleOutput(out=out, npz=npz, png=png, tokens_only=tokens_only, overwrite=overwrite),
+        seed=seed, batch_size=batch_size, device=device, dtype=dtype.value, cuda_graphs=cuda_graphs.value,
     )
     with run_lock(out, "sample"):
-        result = run_sampling(options, log=typer.echo)
+        result = run_sampling(job, log=typer.echo)
     if result.files:  # rank 0 only
         typer.echo(describe(result))

@@ -1,4 +1,7 @@
-"""`vqtok sample` as a library: class labels, seeded KV-cached sampling, decoding, and the output files.
+"""`vqtok sample` end to end: class labels, seeded sampling over the one sampling loop, decoding, output files.
+
+The CLI builds one `SampleJob` (the sampling flags, the label request and the output options are one object
+each) and calls `run_sampling`.
 
 What a run writes into `--out DIR` (assembled in a hidden temporary directory next to it and renamed into
 place at the end, so a failed or interrupted run leaves nothing half-written):
@@ -58,6 +61,7 @@ from vqtok.ar.rar import RAR
 from vqtok.ar.rar_decoding import CachedDecoder, StaticDecoder
 from vqtok.ar.sampling import SCHEDULES, InverseCDFDraw, SamplingConfig, describe_sampling, draw_tokens, sample
 from vqtok.errors import UserError
+from vqtok.image_grid import labelled_grid
 from vqtok.validation import check_sampling_options
 from vqtok.weights import refuse_foreign_dir
 
@@ -233,12 +237,9 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return images.float().clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def recorded_class_names(ckpt: Path) -> list[str] | None:
-    """The class names `train-ar` recorded in generator.json (from the token manifest), if any."""
-    try:
-        names = json.loads((Path(ckpt) / "generator.json").read_text()).get("classes")
-    except (OSError, ValueError):
-        return None
+def recorded_class_names(identity: dict[str, Any]) -> list[str] | None:
+    """The class names `train-ar` recorded in the generator's identity (from the token manifest), if any."""
+    names = identity.get("classes")
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
@@ -316,14 +317,11 @@ def _publish(work: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
-@dataclass
-class SampleOptions:
-    ckpt: Path
-    out: Path = Path("samples")
-    tokenizer: Path | None = None
-    classes: list[int | str] | None = None  # ids, or class names the generator records
-    per_class: int | None = None
-    num_samples: int | None = None
+@dataclass(frozen=True)
+class SamplingRequest:
+    """The sampling flags as given (None: not given). `resolve` makes the SamplingConfig once the generator
+    is loaded, because `--cfg-preset paper` takes its defaults from the generator's size."""
+
     guidance: float | None = None
     schedule: str | None = None
     power: float | None = None
@@ -331,12 +329,58 @@ class SampleOptions:
     temperature: float | None = None
     top_k: int = 0
     top_p: float = 1.0
-    batch_size: int = 32
-    seed: int = 0
+
+    def check(self) -> None:
+        check_sampling_options(self.guidance, self.temperature, self.top_k, self.top_p, self.power)
+        self.resolve(None)  # an unknown schedule fails before anything is loaded
+
+    def resolve(self, paper_preset: str | None) -> SamplingConfig:
+        return sampling_config(paper_preset, self.guidance, self.schedule, self.power, self.temperature,
+                               self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """Which labels to sample: at most one of `classes` (ids or recorded class names), `per_class` and
+    `num_samples`; none of them: 16 labels drawn from the seed."""
+
+    classes: tuple[int | str, ...] | None = None
+    per_class: int | None = None
+    num_samples: int | None = None
+
+    def resolve(self, num_classes: int, class_names: list[str] | None, seed: int) -> tuple[np.ndarray, list[int] | None]:
+        """(the (N,) label list, the --classes entries as ids or None)."""
+        classes = resolve_classes(list(self.classes), class_names) if self.classes is not None else None
+        num_samples = self.num_samples
+        if classes is None and self.per_class is None and num_samples is None:
+            num_samples = 16
+        return class_labels(num_classes, classes, self.per_class, num_samples, seed), classes
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """What is written into `out` besides grid.png, labels.npy and sample.json."""
+
+    out: Path = Path("samples")
     npz: bool = False
     png: bool = False
     tokens_only: bool = False
     overwrite: bool = False
+
+    def check(self) -> None:
+        if self.tokens_only and (self.npz or self.png):
+            raise UserError("--tokens-only writes token grids only; it cannot be combined with --npz or --png")
+
+
+@dataclass(frozen=True)
+class SampleJob:
+    ckpt: Path
+    sampling: SamplingRequest = field(default_factory=SamplingRequest)
+    labels: LabelRequest = field(default_factory=LabelRequest)
+    output: SampleOutput = field(default_factory=SampleOutput)
+    tokenizer: Path | None = None  # None: the tokenizer the generator records
+    seed: int = 0
+    batch_size: int = 32
     device: str | None = None
     dtype: str = "fp32"
     cuda_graphs: str = "auto"  # auto (on for CUDA) | on | off
@@ -355,18 +399,15 @@ class SampleResult:
         return self.num_samples / max(self.seconds, 1e-9)
 
 
-def _check_options(opts: SampleOptions) -> None:
-    if opts.tokens_only and (opts.npz or opts.png):
-        raise UserError("--tokens-only writes token grids only; it cannot be combined with --npz or --png")
-    if opts.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {opts.batch_size}")
-    check_sampling_options(opts.guidance, opts.temperature, opts.top_k, opts.top_p, opts.power)
-    if opts.dtype not in ("fp32", "bf16"):
-        raise UserError(f"--dtype must be fp32 or bf16, got '{opts.dtype}'")
-    if opts.cuda_graphs not in ("auto", "on", "off"):
-        raise UserError(f"--cuda-graphs must be auto, on or off, got '{opts.cuda_graphs}'")
-    if opts.classes is None and opts.per_class is None and opts.num_samples is None:
-        opts.num_samples = 16
+def _check_job(job: SampleJob) -> None:
+    job.output.check()
+    if job.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {job.batch_size}")
+    job.sampling.check()
+    if job.dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, got '{job.dtype}'")
+    if job.cuda_graphs not in ("auto", "on", "off"):
+        raise UserError(f"--cuda-graphs must be auto, on or off, got '{job.cuda_graphs}'")
 
 
 def use_cuda_graphs(setting: str, device: torch.device) -> bool:
@@ -376,65 +417,65 @@ def use_cuda_graphs(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def run_sampling(opts: SampleOptions, log=print) -> SampleResult:
-    """Validate everything, sample (split over torchrun ranks), decode, write and publish `opts.out`.
+def run_sampling(job: SampleJob, log=print) -> SampleResult:
+    """Validate everything, sample (split over torchrun ranks), decode, write and publish `job.output.out`.
 
     `log` receives (on rank 0) the resolved settings before sampling starts."""
     from vqtok.ar.checkpoint import load_generator
     from vqtok.distributed import barrier, init_distributed, shutdown_distributed
 
-    _check_options(opts)
-    ckpt, out = Path(opts.ckpt), Path(opts.out)
-    env = init_distributed(opts.device)
+    _check_job(job)
+    ckpt, out = Path(job.ckpt), Path(job.output.out)
+    env = init_distributed(job.device)
     device = env.device
     model, identity = load_generator(ckpt, device=device)
     mcfg = model.config
-    classes = resolve_classes(opts.classes, identity.get("classes")) if opts.classes is not None else None
-    labels = class_labels(mcfg.num_classes, classes, opts.per_class, opts.num_samples, opts.seed)
-    graphs = use_cuda_graphs(opts.cuda_graphs, device)
+    class_names = recorded_class_names(identity)
+    labels, classes = job.labels.resolve(mcfg.num_classes, class_names, job.seed)
+    graphs = use_cuda_graphs(job.cuda_graphs, device)
     paper_name = None
-    if opts.paper:
+    if job.sampling.paper:
         from vqtok.ar.presets import preset_for
 
         paper_name = identity.get("preset") or preset_for(mcfg)
         if paper_name is None:
             raise UserError(f"generator {ckpt} is not one of the paper's RAR sizes, so --cfg-preset paper has no settings "
                             "for it; give --cfg, --cfg-power and --temperature instead")
-    cfg = sampling_config(paper_name, opts.guidance, opts.schedule, opts.power, opts.temperature, opts.top_k, opts.top_p)
+    cfg = job.sampling.resolve(paper_name)
     tokenizer = tok_path = None
-    if not opts.tokens_only:
-        tokenizer, tok_path = resolve_tokenizer(identity, model, opts.tokenizer, ckpt, device)
+    if not job.output.tokens_only:
+        tokenizer, tok_path = resolve_tokenizer(identity, model, job.tokenizer, ckpt, device)
     if env.is_main:
-        _check_out_dir(out, opts.overwrite)
+        _check_out_dir(out, job.output.overwrite)
     work = out.parent / f".{out.name}.sampling"
     if env.is_main:
         work = _make_work_dir(out)
     barrier(env)
     if env.is_main:
-        log(f"sampling {len(labels)} images of {mcfg.seq_len} tokens ({describe_labels(labels, identity.get('classes'))}) "
-            f"on {device}{f' x {env.world} ranks' if env.world > 1 else ''}, batch {opts.batch_size}, {opts.dtype}, "
-            f"CUDA graphs {'on' if graphs else 'off'}, seed {opts.seed}")
+        log(f"sampling {len(labels)} images of {mcfg.seq_len} tokens ({describe_labels(labels, class_names)}) "
+            f"on {device}{f' x {env.world} ranks' if env.world > 1 else ''}, batch {job.batch_size}, {job.dtype}, "
+            f"CUDA graphs {'on' if graphs else 'off'}, seed {job.seed}")
         log(f"sampling settings: {describe_sampling(cfg, mcfg.seq_len)}"
             + (f" (paper settings of {paper_name})" if paper_name else ""))
 
     try:
         start = time.perf_counter()
         lo, hi = rank_chunk(len(labels), env.rank, env.world)
-        _sample_range(model, tokenizer, cfg, labels, lo, hi, opts, work, device, env.is_main, graphs)
+        _sample_range(model, tokenizer, cfg, labels, lo, hi, job, work, device, env.is_main, graphs)
         barrier(env)
         seconds = time.perf_counter() - start
         files: list[str] = []
         if env.is_main:
-            files = _assemble(work, labels, tokenizer, opts)
+            files = _assemble(work, labels, tokenizer, job.output, class_names)
             settings = {
                 "generator": str(ckpt), "generator_preset": identity.get("preset"),
                 "tokenizer": str(tok_path) if tok_path else None, "sampling": dataclasses.asdict(cfg),
-                "paper_preset": paper_name, "seed": opts.seed, "num_samples": int(len(labels)),
-                "labels": {"classes": classes, "per_class": opts.per_class, "num_samples": opts.num_samples},
-                "class_names": identity.get("classes"), "cuda_graphs": graphs,
+                "paper_preset": paper_name, "seed": job.seed, "num_samples": int(len(labels)),
+                "labels": {"classes": classes, "per_class": job.labels.per_class, "num_samples": job.labels.num_samples},
+                "class_names": class_names, "cuda_graphs": graphs,
                 "noise": "sample g draws with numpy default_rng([seed, g]) (inverse CDF)",
                 "image_format": "clamp to [0,1], (x*255) truncated to uint8",
-                "dtype": opts.dtype, "device": str(device), "world_size": env.world, "seconds": round(seconds, 3),
+                "dtype": job.dtype, "device": str(device), "world_size": env.world, "seconds": round(seconds, 3),
             }
             (work / "sample.json").write_text(json.dumps(settings, indent=2) + "\n")
             files.append("sample.json")
@@ -484,7 +525,7 @@ def batch_draw(seed: int, first: int, count: int, num_tokens: int, rows: int) ->
     return InverseCDFDraw(noise)
 
 
-def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, work: Path, device, show: bool,
+def _sample_range(model, tokenizer, cfg, labels, lo, hi, job: SampleJob, work: Path, device, show: bool,
                   graphs: bool = False) -> None:
     """Sample labels[lo:hi] in batches, writing each batch's tokens (and pixels when needed) to `work`."""
     from vqtok.eval.progress import image_progress
@@ -492,36 +533,36 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, wo
     grid_shape = model.config.grid_shape
     token_dtype = np.uint16 if model.config.vocab_size <= 65536 else np.uint32
     (work / "_tokens").mkdir(exist_ok=True)
-    keep_pixels = not opts.tokens_only
+    keep_pixels = not job.output.tokens_only
     if keep_pixels:
         (work / "_pixels").mkdir(exist_ok=True)
-    if opts.png:
+    if job.output.png:
         (work / "images").mkdir(exist_ok=True)
     if hi <= lo:
         return
-    with _autocast(device, opts.dtype):
+    with _autocast(device, job.dtype):
         # a static decoder runs a fixed row count: the last batch is padded to it (the padding is dropped)
-        rows = min(opts.batch_size, hi - lo)
+        rows = min(job.batch_size, hi - lo)
         decoder = _make_decoder(model, cfg, rows, graphs)
-    with image_progress("sampling", hi - lo, enabled=opts.progress and show) as advance:
-        for b0 in range(lo, hi, opts.batch_size):
-            b1 = min(b0 + opts.batch_size, hi)
+    with image_progress("sampling", hi - lo, enabled=job.progress and show) as advance:
+        for b0 in range(lo, hi, job.batch_size):
+            b1 = min(b0 + job.batch_size, hi)
             count = b1 - b0
             batch_rows = rows if isinstance(decoder, StaticDecoder) else count
             classes = torch.from_numpy(labels[b0:b1])
             if batch_rows > count:
                 classes = torch.cat([classes, classes[-1:].expand(batch_rows - count)])
-            draw = batch_draw(opts.seed, b0, count, model.config.seq_len, batch_rows)
-            with _autocast(device, opts.dtype):
+            draw = batch_draw(job.seed, b0, count, model.config.seq_len, batch_rows)
+            with _autocast(device, job.dtype):
                 tokens = sample(model, classes, cfg, draw=draw, decoder=decoder).tokens[:count]
             np.save(work / "_tokens" / f"{b0:09d}.npy", tokens.cpu().numpy().astype(token_dtype).reshape(-1, *grid_shape))
             if keep_pixels:
                 pixels = to_uint8_nhwc(tokenizer.decode(tokens))
-                if opts.npz:
+                if job.output.npz:
                     np.save(work / "_pixels" / f"{b0:09d}.npy", pixels)
                 elif b0 < GRID_MAX:  # only the grid needs pixels back
                     np.save(work / "_pixels" / f"{b0:09d}.npy", pixels[: GRID_MAX - b0])
-                if opts.png:
+                if job.output.png:
                     _save_pngs(pixels, b0, work / "images")
             advance(count)
 
@@ -533,12 +574,12 @@ def _save_pngs(pixels: np.ndarray, first: int, folder: Path) -> None:
         Image.fromarray(img).save(folder / f"{first + i:06d}.png")
 
 
-def _assemble(work: Path, labels: np.ndarray, tokenizer, opts: SampleOptions) -> list[str]:
+def _assemble(work: Path, labels: np.ndarray, tokenizer, output: SampleOutput, class_names: list[str] | None) -> list[str]:
     """Rank 0: build the final files from the per-batch files of every rank."""
     files = ["labels.npy"]
     np.save(work / "labels.npy", labels)
     token_files = _batch_files(work / "_tokens")
-    if opts.tokens_only:
+    if output.tokens_only:
         first = np.load(token_files[0], mmap_mode="r")
         with open(work / "tokens.npy", "wb") as fh:
             write_npy_streaming(fh, _iter_rows(token_files), (len(labels), *first.shape[1:]), first.dtype)
@@ -550,14 +591,12 @@ def _assemble(work: Path, labels: np.ndarray, tokenizer, opts: SampleOptions) ->
         if sum(len(a) for a in shown) >= GRID_MAX:
             break
     grid_images = np.concatenate(shown)[:GRID_MAX]
-    from vqtok.image_grid import labelled_grid
-
-    labelled_grid(grid_images, labels[: len(grid_images)], recorded_class_names(opts.ckpt)).save(work / "grid.png")
+    labelled_grid(grid_images, labels[: len(grid_images)], class_names).save(work / "grid.png")
     files.append("grid.png")
-    if opts.npz:
+    if output.npz:
         write_adm_npz(work / "samples.npz", pixel_files, labels)
         files.append("samples.npz")
-    if opts.png:
+    if output.png:
         files.append("images/")
     return files
 
@@ -568,7 +607,7 @@ def describe(result: SampleResult) -> str:
 
 
 __all__ = [
-    "SampleOptions", "SampleResult", "class_labels", "parse_class_list", "split_class_list", "resolve_classes",
+    "SampleJob", "SamplingRequest", "LabelRequest", "SampleOutput", "SampleResult", "class_labels", "parse_class_list", "split_class_list", "resolve_classes",
     "rank_chunk", "sampling_config", "sample_noise", "draw_tokens", "sample_tokens", "batch_draw", "use_cuda_graphs",
     "check_tokenizer", "resolve_tokenizer", "to_uint8_nhwc",
     "write_adm_npz", "run_sampling", "describe",

@@ -1,4 +1,6 @@
-"""`vqtok encode`: tokenize an image dataset once into token shards (LlamaGen / RAR pre-tokenization).
+"""`vqtok encode` end to end: tokenize an image dataset once into token shards (LlamaGen / RAR pre-tokenization).
+
+The token directory's format is vqtok.data.token_shards; decoding and cropping is vqtok.data.crop_dataset.
 
 Pipeline: DataLoader workers read, decode (PIL + RGB) and crop each image exactly once into its views
 (uint8, so little crosses the process boundary); the main process converts to [0, 1] floats and runs
@@ -26,8 +28,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vqtok.data.crops import crop_geometry, crop_views
-from vqtok.data.images import ImageDecodeError, ImageListing, ImageRecord, list_images, load_record
+from vqtok.data.crop_dataset import CropDataset, collate_crops
+from vqtok.data.crops import crop_geometry
+from vqtok.data.images import ImageListing, ImageRecord, list_images
 from vqtok.data.token_shards import (
     FORMAT_VERSION,
     H5_NAME,
@@ -81,31 +84,6 @@ class EncodeOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise UserError(f"--workers must be 0 or more, got {self.workers}")
-
-
-# ------------------------------------------------------------------------------------ decode + crop
-
-
-class CropDataset(torch.utils.data.Dataset):
-    """Item i -> (i, views uint8 (V, 3, S, S) or None, failure reason or None). Runs in the workers."""
-
-    def __init__(self, records: list[ImageRecord], size: int, ten: bool, crop_range: float):
-        self.records, self.size, self.ten, self.crop_range = records, size, ten, crop_range
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, crop_views(load_record(self.records[i]), self.size, self.ten, self.crop_range), None
-        except ImageDecodeError as exc:
-            return i, None, exc.reason
-
-
-def collate_crops(items):
-    """Keep order; stack the decoded views, carry failures alongside."""
-    ok = [views for _, views, _ in items if views is not None]
-    return [i for i, _, _ in items], (torch.stack(ok) if ok else None), [reason for _, _, reason in items]
 
 
 def _settings(opts: EncodeOptions, listing: ImageListing, identity: dict) -> dict:
