@@ -348,13 +348,17 @@ class LabelRequest:
     per_class: int | None = None
     num_samples: int | None = None
 
+    def with_default(self) -> LabelRequest:
+        """This request, or 16 labels drawn from the seed when it names none."""
+        if self.classes is None and self.per_class is None and self.num_samples is None:
+            return dataclasses.replace(self, num_samples=16)
+        return self
+
     def resolve(self, num_classes: int, class_names: list[str] | None, seed: int) -> tuple[np.ndarray, list[int] | None]:
         """(the (N,) label list, the --classes entries as ids or None)."""
-        classes = resolve_classes(list(self.classes), class_names) if self.classes is not None else None
-        num_samples = self.num_samples
-        if classes is None and self.per_class is None and num_samples is None:
-            num_samples = 16
-        return class_labels(num_classes, classes, self.per_class, num_samples, seed), classes
+        req = self.with_default()
+        classes = resolve_classes(list(req.classes), class_names) if req.classes is not None else None
+        return class_labels(num_classes, classes, req.per_class, req.num_samples, seed), classes
 
 
 @dataclass(frozen=True)
@@ -471,7 +475,8 @@ def run_sampling(job: SampleJob, log=print) -> SampleResult:
                 "generator": str(ckpt), "generator_preset": identity.get("preset"),
                 "tokenizer": str(tok_path) if tok_path else None, "sampling": dataclasses.asdict(cfg),
                 "paper_preset": paper_name, "seed": job.seed, "num_samples": int(len(labels)),
-                "labels": {"classes": classes, "per_class": job.labels.per_class, "num_samples": job.labels.num_samples},
+                "labels": {"classes": classes, "per_class": job.labels.per_class,
+                           "num_samples": job.labels.with_default().num_samples},
                 "class_names": class_names, "cuda_graphs": graphs,
                 "noise": "sample g draws with numpy default_rng([seed, g]) (inverse CDF)",
                 "image_format": "clamp to [0,1], (x*255) truncated to uint8",
