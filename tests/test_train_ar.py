@@ -16,13 +16,14 @@ from vqtok.cli import app
 from vqtok.data.token_shards import TokenShardWriter, file_sha256, iter_samples, merge_h5_parts, token_dtype, write_json_atomic
 from vqtok.errors import UserError
 from vqtok.train.ar_data import EpochViewTokens, open_ar_tokens
+from vqtok.ar.presets import get_preset
 from vqtok.train.ar_task import ARTrainTask, load_run_config, train_ar, weight_decay_groups
 from vqtok.train.distributed import DistEnv
 
 runner = CliRunner()
 # tiny model, tiny batches; CPU fp32 so runs are bit-exact
 BASE = ["epochs=null", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=1000", "train.preview_every=1000",
-        "train.num_workers=0", "optim.warmup_steps=0"]
+        "train.num_workers=0", "optim.schedule.warmup=0"]
 
 
 def make_token_dir(out: Path, identity: dict, tokens: np.ndarray, classes: list[int], fmt: str = "wds", shard_size: int = 4) -> Path:
@@ -169,7 +170,7 @@ def test_overfitting_four_sequences_drives_the_loss_near_zero(tmp_path, tokenize
     rng = np.random.default_rng(1)
     data = make_token_dir(tmp_path / "four", tokenizers[2], rng.integers(0, 512, (4, 1, 64)), [0, 1, 2, 3])
     overrides = BASE + ["train.steps=45", "train.log_every=5", "train.ema=false", "model.class_dropout=0.0",
-                        "optim.lr=3e-3", "optim.end_lr=3e-3", "anneal.unit=steps", "anneal.start=0", "anneal.end=0"]
+                        "optim.lr=3e-3", "optim.schedule.end_lr=3e-3", "anneal.unit=steps", "anneal.start=0", "anneal.end=0"]
     train_ar(data, tokenizers[0], tmp_path / "run", config="rar-tiny", overrides=overrides, device="cpu")
     rows = _rows(tmp_path / "run")
     assert rows[0]["loss"] > 4.0
@@ -239,10 +240,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path, tokenizers, tokens):
 def test_recipes_hold_the_paper_settings():
     for size in ("b", "l", "xl", "xxl"):
         cfg = load_run_config(f"rar-{size}")
-        assert cfg.model["preset"] == f"rar-{size}" and cfg.train.batch_size == 2048 and cfg.epochs == 400
-        assert (cfg.optim.lr, cfg.optim.end_lr, cfg.optim.warmup_epochs, cfg.optim.betas) == (4e-4, 1e-5, 100, (0.9, 0.96))
+        assert cfg.arch == "rar" and cfg.model == get_preset(f"rar-{size}")  # the preset's size, dropout 0.1 everywhere
+        assert cfg.train.batch_size == 2048 and cfg.epochs == 400
+        sched = cfg.optim.schedule
+        assert (cfg.optim.kind, cfg.optim.lr, cfg.optim.betas) == ("adamw", 4e-4, (0.9, 0.96))
+        assert (sched.kind, sched.end_lr, sched.warmup, sched.unit) == ("cosine", 1e-5, 100, "epochs")
         assert (cfg.anneal.start, cfg.anneal.end, cfg.anneal.unit) == (200, 300, "epochs")
-        assert cfg.model["class_dropout"] == 0.1 and cfg.optim.weight_decay == 0.03 and cfg.optim.grad_clip == 1.0
+        assert cfg.model.class_dropout == 0.1 and cfg.optim.weight_decay == 0.03 and cfg.optim.grad_clip == 1.0
 
 
 def test_init_loads_a_generator_dir_or_an_official_state_dict(tmp_path, tokenizers, tokens):
@@ -268,7 +272,7 @@ def test_init_loads_a_generator_dir_or_an_official_state_dict(tmp_path, tokenize
 def test_metrics_rows_hold_r_lr_and_epoch_at_the_logged_step(tmp_path, tokenizers, tokens):
     run = tmp_path / "run"
     overrides = BASE + ["train.steps=8", "train.log_every=4", "anneal.unit=steps", "anneal.start=2", "anneal.end=6",
-                        "optim.warmup_steps=4"]
+                        "optim.schedule.warmup=4", "optim.schedule.unit=steps"]
     train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=overrides, device="cpu")
     rows = _rows(run)
     assert [r["step"] for r in rows] == [4, 8]
