@@ -280,3 +280,27 @@ def test_metrics_rows_hold_r_lr_and_epoch_at_the_logged_step(tmp_path, tokenizer
     assert [r["r"] for r in rows] == pytest.approx([0.75, 0.0])
     assert rows[0]["lr"] == pytest.approx(2e-3 * 4 / 4)  # warm-up (s+1)/4 at s=3: the peak
     assert [r["epoch"] for r in rows] == pytest.approx([4 * 4 / 12, 8 * 4 / 12])
+
+
+def test_the_typed_model_round_trips_through_config_yaml_and_resume(tmp_path, tokenizers, tokens):
+    import yaml
+
+    from vqtok.ar.rar import RARConfig
+    from vqtok.config import load_config
+    from vqtok.train.ar_task import TrainARConfig
+
+    run = tmp_path / "run"
+    overrides = BASE + ["train.steps=2", "model.hidden_size=32", "model.intermediate_size=128"]
+    first = train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=overrides, device="cpu", stop_after=1)
+    assert first.step == 1
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["arch"] == "rar" and "preset" not in saved["model"]
+    assert (saved["model"]["hidden_size"], saved["model"]["vocab_size"], saved["model"]["grid"]) == (32, 512, [8, 8])
+    again = load_config(TrainARConfig, run / "config.yaml")
+    assert type(again.model) is RARConfig and again.model.num_classes == 3
+    # the run's own config.yaml is a recipe that resumes it
+    done = train_ar(tokens, tokenizers[0], run, config=run / "config.yaml", device="cpu", resume=True)
+    assert done.step == 2 and done.final_dir is not None
+    with pytest.raises(UserError, match="differs from this config's model"):
+        train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=BASE + ["train.steps=3"], device="cpu", resume=True)
+    assert json.loads((run / "final" / "generator.json").read_text())["family"] == "rar"

@@ -118,7 +118,7 @@ class TrainARConfig:
         base = None
         if preset is not None:
             if preset not in family.presets:
-                raise ConfigError(f"unknown '{where}.preset' {preset!r} for arch {family.name}; "
+                raise ConfigError(f"unknown generator preset {preset!r} ({where}.preset) for arch {family.name}; "
                                   f"choose one of {', '.join(family.presets)}")
             base = family.presets[preset]()
         return from_dict(family.config_cls, value, where, base=base)
@@ -451,7 +451,7 @@ class ARTrainTask:
 
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
         # `vqtok sample` finds the tokenizer through this path when --tokenizer is not given
-        extra = {"arch": self.cfg.arch, "trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
+        extra = {"family": self.cfg.arch, "trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
                  "epochs": round(self.epoch(self.cfg.train.steps), 4), "classes": self.class_names}
         save_generator(dest, state, self.model_config, self.tokenizer_identity, extra)
 
