@@ -289,7 +289,7 @@ def test_a_registered_family_types_the_model_section(monkeypatch, tmp_path):
     fake = families.Family(
         "nextscale", _NextScaleConfig, torch.nn.Module, presets={"ns-tiny": lambda: _NextScaleConfig(width=4)},
         token_fields=lambda vocab, scales, n: {"vocab_size": vocab, "scales": [h for h, _ in scales]},
-        accepts_multiscale=True)
+        multiscale_tokens=True)
     monkeypatch.setitem(families.FAMILIES, "nextscale", fake)
     recipe = tmp_path / "ns.yaml"
     recipe.write_text("arch: nextscale\nmodel: {preset: ns-tiny}\nepochs: 2\n")
@@ -301,6 +301,8 @@ def test_a_registered_family_types_the_model_section(monkeypatch, tmp_path):
         _ar(["arch=nextscale"])  # the rar recipe's preset is not one of this family's
     resolved = resolve_model(cfg.model, _manifest([[1, 1], [2, 2], [3, 3]], vocab=64), "nextscale")
     assert (resolved.vocab_size, resolved.scales, resolved.num_classes) == (64, [1, 2, 3], 4)
+    with pytest.raises(UserError, match="arch nextscale generates scale by scale and needs multi-scale tokens"):
+        resolve_model(cfg.model, _manifest([[4, 4]]), "nextscale")
     with pytest.raises(UserError, match="--arch nextscale needs --config"):
         _ar(["arch=nextscale"], config=None)
 

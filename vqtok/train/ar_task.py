@@ -194,11 +194,14 @@ def resolve_model(model: Any, manifest: dict, arch: str = "rar") -> Any:
         raise UserError(f"the model section is a {type(model).__name__}, but arch {arch} needs a {family.config_cls.__name__}")
     tok = manifest["tokenizer"]
     scales = [[int(v) for v in s] for s in tok["scales"]]
-    if len(scales) > 1 and not family.accepts_multiscale:
+    if len(scales) > 1 and not family.multiscale_tokens:
         raise UserError(
             f"arch {arch} generates one token grid, but the token shards hold multi-scale tokens ({len(scales)} scales); "
             "train a next-scale family on them, or encode with a single-scale tokenizer"
         )
+    if len(scales) == 1 and family.multiscale_tokens:
+        raise UserError(f"arch {arch} generates scale by scale and needs multi-scale tokens, but the token shards hold "
+                        "one token grid; encode with a multi-scale tokenizer")
     decided = family.token_fields(int(tok["vocab_size"]), scales, int(tok["tokens_per_view"]))
     given = given_keys(model)
     for name, value in decided.items():
@@ -451,7 +454,7 @@ class ARTrainTask:
 
         state = {k: v.detach().cpu() for k, v in weights["generator"].items()}
         # `vqtok sample` finds the tokenizer through this path when --tokenizer is not given
-        extra = {"family": self.cfg.arch, "trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
+        extra = {"trained_on": str(self.tokens_dir), "tokenizer_path": str(self.tokenizer_path), "steps": self.cfg.train.steps,
                  "epochs": round(self.epoch(self.cfg.train.steps), 4), "classes": self.class_names}
         save_generator(dest, state, self.model_config, self.tokenizer_identity, extra)
 
