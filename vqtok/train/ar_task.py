@@ -5,20 +5,20 @@ generator family (vqtok/ar/families.py), which types the `model` section and bui
 optimizer section is the one shape every trainer uses (vqtok/train/optim.py). What this task adds to
 the engine (vqtok/train/engine.py):
 
-- the model: the family's config (`model.preset` names a size, other keys override it), with
+- the model: the family's config (`model.preset` names a size, other keys override it), built by the
+  family's model class (which supplies condition_ids, null_condition_ids and generation_order), with
   vocabulary, sequence length, classes and token grid taken from the token shards (their manifest),
   which must come from `--tokenizer`; families that generate one token grid refuse multi-scale shards;
 - data: token shards read by position (vqtok/train/ar_data.py), one random crop view per image per
   epoch, where one epoch is one pass over the source images;
 - per step, from a generator seeded by (seed, step) alone: the orders (families that train on orders:
   a uniform random permutation with probability r, else the target scan order; vectorised) and the
-  class-label dropout. They are
-  drawn for the whole global batch and sliced per rank, so a resumed run and a run on any number of
-  ranks see the same orders, and nothing but the step needs checkpointing;
+  class-label dropout. They are drawn for the whole global batch and sliced per rank, so a resumed run
+  and a run on any number of ranks see the same orders, and nothing but the step needs checkpointing;
 - AdamW in two groups: decay exactly the weight matrices of the Linear layers; no decay on biases, norm
   parameters, the embedding table, the cls token and the positional / target-aware / timestep tables
-  (rar.md §5.3 has the official substring rule; it also decays cls_token and, through a case quirk,
-  skips the final adaLN weight, which this rule treats like every other Linear weight);
+  (the official RAR code picks by parameter-name substrings, which also decays cls_token and, through a
+  case quirk, skips the final adaLN weight; this rule treats that one like every other Linear weight);
 - the schedule (the paper's: warm-up then cosine to `end_lr`) turned from epochs into steps once;
 - a sample grid (KV-cached sampling, decoded by the tokenizer) as the engine's preview, and the final
   export as a generator checkpoint that records the tokenizer identity.
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from vqtok.ar.annealing import PermutationAnnealing, annealing_warning
 from vqtok.ar.families import Family, get_family
-from vqtok.ar.orders import canonical_order_name, sample_orders, scan_order
+from vqtok.ar.orders import canonical_order_name, sample_orders
 from vqtok.config import from_dict, given_keys, to_dict
 from vqtok.errors import ConfigError, UserError
 from vqtok.signals import loader_worker_init
@@ -341,7 +341,7 @@ class ARTrainTask:
         self._phases = [Phase("generator", self.model, optimizer, self.optim_config, ema=True)]
 
         # families without orders train in their fixed order: no permutations, the anneal section unused
-        self.target_order = scan_order(mcfg.order, *mcfg.grid_shape).to(env.device) if self.family.trains_on_orders else None
+        self.target_order = self.model.generation_order().to(env.device) if self.family.trains_on_orders else None
         self.tokens = EpochViewTokens(open_ar_tokens(self.tokens_dir, manifest), len(manifest["views"]),
                                       cfg.train.seed, cfg.data.view)
         classes = cfg.data.preview_classes
@@ -400,7 +400,7 @@ class ARTrainTask:
             classes = classes.to(env.device, non_blocking=True)
             orders, drop, r = self.step_conditions(step)
             cond = self.model.condition_ids(classes)
-            cond = torch.where(drop, torch.full_like(cond, self.model_config.null_class_id), cond)
+            cond = torch.where(drop, self.model.null_condition_ids(cond.shape[0], cond.device), cond)
             yield {"tokens": tokens, "cond": cond, "orders": orders, "r": r}
             step += 1
 

@@ -28,7 +28,6 @@ Memory estimate per rank (bytes; `memory` in plan.json, every term listed):
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
