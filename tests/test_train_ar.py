@@ -304,3 +304,27 @@ def test_the_typed_model_round_trips_through_config_yaml_and_resume(tmp_path, to
     with pytest.raises(UserError, match="differs from this config's model"):
         train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=BASE + ["train.steps=3"], device="cpu", resume=True)
     assert json.loads((run / "final" / "generator.json").read_text())["family"] == "rar"
+
+
+def test_the_task_builds_through_the_family_registry(monkeypatch, tokenizers, tokens):
+    import dataclasses
+
+    from vqtok.ar import families
+
+    rar = families.FAMILIES["rar"]
+    seen, losses = [], []
+
+    def loss(model, tokens, cond, orders):
+        losses.append(orders is not None)
+        return rar.train_loss(model, tokens, cond, orders)
+
+    monkeypatch.setitem(families.FAMILIES, "rar", dataclasses.replace(
+        rar, train_loss=loss, bind_tokenizer=lambda model, tok: seen.append((type(model).__name__, tok.vocab_size))))
+    task = ARTrainTask(load_run_config("rar-tiny", BASE + ["train.steps=1"]), DistEnv(), tokens, tokenizers[0])
+    assert seen == [("RAR", 512)]
+    batch = next(task.batches(0))
+    value, metrics = task.loss("generator", task.split(batch, 1)[0], 0, 0)
+    assert losses == [True] and value.ndim == 0 and torch.isfinite(value)
+    monkeypatch.setitem(families.FAMILIES, "rar", dataclasses.replace(rar, train_loss=None))
+    with pytest.raises(UserError, match="arch rar cannot be trained by train-ar"):
+        ARTrainTask(load_run_config("rar-tiny", BASE + ["train.steps=1"]), DistEnv(), tokens, tokenizers[0])

@@ -9,7 +9,9 @@ What `train-ar` needs besides (vqtok/train/ar_task.py; the config class types th
 `presets` (named sizes: `model.preset: NAME` starts the section from one), `token_fields(vocab_size, scales,
 tokens_per_view)` (the config values the token shards decide), `trains_on_orders` (training draws
 per-sample generation orders, RAR's permutation annealing; the others train in their fixed order) and
-`train_loss(model, tokens, cond, orders)` -> (loss, accuracy) of one micro-batch.
+`train_loss(model, tokens, cond, orders)` -> (loss, accuracy) of one micro-batch; optionally
+`bind_tokenizer(model, tokenizer)`, called once the model is built, for families whose model reads the
+tokenizer (VAR builds its next-scale inputs from the multi-scale codebook).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Family:
     token_fields: Callable[[int, list[list[int]], int], dict[str, Any]] | None = None
     trains_on_orders: bool = False
     train_loss: Callable[..., tuple[Any, Any]] | None = None
+    bind_tokenizer: Callable[[nn.Module, Any], None] | None = None
 
 
 FAMILIES: dict[str, Family] = {}

@@ -318,6 +318,9 @@ class ARTrainTask:
         self.tokenizer_identity = dict(identity, scales=manifest["tokenizer"]["scales"],
                                        tokens_per_image=int(manifest["tokenizer"]["tokens_per_view"]))
         self.family = get_family(cfg.arch)
+        if self.family.token_fields is None or self.family.train_loss is None:
+            raise UserError(f"arch {cfg.arch} cannot be trained by train-ar in this build (its family registers no "
+                            "token_fields / train_loss)")
         self.model_config = cfg.model = resolve_model(cfg.model, manifest, cfg.arch)
         self.num_samples = int(manifest["num_samples"])
         if self.num_samples < 1:
@@ -333,6 +336,8 @@ class ARTrainTask:
         self.model = self.family.model_cls(mcfg).to(env.device)
         if init is not None:
             load_init_weights(self.model, init, identity, trust_pickle, cfg.arch)
+        if self.family.bind_tokenizer is not None:
+            self.family.bind_tokenizer(self.model, self.tokenizer)
         broadcast_module(self.model, env)
         self._forward_loss = self._loss_terms
         if cfg.train.compile:
@@ -439,6 +444,8 @@ class ARTrainTask:
         if weights is not None:  # sample with the EMA weights, from a second copy of the model
             if self._preview_model is None:
                 self._preview_model = self.family.model_cls(self.model_config).to(self.env.device)
+                if self.family.bind_tokenizer is not None:
+                    self.family.bind_tokenizer(self._preview_model, self.tokenizer)
             self._preview_model.load_state_dict(weights["generator"])
             model = self._preview_model
         gen = torch.Generator(device=self.env.device)

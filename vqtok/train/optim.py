@@ -36,10 +36,10 @@ from vqtok.validation import check_fields
 @dataclass
 class ScheduleConfig:
     kind: Literal["constant", "cosine", "linear", "step"] = "constant"
-    warmup: float = 0  # linear warm-up from lr/warmup to lr, counted in `unit`
+    warmup: int | float = 0  # linear warm-up from lr/warmup to lr, counted in `unit`
     unit: Literal["steps", "epochs"] = "steps"
     end_lr: float = 0.0  # cosine and linear decay end here at the last step
-    milestones: list[float] = field(default_factory=list)  # "step": LR x gamma from each of these on (in `unit`)
+    milestones: list[int | float] = field(default_factory=list)  # "step": LR x gamma from each of these on (in `unit`)
     gamma: float = 0.1
 
     # keys of the earlier shapes: a config that still uses one gets an error naming the replacement
