@@ -121,7 +121,7 @@ def train_row(recipe: str, data: Path, run_dir: Path, steps: int, extra: list[st
             f"train.ckpt_every={steps}", f"train.preview_every={steps}", "train.num_workers=1", *extra]
     cfg = load_run_config(recipe, over)
     env = DistEnv(device=torch.device("cpu"))
-    task = TokenizerTrainTask(cfg, env, data, run_dir, cfg.loss.lpips_weights)
+    task = TokenizerTrainTask(cfg, env, data, run_dir)
     engine = Engine(cfg.train, env, run_dir, resolved_config=cfg)
     t0 = time.perf_counter()
     engine.run(task)

@@ -41,13 +41,13 @@ def build_engine_step(recipe: str, batch: int, device: torch.device, overrides: 
           "train.steps=1000000"]
     if resolution:
         ov.append(f"data.resolution={resolution}")
-    cfg = load_run_config(recipe, ov + list(overrides))
+    cfg = load_run_config(recipe, ov + list(overrides), lpips_weights=lpips)
     env = DistEnv(device=device)
     with tempfile.TemporaryDirectory() as tmp:  # the task lists a data folder; the timed steps never read it
         data = Path(tmp) / "images"
         data.mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "0.png")
-        task = TokenizerTrainTask(cfg, env, data, Path(tmp) / "run", lpips)
+        task = TokenizerTrainTask(cfg, env, data, Path(tmp) / "run")
         engine = Engine(cfg.train, env, Path(tmp) / "run")
     phases = task.phases()
     if cfg.train.ema:

@@ -450,7 +450,7 @@ def case_vqgan_train_step(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "images"
         write_images(data, batch, res)
-        task = TokenizerTrainTask(cfg, DistEnv(device=torch.device("cpu")), data, Path(tmp) / "run", "random-for-tests")
+        task = TokenizerTrainTask(cfg, DistEnv(device=torch.device("cpu")), data, Path(tmp) / "run")
         engine = Engine(cfg.train, DistEnv(device=torch.device("cpu")), Path(tmp) / "run")
     # the same weights on both sides: tokenizer through vqtok's LlamaGen interop, D and LPIPS copied
     _, state = llamagen.convert(vq_model.state_dict(), resolution=res)

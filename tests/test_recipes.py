@@ -82,7 +82,7 @@ def test_rar_l_xl_xxl_are_built_on_the_meta_device_at_their_official_sizes():
 
     for size in ("l", "xl", "xxl"):
         cfg = load_run_config(f"rar-{size}")
-        mcfg, _ = resolve_model(cfg.model, MASKGIT_MANIFEST)
+        mcfg = resolve_model(cfg.model, MASKGIT_MANIFEST)
         assert (mcfg.hidden_size, mcfg.depth, mcfg.intermediate_size, mcfg.num_heads) == (*RAR_SIZES[size], 16)
         with torch.device("meta"):
             model = RAR(mcfg)
@@ -104,7 +104,7 @@ def test_rar_b_at_full_size_takes_one_real_optimizer_step_on_cpu():
     from vqtok.train.engine import build_optimizer
 
     cfg = load_run_config("rar-b")
-    mcfg, _ = resolve_model(cfg.model, MASKGIT_MANIFEST)
+    mcfg = resolve_model(cfg.model, MASKGIT_MANIFEST)
     schedule = resolve_schedule(cfg, IMAGENET_TRAIN)
     torch.manual_seed(0)
     model = RAR(mcfg)
@@ -142,7 +142,7 @@ def _tok_plan(recipe: str, overrides=()):
 
 def test_vqgan_f16_is_llamagen_vq16():
     cfg, plan = _tok_plan("vqgan-f16")
-    q = cfg.model["quantizer"]["params"]
+    q = cfg.model.quantizer.params
     assert (q["codebook_size"], q["dim"], q["l2_norm"], q["beta"]) == (16384, 8, True, 0.25)  # vq_train.py --codebook-size, --codebook-embed-dim, --codebook-l2-norm, --commit-loss-beta
     assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 71_883_403  # LlamaGen VQ-16 (its paper: "72M")
     assert plan["resolution"] == 256  # vq_train.py --image-size
@@ -173,7 +173,7 @@ def test_vqgan_f16_is_llamagen_vq16():
 
 def test_lfq_recipe_is_open_magvit2s_losses_and_schedule_on_another_autoencoder():
     cfg, plan = _tok_plan("lfq-llamagen-f16")
-    q = cfg.model["quantizer"]["params"]
+    q = cfg.model.quantizer.params
     assert q["codebook_size"] == 262144  # lfqgan_256_L.yaml n_embed
     assert q["entropy_weight"] == 0.1  # lfqgan_256_L.yaml lossconfig codebook_weight
     assert q["commitment_weight"] == 0.25  # lfqgan_256_L.yaml commit_weight
@@ -205,11 +205,11 @@ def test_lfq_recipe_is_open_magvit2s_losses_and_schedule_on_another_autoencoder(
 
 def test_msvq_f16_has_vars_architecture_and_says_the_rest_is_not_vars():
     cfg, plan = _tok_plan("msvq-f16")
-    q = cfg.model["quantizer"]["params"]
+    q = cfg.model.quantizer.params
     assert (q["codebook_size"], q["dim"]) == (4096, 32)  # VAR vae_ch160v4096z32
     assert q["patch_nums"] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]  # VAR train.py --pn 256
     assert (q["beta"], q["quant_resi"], q["share_quant_resi"]) == (0.25, 0.5, 4)  # VAR models/vqvae.py defaults
-    assert cfg.model["autoencoder"]["ch"] == 160 and cfg.model["autoencoder"]["z_channels"] == 32  # vae_ch160v4096z32
+    assert cfg.model.autoencoder.ch == 160 and cfg.model.autoencoder.z_channels == 32  # vae_ch160v4096z32
     assert sum(plan["parameters"]["modules"]["tokenizer"].values()) == 108_948_355  # VAR VQVAE (vae_ch160v4096z32)
     header = _header(RECIPES_DIR / "tokenizer" / "msvq-f16.yaml")
     assert "never released its tokenizer training code" in header and "nothing below except the architecture is VAR's" in header
@@ -218,8 +218,8 @@ def test_msvq_f16_has_vars_architecture_and_says_the_rest_is_not_vars():
 def test_fsq_f16_uses_the_vqgan_f16_losses_and_schedule():
     fsq, _ = _tok_plan("fsq-f16")
     vq, _ = _tok_plan("vqgan-f16")
-    q = fsq.model["quantizer"]
-    assert q["kind"] == "fsq" and q["params"]["levels"] == [8, 8, 8, 5, 5, 5]  # FSQ paper (Mentzer et al.): the ~2^16 levels
+    q = fsq.model.quantizer
+    assert q.kind == "fsq" and q.params["levels"] == [8, 8, 8, 5, 5, 5]  # FSQ paper (Mentzer et al.): the ~2^16 levels
     assert fsq.loss == vq.loss and fsq.optim == vq.optim and fsq.train == vq.train
 
 
@@ -251,7 +251,7 @@ def test_full_size_tokenizer_recipe_takes_one_real_step_with_the_gan_phase(recip
         overrides += ["model.resolution=64", "model.quantizer.params.patch_nums=[1,2,3,4]"]
     cfg = load_tokenizer_config(recipe, overrides)
     full = tokenizer_plan(load_tokenizer_config(recipe, ["loss.lpips_weights=random-for-tests"]), IMAGENET_TRAIN, 8)
-    task = TokenizerTrainTask(cfg, DistEnv(), images64, tmp_path, cfg.loss.lpips_weights)
+    task = TokenizerTrainTask(cfg, DistEnv(), images64, tmp_path)
     n_tok = sum(p.numel() for p in task.tokenizer.parameters())
     assert n_tok == sum(full["parameters"]["modules"]["tokenizer"].values())  # the architecture is the full-size one
     phases = task.phases()

@@ -38,7 +38,7 @@ runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN_AR = ["--config", "rar-tiny", "--device", "cpu", "epochs=null", "train.steps=2", "train.batch_size=4",
             "train.log_every=1", "train.ckpt_every=1000", "train.preview_every=1000", "train.num_workers=0",
-            "optim.warmup_steps=0"]
+            "optim.schedule.warmup=0"]
 
 
 def _photo(seed: int, w: int = 72, h: int = 64) -> Image.Image:

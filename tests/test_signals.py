@@ -23,7 +23,7 @@ from vqtok.signals import Interrupted, ignore_stop_signals, raise_on_stop_signal
 
 runner = CliRunner()
 FAST = ["epochs=null", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=100000",
-        "train.preview_every=100000", "optim.warmup_steps=0", "train.ema=false"]
+        "train.preview_every=100000", "optim.schedule.warmup=0", "train.ema=false"]
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,14 @@ from vqtok.cli import app
 from vqtok.data.token_shards import TokenShardWriter, file_sha256, iter_samples, merge_h5_parts, token_dtype, write_json_atomic
 from vqtok.errors import UserError
 from vqtok.train.ar_data import EpochViewTokens, open_ar_tokens
+from vqtok.ar.presets import get_preset
 from vqtok.train.ar_task import ARTrainTask, load_run_config, train_ar, weight_decay_groups
 from vqtok.distributed import DistEnv
 
 runner = CliRunner()
 # tiny model, tiny batches; CPU fp32 so runs are bit-exact
 BASE = ["epochs=null", "train.batch_size=4", "train.log_every=1", "train.ckpt_every=1000", "train.preview_every=1000",
-        "train.num_workers=0", "optim.warmup_steps=0"]
+        "train.num_workers=0", "optim.schedule.warmup=0"]
 
 
 def make_token_dir(out: Path, identity: dict, tokens: np.ndarray, classes: list[int], fmt: str = "wds", shard_size: int = 4) -> Path:
@@ -169,7 +170,7 @@ def test_overfitting_four_sequences_drives_the_loss_near_zero(tmp_path, tokenize
     rng = np.random.default_rng(1)
     data = make_token_dir(tmp_path / "four", tokenizers[2], rng.integers(0, 512, (4, 1, 64)), [0, 1, 2, 3])
     overrides = BASE + ["train.steps=45", "train.log_every=5", "train.ema=false", "model.class_dropout=0.0",
-                        "optim.lr=3e-3", "optim.end_lr=3e-3", "anneal.unit=steps", "anneal.start=0", "anneal.end=0"]
+                        "optim.lr=3e-3", "optim.schedule.end_lr=3e-3", "anneal.unit=steps", "anneal.start=0", "anneal.end=0"]
     train_ar(data, tokenizers[0], tmp_path / "run", config="rar-tiny", overrides=overrides, device="cpu")
     rows = _rows(tmp_path / "run")
     assert rows[0]["loss"] > 4.0
@@ -239,10 +240,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path, tokenizers, tokens):
 def test_recipes_hold_the_paper_settings():
     for size in ("b", "l", "xl", "xxl"):
         cfg = load_run_config(f"rar-{size}")
-        assert cfg.model["preset"] == f"rar-{size}" and cfg.train.batch_size == 2048 and cfg.epochs == 400
-        assert (cfg.optim.lr, cfg.optim.end_lr, cfg.optim.warmup_epochs, cfg.optim.betas) == (4e-4, 1e-5, 100, (0.9, 0.96))
+        assert cfg.arch == "rar" and cfg.model == get_preset(f"rar-{size}")  # the preset's size, dropout 0.1 everywhere
+        assert cfg.train.batch_size == 2048 and cfg.epochs == 400
+        sched = cfg.optim.schedule
+        assert (cfg.optim.kind, cfg.optim.lr, cfg.optim.betas) == ("adamw", 4e-4, (0.9, 0.96))
+        assert (sched.kind, sched.end_lr, sched.warmup, sched.unit) == ("cosine", 1e-5, 100, "epochs")
         assert (cfg.anneal.start, cfg.anneal.end, cfg.anneal.unit) == (200, 300, "epochs")
-        assert cfg.model["class_dropout"] == 0.1 and cfg.optim.weight_decay == 0.03 and cfg.optim.grad_clip == 1.0
+        assert cfg.model.class_dropout == 0.1 and cfg.optim.weight_decay == 0.03 and cfg.optim.grad_clip == 1.0
 
 
 def test_init_loads_a_generator_dir_or_an_official_state_dict(tmp_path, tokenizers, tokens):
@@ -268,7 +272,7 @@ def test_init_loads_a_generator_dir_or_an_official_state_dict(tmp_path, tokenize
 def test_metrics_rows_hold_r_lr_and_epoch_at_the_logged_step(tmp_path, tokenizers, tokens):
     run = tmp_path / "run"
     overrides = BASE + ["train.steps=8", "train.log_every=4", "anneal.unit=steps", "anneal.start=2", "anneal.end=6",
-                        "optim.warmup_steps=4"]
+                        "optim.schedule.warmup=4", "optim.schedule.unit=steps"]
     train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=overrides, device="cpu")
     rows = _rows(run)
     assert [r["step"] for r in rows] == [4, 8]
@@ -276,3 +280,51 @@ def test_metrics_rows_hold_r_lr_and_epoch_at_the_logged_step(tmp_path, tokenizer
     assert [r["r"] for r in rows] == pytest.approx([0.75, 0.0])
     assert rows[0]["lr"] == pytest.approx(2e-3 * 4 / 4)  # warm-up (s+1)/4 at s=3: the peak
     assert [r["epoch"] for r in rows] == pytest.approx([4 * 4 / 12, 8 * 4 / 12])
+
+
+def test_the_typed_model_round_trips_through_config_yaml_and_resume(tmp_path, tokenizers, tokens):
+    import yaml
+
+    from vqtok.ar.rar import RARConfig
+    from vqtok.config import load_config
+    from vqtok.train.ar_task import TrainARConfig
+
+    run = tmp_path / "run"
+    overrides = BASE + ["train.steps=2", "model.hidden_size=32", "model.intermediate_size=128"]
+    first = train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=overrides, device="cpu", stop_after=1)
+    assert first.step == 1
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["arch"] == "rar" and "preset" not in saved["model"]
+    assert (saved["model"]["hidden_size"], saved["model"]["vocab_size"], saved["model"]["grid"]) == (32, 512, [8, 8])
+    again = load_config(TrainARConfig, run / "config.yaml")
+    assert type(again.model) is RARConfig and again.model.num_classes == 3
+    # the run's own config.yaml is a recipe that resumes it
+    done = train_ar(tokens, tokenizers[0], run, config=run / "config.yaml", device="cpu", resume=True)
+    assert done.step == 2 and done.final_dir is not None
+    with pytest.raises(UserError, match="differs from this config's model"):
+        train_ar(tokens, tokenizers[0], run, config="rar-tiny", overrides=BASE + ["train.steps=3"], device="cpu", resume=True)
+    assert json.loads((run / "final" / "generator.json").read_text())["family"] == "rar"
+
+
+def test_the_task_builds_through_the_family_registry(monkeypatch, tokenizers, tokens):
+    import dataclasses
+
+    from vqtok.ar import families
+
+    rar = families.FAMILIES["rar"]
+    seen, losses = [], []
+
+    def loss(model, tokens, cond, orders):
+        losses.append(orders is not None)
+        return rar.train_loss(model, tokens, cond, orders)
+
+    monkeypatch.setitem(families.FAMILIES, "rar", dataclasses.replace(
+        rar, train_loss=loss, bind_tokenizer=lambda model, tok: seen.append((type(model).__name__, tok.vocab_size))))
+    task = ARTrainTask(load_run_config("rar-tiny", BASE + ["train.steps=1"]), DistEnv(), tokens, tokenizers[0])
+    assert seen == [("RAR", 512)]
+    batch = next(task.batches(0))
+    value, metrics = task.loss("generator", task.split(batch, 1)[0], 0, 0)
+    assert losses == [True] and value.ndim == 0 and torch.isfinite(value)
+    monkeypatch.setitem(families.FAMILIES, "rar", dataclasses.replace(rar, train_loss=None))
+    with pytest.raises(UserError, match="arch rar cannot be trained by train-ar"):
+        ARTrainTask(load_run_config("rar-tiny", BASE + ["train.steps=1"]), DistEnv(), tokens, tokenizers[0])

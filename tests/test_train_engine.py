@@ -11,18 +11,18 @@ from vqtok.train import checkpoint as ckpt
 from vqtok.train.ema import EMA
 from vqtok.train.engine import EngineConfig
 from vqtok.train.sampler import StreamBatchSampler
-from vqtok.train.schedule import ScheduleConfig, lr_factor
+from vqtok.train.optim import OptimizerConfig, ScheduleConfig, learning_rate
 
 
 def test_warmup_then_cosine_and_constant():
-    cos = ScheduleConfig(kind="cosine", warmup_steps=4, min_lr_ratio=0.1)
-    assert lr_factor(cos, 0, 100) == pytest.approx(0.25)
-    assert lr_factor(cos, 3, 100) == pytest.approx(1.0)
-    assert lr_factor(cos, 4, 100) == pytest.approx(1.0)
-    assert lr_factor(cos, 52, 100) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_factor(cos, 100, 100) == pytest.approx(0.1)
-    const = ScheduleConfig(kind="constant", warmup_steps=2)
-    assert [lr_factor(const, s, 10) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    cos = OptimizerConfig(lr=1.0, schedule=ScheduleConfig(kind="cosine", warmup=4, end_lr=0.1))
+    assert learning_rate(cos, 0, 100) == pytest.approx(0.25)
+    assert learning_rate(cos, 3, 100) == pytest.approx(1.0)
+    assert learning_rate(cos, 4, 100) == pytest.approx(1.0)
+    assert learning_rate(cos, 52, 100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(cos, 100, 100) == pytest.approx(0.1)
+    const = OptimizerConfig(lr=1.0, schedule=ScheduleConfig(kind="constant", warmup=2))
+    assert [learning_rate(const, s, 10) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_sampler_is_a_function_of_step_and_splits_ranks():

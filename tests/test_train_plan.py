@@ -66,7 +66,7 @@ def test_a_partial_train_section_keeps_the_tasks_defaults(tmp_path):
     cfg = load_run_config(custom)
     assert cfg.train.batch_size == 64 and cfg.optim.lr == 1e-4
     assert cfg.train.ema is False  # RAR keeps no EMA: a fresh EngineConfig would have turned it on
-    assert (cfg.train.seed, cfg.train.ckpt_every, cfg.optim.end_lr, cfg.optim.betas) == (42, 5000, 1e-5, (0.9, 0.96))
+    assert (cfg.train.seed, cfg.train.ckpt_every, cfg.optim.schedule.end_lr, cfg.optim.betas) == (42, 5000, 1e-5, (0.9, 0.96))
     tok = load_tokenizer_config({"train": {"steps": 5}, "loss": {"disc": {"channels": 32}},
                                  "optim": {"generator": {"lr": 2e-4}}})
     assert tok.train.steps == 5 and tok.train.ema is True and tok.train.ckpt_every == 500
@@ -96,10 +96,10 @@ def test_command_line_steps_or_epochs_win_and_both_on_the_command_line_is_an_err
 
 
 def test_step_schedule_drops_by_gamma_at_each_milestone():
-    from vqtok.train.schedule import ScheduleConfig, lr_factor
+    from vqtok.train.optim import OptimizerConfig, ScheduleConfig, learning_rate
 
-    drops = ScheduleConfig(kind="step", warmup_steps=2, milestones=[5, 8], gamma=0.1)
-    assert [lr_factor(drops, s, 10) for s in (0, 1, 4, 5, 7, 8, 9)] == pytest.approx([0.5, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    drops = OptimizerConfig(lr=1.0, schedule=ScheduleConfig(kind="step", warmup=2, milestones=[5, 8], gamma=0.1))
+    assert [learning_rate(drops, s, 10) for s in (0, 1, 4, 5, 7, 8, 9)] == pytest.approx([0.5, 1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
 # ------------------------------------------------------------------------------------------ estimates

@@ -9,6 +9,20 @@ key and type on the way, and back into dicts for writing the resolved config nex
 
 Unknown keys and wrong types raise `ConfigError` naming the key and the valid keys, which the CLI
 prints as one line with exit code 2.
+
+Three hooks a config dataclass may define (all optional):
+
+- `RENAMED_KEYS: ClassVar[dict[str, tuple[str, str]]]`, old key -> (its replacement, a note): a config
+  that still uses an old key gets an error naming the replacement instead of "unknown key";
+- `section_type(cls, name, data) -> type | None` (classmethod): the type of section `name` when it
+  depends on other keys of `data` (the generator's `model` section is typed by its `arch`);
+- `build_section(cls, name, value, data, where) -> object | None` (classmethod): builds section `name`
+  from its mapping (e.g. starting from a named preset); None: the usual rules apply. Keys such a
+  builder reads beyond the section's fields are declared in `SECTION_EXTRA_KEYS: {name: (key, ...)}`
+  so that `name.key=value` overrides pass the key check.
+
+`given_keys(obj)` tells which keys a section's mapping set explicitly (the rest are defaults or preset
+values), for settings that something else decides unless the user gave them.
 """
 
 from __future__ import annotations
@@ -48,16 +62,21 @@ def from_dict(cls: type[T], data: Any, where: str = "", base: Any = None) -> T:
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{_name(where) or 'config'} must be a mapping of keys to values, got {_show(data)}")
-    hints = get_type_hints(cls)
+    hints = _section_hints(cls, data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        key = _join(where, str(unknown[0]))
-        raise ConfigError(f"unknown config key '{key}'; valid keys{_under(where)}: {', '.join(fields)}")
+        raise _unknown_key(cls, where, str(unknown[0]), list(fields))
     kwargs = {}
+    build = getattr(cls, "build_section", None)
     for name, value in data.items():
+        built = build(name, value, data, _join(where, name)) if build is not None else None
+        if built is not None:
+            kwargs[name] = built
+            continue
         default = getattr(base, name) if base is not None else _field_default(fields[name])
-        if dataclasses.is_dataclass(default) and not isinstance(default, type) and isinstance(value, dict):
+        if (dataclasses.is_dataclass(default) and not isinstance(default, type) and isinstance(value, dict)
+                and type(default) is _dataclass_of(hints[name])):
             kwargs[name] = from_dict(type(default), value, _join(where, name), base=default)
         else:
             kwargs[name] = _convert(hints[name], value, _join(where, name))
@@ -65,6 +84,12 @@ def from_dict(cls: type[T], data: Any, where: str = "", base: Any = None) -> T:
         for name in fields:
             if name not in kwargs:
                 kwargs[name] = copy.deepcopy(getattr(base, name))
+    for name, tp in hints.items():  # a section left out whose type `section_type` changed: that type's defaults
+        if name in fields and name not in kwargs and _dataclass_of(tp) is not None:
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default) and type(default) is not _dataclass_of(tp):
+                built = build(name, {}, data, _join(where, name)) if build is not None else None
+                kwargs[name] = built if built is not None else from_dict(_dataclass_of(tp), {}, _join(where, name))
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -79,7 +104,41 @@ def from_dict(cls: type[T], data: Any, where: str = "", base: Any = None) -> T:
         raise ConfigError(f"invalid config{_under(where)}: {exc}") from None
     if hasattr(obj, "check_ranges"):  # numeric ranges, named by key path (vqtok.validation)
         obj.check_ranges(where)
+    _record_given(obj, data)
     return obj
+
+
+def given_keys(obj: Any) -> frozenset[str]:
+    """The keys that the mapping `obj` was built from set explicitly (empty for an object built in code)."""
+    return obj.__dict__.get(_GIVEN, frozenset()) if hasattr(obj, "__dict__") else frozenset()
+
+
+def _record_given(obj: Any, data: dict) -> None:
+    if hasattr(obj, "__dict__"):
+        obj.__dict__[_GIVEN] = frozenset(data)
+
+
+_GIVEN = "_config_given_keys"
+
+
+def _section_hints(cls: type, data: dict) -> dict[str, Any]:
+    """Field types of `cls`, with the sections whose type depends on `data` resolved (`section_type`)."""
+    hints = get_type_hints(cls)
+    pick = getattr(cls, "section_type", None)
+    if pick is not None:
+        for name in list(hints):
+            tp = pick(name, data)
+            if tp is not None:
+                hints[name] = tp
+    return hints
+
+
+def _unknown_key(cls: type, where: str, key: str, valid: list[str]) -> ConfigError:
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    if key in renamed:
+        new, note = renamed[key]
+        return ConfigError(f"config key '{_join(where, key)}' was replaced by '{_join(where, new)}'{note}")
+    return ConfigError(f"unknown config key '{_join(where, key)}'; valid keys{_under(where)}: {', '.join(valid)}")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -208,16 +267,15 @@ def apply_overrides(cls: type, data: dict, overrides: list[str] | tuple[str, ...
     data = _deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node, schema = data, cls
+        node, schema, extra = data, cls, ()
         for depth, part in enumerate(path):
             where = ".".join(path[:depth])
             if schema is not None and dataclasses.is_dataclass(schema):
                 names = [f.name for f in dataclasses.fields(schema) if f.init]
-                if part not in names:
-                    raise ConfigError(
-                        f"unknown config key '{'.'.join(path[:depth + 1])}'; valid keys{_under(where)}: {', '.join(names)}"
-                    )
-                schema = _dataclass_of(get_type_hints(schema)[part])
+                if part not in names and part not in extra:
+                    raise _unknown_key(schema, where, part, names)
+                extra = getattr(schema, "SECTION_EXTRA_KEYS", {}).get(part, ())
+                schema = _dataclass_of(_section_hints(schema, node)[part]) if part in names else None
             last = depth == len(path) - 1
             if last:
                 node[part] = value
@@ -294,6 +352,11 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
+def _section_key(schema: type, key: str) -> bool:
+    """Keys a section accepts beyond its fields (e.g. `preset`, which `build_section` reads)."""
+    return key in getattr(schema, "SECTION_KEYS", ())
+
+
 def _dataclass_of(tp: Any) -> type | None:
     if dataclasses.is_dataclass(tp):
         return tp
@@ -335,6 +398,7 @@ __all__ = [
     "apply_overrides",
     "dump_yaml",
     "from_dict",
+    "given_keys",
     "list_recipes",
     "load_config",
     "load_yaml",

@@ -4,11 +4,20 @@ Every family is a model class with its typed config class. The model implements 
 interface (vqtok.ar.sampling.sample: `generation_steps`, `generation_order`, `condition_ids`,
 `null_condition_ids`, `default_decoder`). `multiscale_tokens` says which token shards it trains on: next-scale
 families (VAR) need multi-scale tokens, raster families refuse them.
+
+What `train-ar` needs besides (vqtok/train/ar_task.py; the config class types the recipe's `model:`):
+`presets` (named sizes: `model.preset: NAME` starts the section from one), `token_fields(vocab_size, scales,
+tokens_per_view)` (the config values the token shards decide), `trains_on_orders` (training draws
+per-sample generation orders, RAR's permutation annealing; the others train in their fixed order) and
+`train_loss(model, tokens, cond, orders)` -> (loss, accuracy) of one micro-batch; optionally
+`bind_tokenizer(model, tokenizer)`, called once the model is built, for families whose model reads the
+tokenizer (VAR builds its next-scale inputs from the multi-scale codebook).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from torch import nn
 
@@ -23,6 +32,11 @@ class Family:
     model_cls: type[nn.Module]
     multiscale_tokens: bool = False  # True: needs multi-scale token shards; False: refuses them
     summary: str = ""
+    presets: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    token_fields: Callable[[int, list[list[int]], int], dict[str, Any]] | None = None
+    trains_on_orders: bool = False
+    train_loss: Callable[..., tuple[Any, Any]] | None = None
+    bind_tokenizer: Callable[[nn.Module, Any], None] | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -46,5 +60,22 @@ def family_of(model: nn.Module) -> Family:
     raise ValueError(f"{type(model).__name__} is not a registered generator family")
 
 
+def _rar_token_fields(vocab_size: int, scales: list[list[int]], tokens_per_view: int) -> dict[str, Any]:
+    return {"vocab_size": int(vocab_size), "seq_len": int(tokens_per_view), "grid": [int(v) for v in scales[0]]}
+
+
+def _rar_train_loss(model: RAR, tokens, cond, orders):
+    from vqtok.ar.rar import ar_loss
+
+    return ar_loss(*model.forward_conditions(tokens, cond, orders))
+
+
+def _rar_presets() -> dict[str, Callable[[], Any]]:
+    from vqtok.ar.presets import PRESETS
+
+    return dict(PRESETS)
+
+
 register(Family("rar", RARConfig, RAR, multiscale_tokens=False,
-                summary="randomized autoregressive (RAR): one token per step, permutation annealing"))
+                summary="randomized autoregressive (RAR): one token per step, permutation annealing",
+                presets=_rar_presets(), token_fields=_rar_token_fields, trains_on_orders=True, train_loss=_rar_train_loss))

@@ -1,4 +1,4 @@
-"""`vqtok train-ar TOKENS_DIR --tokenizer CKPT --preset rar-b --anneal START END [key=value ...] --out RUN_DIR`."""
+"""`vqtok train-ar TOKENS_DIR --tokenizer CKPT [--arch rar] --preset rar-b --anneal START END [key=value ...] --out RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ def train_ar_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key.sub=value, e.g. train.batch_size=256."),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="The tokenizer checkpoint the tokens were encoded with."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics.jsonl, previews, final/."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Generator size: rar-b, rar-l, rar-xl, rar-xxl or rar-tiny."),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="Generator family (the recipe's arch key; default rar). Its recipe types the model section."
+    ),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Generator size of the family, e.g. rar-b, rar-l, rar-xl, rar-xxl, rar-tiny."),
     anneal: Optional[tuple[float, float]] = typer.Option(
         None, "--anneal", help="START END of permutation annealing: r=1 before START, linear to 0 at END."
     ),
@@ -39,14 +42,14 @@ def train_ar_command(
         False, "--dry-run", help="Resolve everything, print the plan, write RUN/plan.json and RUN/config.yaml; train nothing."
     ),
 ) -> None:
-    """Train the RAR generator on token shards, with permutation annealing."""
+    """Train a generator on token shards (RAR: with permutation annealing)."""
     from vqtok.train.ar_task import cli_overrides, train_ar
 
     if resume not in (None, "auto"):
         raise UserError(f"--resume takes 'auto' (continue from the latest checkpoint in --out), got '{resume}'")
     if anneal_unit not in (None, "epochs", "steps"):
         raise UserError(f"--anneal-unit must be epochs or steps, got '{anneal_unit}'")
-    flags = cli_overrides(preset, anneal, anneal_unit, epochs, order)
+    flags = cli_overrides(preset, anneal, anneal_unit, epochs, order, arch)
     if dry_run:
         from vqtok.train.plan import dry_run_ar
 

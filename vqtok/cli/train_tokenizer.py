@@ -40,7 +40,7 @@ def train_tokenizer_command(
     if dry_run:
         from vqtok.train.plan import dry_run_tokenizer
 
-        dry_run_tokenizer(data, out, config=config, overrides=list(overrides or []), device=device)
+        dry_run_tokenizer(data, out, config=config, overrides=list(overrides or []), device=device, lpips_weights=lpips_weights)
         return
     run_training(
         lambda: train_tokenizer(

@@ -33,6 +33,7 @@ class LossConfig:
     l2_weight: float = 0.0
     perceptual_weight: float = 1.0
     # None: the torch hub cache; a path to vgg16-397923af.pth; or 'random-for-tests' (not a real metric).
+    # `train-tokenizer --lpips-weights PATH` sets it when the config is loaded.
     lpips_weights: str | None = None
     quantizer_weight: float = 1.0
     disc_weight: float = 0.8  # 0 disables the discriminator entirely
@@ -66,11 +67,10 @@ class LossConfig:
 
 
 class TokenizerLoss(nn.Module):
-    def __init__(self, cfg: LossConfig, resolution: int, lpips_weights: str | None = None):
+    def __init__(self, cfg: LossConfig, resolution: int):
         super().__init__()
         self.cfg = cfg
-        weights = lpips_weights if lpips_weights is not None else cfg.lpips_weights
-        self.lpips = build_lpips(weights) if cfg.perceptual_weight > 0 else None
+        self.lpips = build_lpips(cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
         self.discriminator = build_discriminator(cfg.disc, resolution) if cfg.disc_weight > 0 else None
         self.lecam = LeCam(cfg.lecam_decay) if (self.discriminator is not None and cfg.lecam_weight > 0) else None
         if self.discriminator is not None and cfg.r1_weight > 0 and _has_batchnorm(self.discriminator):

@@ -95,7 +95,7 @@ class TokenizerConfig:
     def downsample(self) -> int:
         return self.autoencoder.downsample
 
-    def validate(self) -> None:
+    def validate(self, where: str = "") -> None:
         self.autoencoder.validate()
         lo, hi = self.value_range
         if not hi > lo:
@@ -104,7 +104,7 @@ class TokenizerConfig:
             raise ConfigError(
                 f"resolution {self.resolution} must be a positive multiple of the downsample factor {self.downsample}"
             )
-        quantizer_config(self.quantizer)  # checks kind and every parameter
+        quantizer_config(self.quantizer, f"{where}.quantizer.params" if where else "quantizer.params")  # every parameter
 
 
 def quantizer_classes(kind: str) -> tuple[type, type]:
@@ -116,10 +116,10 @@ def quantizer_classes(kind: str) -> tuple[type, type]:
     return getattr(module, cls_name), getattr(module, cfg_name)
 
 
-def quantizer_config(q: QuantizerConfig) -> Any:
-    """The quantizer's own typed config, built from `params` with every key checked."""
+def quantizer_config(q: QuantizerConfig, where: str = "quantizer.params") -> Any:
+    """The quantizer's own typed config, built from `params` with every key checked (`where`: their key path)."""
     _, cfg_cls = quantizer_classes(q.kind)
-    return from_dict(cfg_cls, q.params, where="quantizer.params")
+    return from_dict(cfg_cls, q.params, where=where)
 
 
 def tokenizer_config_to_dict(cfg: TokenizerConfig) -> dict:

@@ -220,8 +220,8 @@ class Tokenizer(nn.Module):
 # ------------------------------------------------------------------ construction
 
 
-def tokenizer_config_from_dict(data: dict[str, Any]) -> TokenizerConfig:
-    """A TokenizerConfig from a dict that may name a `preset` and override any of its keys."""
+def tokenizer_config_from_dict(data: dict[str, Any], where: str = "") -> TokenizerConfig:
+    """A TokenizerConfig from a dict that may name a `preset` and override any of its keys (`where`: its key path)."""
     from vqtok.tokenizer.presets import PRESETS
 
     if not isinstance(data, dict):
@@ -233,12 +233,12 @@ def tokenizer_config_from_dict(data: dict[str, Any]) -> TokenizerConfig:
         over_q = data.get("quantizer") or {}
         if isinstance(over_q, dict) and over_q.get("kind", base["quantizer"]["kind"]) != base["quantizer"]["kind"]:
             merged["quantizer"] = over_q  # another quantizer kind: the preset's parameters do not apply
-        cfg = from_dict(TokenizerConfig, merged)
+        cfg = from_dict(TokenizerConfig, merged, where)
     elif name and not ("autoencoder" in data and "quantizer" in data):
         raise ConfigError(f"unknown tokenizer preset '{name}'; known: {', '.join(sorted(PRESETS))}")
     else:
-        cfg = from_dict(TokenizerConfig, data)
-    cfg.validate()
+        cfg = from_dict(TokenizerConfig, data, where)
+    cfg.validate(where)
     return cfg
 
 

@@ -1,21 +1,25 @@
-"""`train-ar` as a TrainTask: RAR on token shards with permutation annealing, through the shared engine.
+"""`train-ar` as a TrainTask: a generator on token shards (RAR with permutation annealing), through the shared engine.
 
-The run config is one dataclass, `TrainARConfig`; recipes in vqtok/recipes/ar/ fill it. What this task adds
-to the engine (vqtok/train/engine.py):
+The run config is one dataclass, `TrainARConfig`; recipes in vqtok/recipes/ar/ fill it. `arch` names the
+generator family (vqtok/ar/families.py), which types the `model` section and builds the model; the
+optimizer section is the one shape every trainer uses (vqtok/train/optim.py). What this task adds to
+the engine (vqtok/train/engine.py):
 
-- the model: a RAR preset plus RARConfig overrides, with vocabulary, sequence length, classes and
-  token grid taken from the token shards (their manifest), which must come from `--tokenizer`;
+- the model: the family's config (`model.preset` names a size, other keys override it), built by the
+  family's model class (which supplies condition_ids, null_condition_ids and generation_order), with
+  vocabulary, sequence length, classes and token grid taken from the token shards (their manifest),
+  which must come from `--tokenizer`; families that generate one token grid refuse multi-scale shards;
 - data: token shards read by position (vqtok/train/ar_data.py), one random crop view per image per
   epoch, where one epoch is one pass over the source images;
-- per step, from a generator seeded by (seed, step) alone: the orders (a uniform random permutation
-  with probability r, else the target scan order; vectorised) and the class-label dropout. They are
-  drawn for the whole global batch and sliced per rank, so a resumed run and a run on any number of
-  ranks see the same orders, and nothing but the step needs checkpointing;
+- per step, from a generator seeded by (seed, step) alone: the orders (families that train on orders:
+  a uniform random permutation with probability r, else the target scan order; vectorised) and the
+  class-label dropout. They are drawn for the whole global batch and sliced per rank, so a resumed run
+  and a run on any number of ranks see the same orders, and nothing but the step needs checkpointing;
 - AdamW in two groups: decay exactly the weight matrices of the Linear layers; no decay on biases, norm
   parameters, the embedding table, the cls token and the positional / target-aware / timestep tables
-  (the official trainer selects by name substrings; it also decays cls_token and, through a case quirk,
-  skips the final adaLN weight, which this rule treats like every other Linear weight);
-- warm-up then cosine to `end_lr`, both in epochs unless given in steps;
+  (the official RAR code picks by parameter-name substrings, which also decays cls_token and, through a
+  case quirk, skips the final adaLN weight; this rule treats that one like every other Linear weight);
+- the schedule (the paper's: warm-up then cosine to `end_lr`) turned from epochs into steps once;
 - a sample grid (KV-cached sampling, decoded by the tokenizer) as the engine's preview, and the final
   export as a generator checkpoint that records the tokenizer identity.
 """
@@ -26,26 +30,23 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from vqtok.ar.annealing import PermutationAnnealing, annealing_warning
-from vqtok.ar.orders import canonical_order_name, sample_orders, scan_order
-from vqtok.ar.rar import RAR, RARConfig, ar_loss
-from vqtok.config import from_dict, to_dict
-from vqtok.errors import UserError
+from vqtok.ar.families import Family, get_family
+from vqtok.ar.orders import canonical_order_name, sample_orders
+from vqtok.config import from_dict, given_keys, to_dict
+from vqtok.errors import ConfigError, UserError
 from vqtok.signals import loader_worker_init
 from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
 from vqtok.distributed import DistEnv, broadcast_module
-from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
-from vqtok.train.schedule import ScheduleConfig
+from vqtok.train.engine import EngineConfig, Phase, build_optimizer
+from vqtok.train.optim import OptimizerConfig, ScheduleConfig, in_steps
 from vqtok.train.sampler import StreamBatchSampler
-
-# RARConfig fields the token shards decide; a recipe may set them only to the same values.
-DATA_FIELDS = ("vocab_size", "seq_len", "grid")
 
 
 @dataclass
@@ -61,23 +62,15 @@ class ARDataConfig:
         check_fields(self, where, {"preview_guidance": {"low": 0.0}})
 
 
-@dataclass
-class AROptimConfig:
-    lr: float = 4e-4
-    end_lr: float = 1e-5  # the cosine ends here at the last step
-    betas: tuple[float, float] = (0.9, 0.96)
-    weight_decay: float = 0.03
-    grad_clip: float = 1.0
-    warmup_epochs: float = 100.0
-    warmup_steps: int | None = None  # when set, replaces warmup_epochs
+def rar_optim_defaults() -> OptimizerConfig:
+    """The paper's optimizer: AdamW (0.9, 0.96), wd 0.03, clip 1, lr 4e-4, 100 warm-up epochs, cosine to 1e-5."""
+    return OptimizerConfig(kind="adamw", lr=4e-4, betas=(0.9, 0.96), weight_decay=0.03, grad_clip=1.0,
+                           schedule=ScheduleConfig(kind="cosine", warmup=100, unit="epochs", end_lr=1e-5))
 
-    def check_ranges(self, where: str = "optim") -> None:
-        from vqtok.validation import check_fields
 
-        check_fields(self, where, {
-            "lr": {"low": 0.0, "low_open": True}, "end_lr": {"low": 0.0}, "betas": {"low": 0.0, "high": 1.0, "high_open": True},
-            "weight_decay": {"low": 0.0}, "grad_clip": {"low": 0.0}, "warmup_epochs": {"low": 0.0}, "warmup_steps": {"low": 0},
-        })
+def paper_model() -> Any:
+    """The `model` section of vqtok/recipes/ar/rar-b.yaml (RAR-B, dropout 0.1 everywhere, raster order)."""
+    return get_family("rar").presets["rar-b"]()
 
 
 @dataclass
@@ -99,16 +92,58 @@ def rar_engine_defaults() -> EngineConfig:
 class TrainARConfig:
     """Defaults = vqtok/recipes/ar/rar-b.yaml (a test keeps the two identical), section by section."""
 
-    model: dict[str, Any] = field(default_factory=lambda: {
-        "preset": "rar-b", "dropout": 0.1, "attn_dropout": 0.1, "class_dropout": 0.1, "order": "row-major"})
+    arch: str = "rar"  # generator family (vqtok/ar/families.py); it types `model`
+    # the family's config dataclass (RARConfig for rar); `preset: NAME` in the mapping starts from a named size
+    model: Any = field(default_factory=paper_model)
     data: ARDataConfig = field(default_factory=ARDataConfig)
-    optim: AROptimConfig = field(default_factory=AROptimConfig)
+    optim: OptimizerConfig = field(default_factory=rar_optim_defaults)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     epochs: float | None = 400.0  # run length in passes over the source images; None: train.steps decides
     train: EngineConfig = field(default_factory=rar_engine_defaults)
 
+    SECTION_EXTRA_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {"model": ("preset",)}
+
+    @classmethod
+    def section_type(cls, name: str, data: dict) -> type | None:
+        return _family_of(data).config_cls if name == "model" else None
+
+    @classmethod
+    def build_section(cls, name: str, value: Any, data: dict, where: str) -> Any:
+        """`model`: the family's config, from its preset when the mapping names one."""
+        if name != "model" or not isinstance(value, dict):
+            return None
+        family = _family_of(data)
+        value = dict(value)
+        preset = value.pop("preset", None)
+        base = None
+        if preset is not None:
+            if preset not in family.presets:
+                raise ConfigError(f"unknown generator preset {preset!r} ({where}.preset) for arch {family.name}; "
+                                  f"choose one of {', '.join(family.presets)}")
+            base = family.presets[preset]()
+        return from_dict(family.config_cls, value, where, base=base)
+
+
+def _family_of(data: dict) -> Family:
+    arch = data.get("arch", "rar")
+    if not isinstance(arch, str):
+        raise ConfigError(f"'arch' must be a string naming a generator family, got {arch!r}")
+    return get_family(arch)
+
 
 DEFAULT_RECIPE = "rar-b"  # what `train-ar` without --config loads
+
+
+def default_recipe(overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """rar-b; another --arch needs a recipe of its own (its model section has other keys)."""
+    from vqtok.config import list_recipes, parse_override
+
+    arch = dict((".".join(k), v) for k, v in map(parse_override, overrides)).get("arch", "rar")
+    if arch == "rar":
+        return DEFAULT_RECIPE
+    get_family(arch)
+    known = [r for r in list_recipes("ar") if r.startswith(f"{arch}-")]
+    raise UserError(f"--arch {arch} needs --config with a recipe for it" + (f" ({', '.join(known)})" if known else ""))
 
 
 @dataclass
@@ -135,11 +170,8 @@ def resolve_schedule(cfg: TrainARConfig, num_samples: int) -> ARSchedule:
         if cfg.epochs <= 0:
             raise UserError(f"epochs must be positive, got {cfg.epochs}")
         cfg.train.steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = cfg.optim.warmup_steps
-    if warmup is None:
-        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    if warmup < 0 or cfg.optim.lr <= 0 or not 0 <= cfg.optim.end_lr <= cfg.optim.lr:
-        raise UserError("optim needs lr > 0, 0 <= end_lr <= lr and a warm-up >= 0")
+    cfg.optim.check_ranges("optim")
+    warmup = int(in_steps(cfg.optim, steps_per_epoch).schedule.warmup)
     per_unit = steps_per_epoch if cfg.anneal.unit == "epochs" else 1.0
     PermutationAnnealing(cfg.anneal.start, cfg.anneal.end, "epoch" if cfg.anneal.unit == "epochs" else "step")  # validates
     return ARSchedule(num_samples=num_samples, steps_per_epoch=steps_per_epoch, steps=cfg.train.steps,
@@ -150,42 +182,45 @@ def resolve_schedule(cfg: TrainARConfig, num_samples: int) -> ARSchedule:
 # ------------------------------------------------------------------------------------------ model
 
 
-def resolve_model(model: dict[str, Any], manifest: dict) -> tuple[RARConfig, dict[str, Any]]:
-    """(RARConfig, the resolved `model` section) from `preset` + overrides + what the token shards hold."""
-    from vqtok.ar.presets import get_preset
+def resolve_model(model: Any, manifest: dict, arch: str = "rar") -> Any:
+    """The family's config for these token shards: `model` (typed, from the recipe) with the vocabulary,
+    sequence length and grid the shards decide, and their number of classes unless the recipe set it.
 
-    spec = dict(model)
-    preset = spec.pop("preset", None)
-    base = to_dict(get_preset(preset)) if preset is not None else {}
+    A value the recipe gave explicitly (config.given_keys) must equal the shards'; multi-scale shards
+    are refused by families that generate one token grid.
+    """
+    family = get_family(arch)
+    if not isinstance(model, family.config_cls):
+        raise UserError(f"the model section is a {type(model).__name__}, but arch {arch} needs a {family.config_cls.__name__}")
     tok = manifest["tokenizer"]
-    scales = [tuple(int(v) for v in s) for s in tok["scales"]]
-    seq_len = int(tok["tokens_per_view"])
-    # single-scale tokens keep their 2-D grid for the scan orders; multi-scale ones are one row (raster only)
-    grid = list(scales[0]) if len(scales) == 1 else [1, seq_len]
-    data = {"vocab_size": int(tok["vocab_size"]), "seq_len": seq_len, "grid": grid}
-    for name, value in data.items():
-        if name in spec and spec[name] is not None and spec[name] != value:
-            raise UserError(f"model.{name} is {spec[name]} but the token shards have {value}; leave it unset, the shards decide it")
-    merged = {**base, **spec, **data}
+    scales = [[int(v) for v in s] for s in tok["scales"]]
+    if len(scales) > 1 and not family.multiscale_tokens:
+        raise UserError(
+            f"arch {arch} generates one token grid, but the token shards hold multi-scale tokens ({len(scales)} scales); "
+            "train a next-scale family on them, or encode with a single-scale tokenizer"
+        )
+    if len(scales) == 1 and family.multiscale_tokens:
+        raise UserError(f"arch {arch} generates scale by scale and needs multi-scale tokens, but the token shards hold "
+                        "one token grid; encode with a multi-scale tokenizer")
+    decided = family.token_fields(int(tok["vocab_size"]), scales, int(tok["tokens_per_view"]))
+    given = given_keys(model)
+    for name, value in decided.items():
+        mine = getattr(model, name)
+        if name in given and mine is not None and mine != value:
+            raise UserError(f"model.{name} is {mine} but the token shards have {value}; leave it unset, the shards decide it")
     classes = len(manifest.get("classes") or [])
-    if "num_classes" not in spec and classes:
-        merged["num_classes"] = classes
-    cfg = from_dict(RARConfig, merged, "model")
+    updates = dict(decided)
+    if classes and "num_classes" not in given:
+        updates["num_classes"] = classes
+    cfg = from_dict(family.config_cls, {**to_dict(model), **updates}, "model")
     if classes and cfg.num_classes < classes:
         raise UserError(f"model.num_classes {cfg.num_classes} is smaller than the {classes} classes in the token shards")
-    if len(scales) > 1 and cfg.order != "row-major":
-        raise UserError(f"--order {cfg.order} needs a 2-D token grid; multi-scale tokens train in their stored order (raster)")
-    resolved = {"preset": preset, **to_dict(cfg)} if preset is not None else to_dict(cfg)
-    return cfg, resolved
+    return cfg
 
 
 def ar_optimizer_config(cfg: TrainARConfig, schedule: ARSchedule) -> OptimizerConfig:
-    """AdamW with linear warm-up then cosine to optim.end_lr at the last step."""
-    return OptimizerConfig(
-        kind="adamw", lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-        grad_clip=cfg.optim.grad_clip,
-        schedule=ScheduleConfig(kind="cosine", warmup_steps=schedule.warmup_steps, min_lr_ratio=cfg.optim.end_lr / cfg.optim.lr),
-    )
+    """`optim` with its schedule counted in steps (warm-up epochs x steps per epoch, rounded)."""
+    return in_steps(cfg.optim, schedule.steps_per_epoch)
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -217,8 +252,15 @@ def check_tokenizer_matches(manifest: dict, identity: dict, tokens_dir: Path, to
         )
 
 
-def load_init_weights(model: RAR, path: str | Path, tokenizer_identity: dict, trust_pickle: bool = False) -> None:
-    """Start from a generator checkpoint directory or an official RAR state dict (`rar_b.bin`)."""
+# arch -> the interop module whose `convert` maps that family's official state dict to vqtok's keys
+OFFICIAL_CONVERTERS = {"rar": "vqtok.interop.rar", "var": "vqtok.interop.var_gpt", "llamagen": "vqtok.interop.llamagen_gpt"}
+
+
+def load_init_weights(model: nn.Module, path: str | Path, tokenizer_identity: dict, trust_pickle: bool = False,
+                      arch: str = "rar") -> None:
+    """Start from a generator checkpoint directory or an official state dict of the family (`rar_b.bin`)."""
+    import importlib
+
     path = Path(path)
     if path.is_dir():
         from vqtok.ar.checkpoint import load_generator
@@ -229,16 +271,21 @@ def load_init_weights(model: RAR, path: str | Path, tokenizer_identity: dict, tr
         if made.get("hash") and made["hash"] != tokenizer_identity.get("hash"):
             raise UserError(f"--init {path} was trained on another tokenizer (hash {made['hash'][:12]}) than --tokenizer")
     elif path.is_file():
-        from vqtok.interop.rar import convert
         from vqtok.weights import load_state_dict_file
 
+        if arch not in OFFICIAL_CONVERTERS:
+            raise UserError(f"--init {path}: no converter for official {arch} weights; pass a vqtok generator checkpoint")
+        try:
+            convert = importlib.import_module(OFFICIAL_CONVERTERS[arch]).convert
+        except (ModuleNotFoundError, AttributeError):
+            raise UserError(f"--init {path}: official {arch} weights cannot be converted in this build") from None
         state = convert(load_state_dict_file(path, trust_pickle=trust_pickle))
     else:
         raise UserError(f"--init {path} does not exist")
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
-            raise UserError(f"--init {path} lacks {key}; it is not a RAR generator")
+            raise UserError(f"--init {path} lacks {key}; it is not a {arch} generator")
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(
                 f"--init {path} does not fit this model: {key} is {list(state[key].shape)}, the model needs "
@@ -270,7 +317,11 @@ class ARTrainTask:
         # the generator records the grid it was trained on (encode may have used another image size)
         self.tokenizer_identity = dict(identity, scales=manifest["tokenizer"]["scales"],
                                        tokens_per_image=int(manifest["tokenizer"]["tokens_per_view"]))
-        self.model_config, cfg.model = resolve_model(cfg.model, manifest)
+        self.family = get_family(cfg.arch)
+        if self.family.token_fields is None or self.family.train_loss is None:
+            raise UserError(f"arch {cfg.arch} cannot be trained by train-ar in this build (its family registers no "
+                            "token_fields / train_loss)")
+        self.model_config = cfg.model = resolve_model(cfg.model, manifest, cfg.arch)
         self.num_samples = int(manifest["num_samples"])
         if self.num_samples < 1:
             raise UserError(f"{self.tokens_dir} holds no samples")
@@ -282,9 +333,11 @@ class ARTrainTask:
 
         mcfg = self.model_config
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and every run
-        self.model = RAR(mcfg).to(env.device)
+        self.model = self.family.model_cls(mcfg).to(env.device)
         if init is not None:
-            load_init_weights(self.model, init, identity, trust_pickle)
+            load_init_weights(self.model, init, identity, trust_pickle, cfg.arch)
+        if self.family.bind_tokenizer is not None:
+            self.family.bind_tokenizer(self.model, self.tokenizer)
         broadcast_module(self.model, env)
         self._forward_loss = self._loss_terms
         if cfg.train.compile:
@@ -292,7 +345,8 @@ class ARTrainTask:
         optimizer = build_optimizer(self.optim_config, weight_decay_groups(self.model, cfg.optim.weight_decay), env.device)
         self._phases = [Phase("generator", self.model, optimizer, self.optim_config, ema=True)]
 
-        self.target_order = scan_order(mcfg.order, *mcfg.grid_shape).to(env.device)
+        # families without orders train in their fixed order: no permutations, the anneal section unused
+        self.target_order = self.model.generation_order().to(env.device) if self.family.trains_on_orders else None
         self.tokens = EpochViewTokens(open_ar_tokens(self.tokens_dir, manifest), len(manifest["views"]),
                                       cfg.train.seed, cfg.data.view)
         classes = cfg.data.preview_classes
@@ -304,7 +358,7 @@ class ARTrainTask:
             raise UserError(f"data.preview_classes holds class {bad[0]}, outside 0..{mcfg.num_classes - 1}")
         self.preview_classes = classes
         self.class_names = [str(c) for c in manifest.get("classes") or []]  # label order; grids and generator.json
-        self._preview_model: RAR | None = None
+        self._preview_model: nn.Module | None = None
 
     # -- TrainTask ----------------------------------------------------------------------------------
 
@@ -319,21 +373,21 @@ class ARTrainTask:
         return step / self.steps_per_epoch
 
     def random_ratio(self, step: int) -> float:
-        """r for the batch of step `step` (0-based, before its update)."""
-        return self.annealing.ratio(step, self.steps_per_epoch)
+        """r for the batch of step `step` (0-based, before its update); 0 for families without orders."""
+        return self.annealing.ratio(step, self.steps_per_epoch) if self.target_order is not None else 0.0
 
-    def step_conditions(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(orders (b, N), class-drop mask (b,), r) of this rank's share of step `step`'s global batch."""
+    def step_conditions(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor, float]:
+        """(orders (b, N) or None, class-drop mask (b,), r) of this rank's share of step `step`'s global batch."""
         cfg, env = self.cfg, self.env
         B, local = cfg.train.batch_size, cfg.train.batch_size // env.world
         r = self.random_ratio(step)
         gen_device = env.device if env.device.type == "cuda" else torch.device("cpu")
         gen = torch.Generator(device=gen_device)
         gen.manual_seed(mix_seed(cfg.train.seed, 0x0A3D, step) & (2**63 - 1))
-        orders = sample_orders(B, self.target_order, r, generator=gen, device=env.device)
+        orders = sample_orders(B, self.target_order, r, generator=gen, device=env.device) if self.target_order is not None else None
         drop = torch.rand(B, generator=gen, device=gen_device).to(env.device) < self.model_config.class_dropout
         part = slice(env.rank * local, (env.rank + 1) * local)
-        return orders[part], drop[part], r
+        return (orders[part] if orders is not None else None), drop[part], r
 
     def batches(self, start_step: int) -> Iterator[dict]:
         cfg, env = self.cfg, self.env
@@ -351,21 +405,20 @@ class ARTrainTask:
             classes = classes.to(env.device, non_blocking=True)
             orders, drop, r = self.step_conditions(step)
             cond = self.model.condition_ids(classes)
-            cond = torch.where(drop, torch.full_like(cond, self.model_config.null_class_id), cond)
+            cond = torch.where(drop, self.model.null_condition_ids(cond.shape[0], cond.device), cond)
             yield {"tokens": tokens, "cond": cond, "orders": orders, "r": r}
             step += 1
 
     def split(self, batch: dict, parts: int) -> list[dict]:
-        keys = ("tokens", "cond", "orders")
+        keys = [k for k in ("tokens", "cond", "orders") if batch[k] is not None]
         chunks = [batch[k].chunk(parts) for k in keys]
-        return [dict(zip(keys, c), r=batch["r"]) for c in zip(*chunks)]
+        return [{"orders": None, **dict(zip(keys, c)), "r": batch["r"]} for c in zip(*chunks)]
 
     def batch_size(self, batch: dict) -> int:
         return batch["tokens"].numel()  # tokens, so the progress line reads tok/s
 
-    def _loss_terms(self, tokens: torch.Tensor, cond: torch.Tensor, orders: torch.Tensor):
-        logits, labels = self.model.forward_conditions(tokens, cond, orders)
-        return ar_loss(logits, labels)
+    def _loss_terms(self, tokens: torch.Tensor, cond: torch.Tensor, orders: torch.Tensor | None):
+        return self.family.train_loss(self.model, tokens, cond, orders)
 
     def loss(self, phase: str, mb: dict, micro_index: int, step: int):
         loss, acc = self._forward_loss(mb["tokens"], mb["cond"], mb["orders"])
@@ -390,7 +443,9 @@ class ARTrainTask:
         model = self.model
         if weights is not None:  # sample with the EMA weights, from a second copy of the model
             if self._preview_model is None:
-                self._preview_model = RAR(self.model_config).to(self.env.device)
+                self._preview_model = self.family.model_cls(self.model_config).to(self.env.device)
+                if self.family.bind_tokenizer is not None:
+                    self.family.bind_tokenizer(self._preview_model, self.tokenizer)
             self._preview_model.load_state_dict(weights["generator"])
             model = self._preview_model
         gen = torch.Generator(device=self.env.device)
@@ -419,7 +474,7 @@ def load_run_config(config: str | Path | dict | None, overrides: list[str] | tup
     from vqtok.config import load_config, load_yaml, resolve_recipe
 
     if config is None:
-        config = DEFAULT_RECIPE
+        config = default_recipe(overrides)
     data = config if isinstance(config, dict) else load_yaml(resolve_recipe(config, "ar"))
     source = run_length_source(data, overrides)
     data = dict(data)
@@ -485,23 +540,32 @@ def train_ar(
         raise UserError(f"tokenizer checkpoint {tokenizer} does not exist")
     env = init_distributed(device)
     task = ARTrainTask(cfg, env, tokens_dir, tokenizer, init=init, trust_pickle=trust_pickle)
-    warning = annealing_warning(task.annealing, cfg.train.steps, task.steps_per_epoch, task.model_config.order)
+    warning = None
+    if task.family.trains_on_orders:
+        warning = annealing_warning(task.annealing, cfg.train.steps, task.steps_per_epoch, task.model_config.order)
     if warning and env.is_main:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     run_dir = Path(out)
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():
         previous = yaml.safe_load(saved.read_text()) or {}
-        if previous.get("model") != to_dict(cfg.model):
+        if previous.get("arch", "rar") != cfg.arch:
+            raise UserError(f"--resume: {saved} trained arch {previous.get('arch', 'rar')}, this config arch {cfg.arch}; "
+                            "resume with the same --arch")
+        before = {k: v for k, v in (previous.get("model") or {}).items() if k != "preset"}  # older runs recorded it
+        if before != to_dict(cfg.model):
             raise UserError(f"--resume: the model in {saved} differs from this config's model; resume with the same recipe and flags")
     engine = Engine(cfg.train, env, run_dir, resolved_config=cfg)
     return engine.run(task, resume=resume, stop_after=stop_after)
 
 
 def cli_overrides(preset: str | None, anneal: tuple[float, float] | None, anneal_unit: str | None,
-                  epochs: float | None, order: str | None) -> list[str]:
+                  epochs: float | None, order: str | None, arch: str | None = None) -> list[str]:
     """The typed CLI flags as config overrides (applied before the free-form key=value ones)."""
     out = []
+    if arch is not None:
+        get_family(arch)  # an unknown name: one line naming the choices
+        out.append(f"arch={arch}")
     if preset is not None:
         out.append(f"model.preset={preset}")
     if anneal is not None:

@@ -18,7 +18,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -35,7 +35,7 @@ from vqtok.train import checkpoint as ckpt
 from vqtok.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
 from vqtok.train.ema import EMA
 from vqtok.train.progress import MetricsLog, Progress
-from vqtok.train.schedule import ScheduleConfig, lr_factor
+from vqtok.train.optim import OptimizerConfig, learning_rate
 
 
 @dataclass
@@ -77,25 +77,6 @@ class EngineConfig:
                 raise UserError(f"train.{name} must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError("train.ema_decay must lie in [0, 1)")
-
-
-@dataclass
-class OptimizerConfig:
-    """One optimizer with its LR schedule and clipping (Adam/AdamW)."""
-
-    kind: str = "adam"
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-
-    def check_ranges(self, where: str = "optim") -> None:
-        check_fields(self, where, {
-            "lr": {"low": 0.0, "low_open": True}, "betas": {"low": 0.0, "high": 1.0, "high_open": True},
-            "weight_decay": {"low": 0.0}, "eps": {"low": 0.0, "low_open": True}, "grad_clip": {"low": 0.0},
-        })
 
 
 def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
@@ -211,7 +192,7 @@ class Engine:
             print(text, flush=True)
 
     def _set_lr(self, phase: Phase, step: int) -> float:
-        lr = phase.config.lr * lr_factor(phase.config.schedule, step, self.cfg.steps)
+        lr = learning_rate(phase.config, step, self.cfg.steps)
         for group in phase.optimizer.param_groups:
             group["lr"] = lr
         return lr

@@ -28,7 +28,6 @@ Memory estimate per rank (bytes; `memory` in plan.json, every term listed):
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,12 +147,18 @@ def _float_bytes(amp: bool, device: str) -> tuple[int, str]:
     return 4, "fp32"
 
 
-def _lr_points(lr: float, schedule, steps: int) -> dict[str, float]:
-    from vqtok.train.schedule import lr_factor
+def _lr_points(optim, steps: int) -> dict[str, float]:
+    """Learning rates of an optimizer config whose schedule counts steps (optim.in_steps)."""
+    from vqtok.train.optim import learning_rate
 
-    return {"lr_at_step_0": lr * lr_factor(schedule, 0, steps), "lr": lr,
-            "lr_at_last_step": lr * lr_factor(schedule, steps - 1, steps),
-            "end_lr": lr * lr_factor(schedule, max(steps, schedule.warmup_steps), steps)}
+    return {"lr_at_step_0": learning_rate(optim, 0, steps), "lr": optim.lr,
+            "lr_at_last_step": learning_rate(optim, steps - 1, steps),
+            "end_lr": learning_rate(optim, max(steps, int(optim.schedule.warmup)), steps)}
+
+
+def _schedule_name(schedule) -> str:
+    after = {"constant": "constant", "cosine": "cosine", "linear": "linear decay", "step": "step drops"}[schedule.kind]
+    return f"linear warm-up, then {after}" if int(schedule.warmup) > 0 else after
 
 
 def _batches(train, world: int) -> dict[str, int]:
@@ -169,28 +174,29 @@ def _batches(train, world: int) -> dict[str, int]:
 def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "cuda",
             tokenizer_config: dict | None = None) -> dict:
     """The plan of a `train-ar` run (cfg: TrainARConfig, resolved in place as the run would)."""
-    from vqtok.ar.rar import RAR, ar_loss
+    from vqtok.ar.families import get_family
     from vqtok.train.ar_task import ar_optimizer_config, resolve_model, resolve_schedule, weight_decay_groups
 
-    model_cfg, cfg.model = resolve_model(cfg.model, manifest)
+    family = get_family(cfg.arch)
+    model_cfg = cfg.model = resolve_model(cfg.model, manifest, cfg.arch)
     schedule = resolve_schedule(cfg, int(manifest["num_samples"]))
     batches = _batches(cfg.train, world)
     optim = ar_optimizer_config(cfg, schedule)
     with torch.device("meta"):
-        model = RAR(model_cfg)
+        model = family.model_cls(model_cfg)
     groups = weight_decay_groups(model, cfg.optim.weight_decay)
     float_bytes, precision = _float_bytes(cfg.train.amp, device)
     b = batches["micro_batch_size"]
     tokens = torch.zeros(b, model_cfg.seq_len, dtype=torch.long, device="meta")
     cond = torch.zeros(b, dtype=torch.long, device="meta")
-    orders = torch.arange(model_cfg.seq_len, device="meta").expand(b, model_cfg.seq_len)
+    orders = torch.arange(model_cfg.seq_len, device="meta").expand(b, model_cfg.seq_len) if family.trains_on_orders else None
     model.train()
     checkpointed = model_cfg.grad_checkpointing
 
     def count(checkpointing: bool) -> int:
         model.config.grad_checkpointing = checkpointing
         try:
-            return saved_activation_bytes(lambda: ar_loss(*model.forward_conditions(tokens, cond, orders)), [model], float_bytes)
+            return saved_activation_bytes(lambda: family.train_loss(model, tokens, cond, orders), [model], float_bytes)
         finally:
             model.config.grad_checkpointing = checkpointed
 
@@ -211,6 +217,7 @@ def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "
     spe = schedule.steps_per_epoch
     plan = {
         "command": "train-ar",
+        "arch": cfg.arch,
         "num_samples": schedule.num_samples,
         **batches,
         "steps": schedule.steps,
@@ -221,9 +228,9 @@ def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "
         "anneal_start_step": schedule.anneal_start_step,
         "anneal_end_step": schedule.anneal_end_step,
         "anneal": {"start": cfg.anneal.start, "end": cfg.anneal.end, "unit": cfg.anneal.unit},
-        **_lr_points(optim.lr, optim.schedule, schedule.steps),
-        "schedule": "linear warm-up, then cosine",
-        "optimizer": {"kind": "adamw", "betas": list(optim.betas), "weight_decay": optim.weight_decay,
+        **_lr_points(optim, schedule.steps),
+        "schedule": _schedule_name(optim.schedule),
+        "optimizer": {"kind": optim.kind, "betas": list(optim.betas), "weight_decay": optim.weight_decay,
                       "grad_clip": optim.grad_clip},
         "weight_decay_params": {"decayed": sum(p.numel() for p in groups[0]["params"]),
                                 "not_decayed": sum(p.numel() for p in groups[1]["params"]),
@@ -290,18 +297,20 @@ def tokenizer_plan(cfg, num_images: int, world: int, device: str = "cuda") -> di
         disc.train()
         d_act = saved_activation_bytes(lambda: (disc(images), disc(images)), models, float_bytes)
     trained = [tokenizer] + ([disc] if disc is not None else [])
-    phases = {"generator": cfg.optim.generator}
+    from vqtok.train.optim import in_steps
+
+    spe = num_images / cfg.train.batch_size
+    phases = {"generator": in_steps(cfg.optim.generator, spe)}
     if disc is not None:
-        phases["discriminator"] = cfg.optim.discriminator
+        phases["discriminator"] = in_steps(cfg.optim.discriminator, spe)
     optim = {}
     for name, oc in phases.items():
         module = tokenizer if name == "generator" else disc
         n = count_params(module, True)
         optim[name] = {"kind": oc.kind, "betas": list(oc.betas), "weight_decay": oc.weight_decay, "grad_clip": oc.grad_clip,
-                       "warmup_steps": oc.schedule.warmup_steps, "schedule": oc.schedule.kind,
-                       **_lr_points(oc.lr, oc.schedule, steps),
+                       "warmup_steps": int(oc.schedule.warmup), "schedule": oc.schedule.kind,
+                       **_lr_points(oc, steps),
                        "decayed_params": n if oc.weight_decay > 0 else 0, "not_decayed_params": 0 if oc.weight_decay > 0 else n}
-    spe = num_images / cfg.train.batch_size
     modules = {"tokenizer": params_by_module(tokenizer)}
     if disc is not None:
         modules["discriminator"] = count_params(disc)
@@ -463,10 +472,11 @@ def dry_run_ar(tokens_dir: str | Path, tokenizer: str | Path, out: str | Path, c
     from vqtok.data.token_shards import read_manifest
     from vqtok.train.ar_task import check_tokenizer_matches, load_run_config, run_length_source
     from vqtok.config import load_yaml, resolve_recipe
-    from vqtok.train.ar_task import DEFAULT_RECIPE
+    from vqtok.train.ar_task import default_recipe
 
     cfg = load_run_config(config, overrides)
-    source_data = config if isinstance(config, dict) else load_yaml(resolve_recipe(config or DEFAULT_RECIPE, "ar"))
+    config = config if config is not None else default_recipe(overrides)
+    source_data = config if isinstance(config, dict) else load_yaml(resolve_recipe(config, "ar"))
     length_source = run_length_source(source_data, overrides)
     from vqtok.run_dirs import resolve_checkpoint
 
@@ -477,17 +487,17 @@ def dry_run_ar(tokens_dir: str | Path, tokenizer: str | Path, out: str | Path, c
     identity, arch = _read_tokenizer_dir(tokenizer)
     check_tokenizer_matches(manifest, identity, Path(tokens_dir), tokenizer)
     plan = ar_plan(cfg, manifest, world_size_from_env(), length_source, plan_device(device), arch)
-    plan.update({"tokens": str(tokens_dir), "tokenizer": str(tokenizer), "config": str(config or DEFAULT_RECIPE)})
+    plan.update({"tokens": str(tokens_dir), "tokenizer": str(tokenizer), "config": str(config)})
     _emit(out, plan, cfg)
     return plan
 
 
-def dry_run_tokenizer(data: str | Path, out: str | Path, config=None, overrides=(), device=None) -> dict:
+def dry_run_tokenizer(data: str | Path, out: str | Path, config=None, overrides=(), device=None, lpips_weights=None) -> dict:
     """`train-tokenizer --dry-run`: plan from the image listing (file names only; no image decoded)."""
     from vqtok.data.images import list_images
     from vqtok.train.tokenizer_task import load_run_config
 
-    cfg = load_run_config(config, overrides)
+    cfg = load_run_config(config, overrides, lpips_weights)
     if not Path(data).exists():
         raise UserError(f"data path {data} does not exist")
     listing = list_images(data, split=cfg.data.split)

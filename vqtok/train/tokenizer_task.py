@@ -1,7 +1,9 @@
 """`train-tokenizer` as a TrainTask: the Tokenizer is the generator phase, the GAN discriminator the second.
 
-The run config is one dataclass, `TrainTokenizerConfig` (model via `tokenizer_config_from_dict`, data,
-loss, optim, train); recipes in vqtok/recipes/tokenizer/ fill it.
+The run config is one dataclass, `TrainTokenizerConfig`: model (a TokenizerConfig; `preset: NAME` starts
+from a named tokenizer and the other keys override it), data, loss (the one loss-options object, with
+--lpips-weights folded in when the config is loaded), optim (per phase, the optimizer shape every
+trainer uses: vqtok/train/optim.py) and train; recipes in vqtok/recipes/tokenizer/ fill it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from vqtok.config import to_dict
 from vqtok.errors import UserError
 from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
 from vqtok.signals import loader_worker_init
+from vqtok.tokenizer.config import TokenizerConfig
 from vqtok.distributed import DistEnv, broadcast_module
-from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase, build_optimizer
+from vqtok.train.engine import EngineConfig, Phase, build_optimizer
+from vqtok.train.optim import OptimizerConfig, in_steps
 from vqtok.image_grid import reconstruction_grid
 from vqtok.train.image_dataset import TrainImageDataset, collate, preview_images
 from vqtok.train.sampler import StreamBatchSampler
@@ -54,13 +58,28 @@ class TokenizerEngineConfig(EngineConfig):
     freeze: str = ""
 
 
+def _default_tokenizer() -> TokenizerConfig:
+    from vqtok.tokenizer.presets import PRESETS
+
+    return PRESETS["tiny-vqgan"]()
+
+
 @dataclass
 class TrainTokenizerConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny-vqgan"})
+    model: TokenizerConfig = field(default_factory=_default_tokenizer)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
     train: TokenizerEngineConfig = field(default_factory=TokenizerEngineConfig)
+
+    @classmethod
+    def build_section(cls, name: str, value: Any, data: dict, where: str) -> Any:
+        """`model`: a preset and the keys that override it (another quantizer kind drops the preset's parameters)."""
+        if name != "model" or not isinstance(value, dict):
+            return None
+        from vqtok.tokenizer.tokenizer import tokenizer_config_from_dict
+
+        return tokenizer_config_from_dict(value, where)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,13 +88,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_model(cfg: TrainTokenizerConfig):
-    """The TokenizerConfig, with the whole config's `model` section replaced by its resolved form."""
-    from vqtok.tokenizer.config import tokenizer_config_to_dict
+def resolve_model(cfg: TrainTokenizerConfig) -> TokenizerConfig:
+    """cfg.model checked, with its quantizer parameters written out in full (what config.yaml records)."""
+    from vqtok.tokenizer.config import quantizer_config
     from vqtok.tokenizer.tokenizer import tokenizer_config_from_dict
 
-    tok_cfg = tokenizer_config_from_dict(dict(cfg.model))
-    cfg.model = tokenizer_config_to_dict(tok_cfg)
+    if isinstance(cfg.model, dict):  # set in code rather than loaded
+        cfg.model = tokenizer_config_from_dict(cfg.model, "model")
+    tok_cfg = cfg.model
+    tok_cfg.validate()
+    tok_cfg.quantizer.params = to_dict(quantizer_config(tok_cfg.quantizer))
     res = cfg.data.resolution or tok_cfg.resolution
     if res % tok_cfg.downsample:
         raise UserError(f"data.resolution {res} is not divisible by the tokenizer's downsampling factor {tok_cfg.downsample}")
@@ -89,7 +111,7 @@ class TokenizerTrainTask:
     unit = "img/s"
     progress_keys = ("loss", "rec_l1", "rec_l2", "lpips", "quant", "d_loss", "code_usage")
 
-    def __init__(self, cfg: TrainTokenizerConfig, env: DistEnv, data: str | Path, run_dir: Path, lpips_weights: str | None = None,
+    def __init__(self, cfg: TrainTokenizerConfig, env: DistEnv, data: str | Path, run_dir: Path,
                  init: str | Path | None = None, trust_pickle: bool = False):
         from vqtok.data.images import list_images
         from vqtok.tokenizer.tokenizer import build_tokenizer
@@ -112,7 +134,7 @@ class TokenizerTrainTask:
             notes = tokenizer_init.load_into_tokenizer(self.tokenizer, source, init)
         self.tokenizer.to(device)
         n_frozen = tokenizer_init.freeze_parts(self.tokenizer, frozen_parts)
-        self.loss_fn = TokenizerLoss(cfg.loss, res, lpips_weights).to(device)
+        self.loss_fn = TokenizerLoss(cfg.loss, res).to(device)
         if self.loss_fn.uses_random_lpips and env.is_main:
             print("warning: LPIPS uses a RANDOM VGG16 trunk (lpips_weights: random-for-tests): not a perceptual metric", flush=True)
         broadcast_module(self.tokenizer, env)
@@ -122,14 +144,13 @@ class TokenizerTrainTask:
             self.tokenizer.compile()
         self.dataset = TrainImageDataset(self.records, res, tuple(cfg.data.scale_range), cfg.data.hflip, cfg.train.seed)
         trainable = [p for p in self.tokenizer.parameters() if p.requires_grad]
-        self._phases = [
-            Phase("generator", self.tokenizer, build_optimizer(cfg.optim.generator, trainable, device),
-                  cfg.optim.generator, ema=True),
-        ]
+        steps_per_epoch = len(self.records) / cfg.train.batch_size  # schedules in epochs count passes over the images
+        g_optim = in_steps(cfg.optim.generator, steps_per_epoch)
+        self._phases = [Phase("generator", self.tokenizer, build_optimizer(g_optim, trainable, device), g_optim, ema=True)]
         if self.loss_fn.discriminator is not None:
             d = self.loss_fn.discriminator
-            self._phases.append(Phase("discriminator", d, build_optimizer(cfg.optim.discriminator, d.parameters(), device),
-                                      cfg.optim.discriminator))
+            d_optim = in_steps(cfg.optim.discriminator, steps_per_epoch)
+            self._phases.append(Phase("discriminator", d, build_optimizer(d_optim, d.parameters(), device), d_optim))
         if source is not None:
             notes += self._restore_from_source(source, frozen_parts)
             if env.is_main:
@@ -302,10 +323,15 @@ class TokenizerTrainTask:
         self.tokenizer.save(dest, state_dict=state)
 
 
-def load_run_config(config: str | Path | dict | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainTokenizerConfig:
+def load_run_config(config: str | Path | dict | None, overrides: list[str] | tuple[str, ...] = (),
+                    lpips_weights: str | Path | None = None) -> TrainTokenizerConfig:
+    """The recipe, the overrides, then --lpips-weights (a path, so not parsed as YAML) into loss.lpips_weights."""
     from vqtok.config import load_config
 
-    return load_config(TrainTokenizerConfig, config, list(overrides), kind="tokenizer")
+    cfg = load_config(TrainTokenizerConfig, config, list(overrides), kind="tokenizer")
+    if lpips_weights is not None:
+        cfg.loss.lpips_weights = str(lpips_weights)
+    return cfg
 
 
 def train_tokenizer(
@@ -326,14 +352,12 @@ def train_tokenizer(
     from vqtok.distributed import init_distributed
     from vqtok.train.engine import Engine
 
-    cfg = load_run_config(config, overrides)
-    if lpips_weights is not None:
-        cfg.loss.lpips_weights = str(lpips_weights)
+    cfg = load_run_config(config, overrides, lpips_weights)
     run_dir = Path(out)
     if not Path(data).exists():
         raise UserError(f"data path {data} does not exist")
     env = init_distributed(device)
-    task = TokenizerTrainTask(cfg, env, data, run_dir, cfg.loss.lpips_weights, init=init, trust_pickle=trust_pickle)
+    task = TokenizerTrainTask(cfg, env, data, run_dir, init=init, trust_pickle=trust_pickle)
     saved = run_dir / "config.yaml"
     if resume and saved.is_file():
         previous = yaml.safe_load(saved.read_text()) or {}
