@@ -14,6 +14,8 @@ from vqtok.train.ema import EMA
 from vqtok.train.distributed import DistEnv
 from vqtok.train.engine import EngineConfig, OptimizerConfig, Phase
 from vqtok.train.sampler import StreamBatchSampler
+
+from test_train_ar import tokenizers, tokens  # noqa: F401  (fixtures)
 from vqtok.train.schedule import ScheduleConfig, lr_factor
 
 
@@ -163,7 +165,7 @@ class HostReads:
 
     NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, ignore=lambda t: False):
         import traceback
 
         self.active, self.calls = False, []
@@ -171,7 +173,7 @@ class HostReads:
             original = getattr(torch.Tensor, name)
 
             def counted(t, *a, _original=original, _name=name, **k):
-                if self.active:
+                if self.active and not ignore(t):
                     where = traceback.extract_stack(limit=3)[0]
                     self.calls.append(f"{_name} at {Path(where.filename).name}:{where.lineno}")
                 return _original(t, *a, **k)
@@ -180,7 +182,8 @@ class HostReads:
 
     def window(self, batches, first: int, last: int):
         """`batches` with counting on from batch `first` through batch `last` (0-based, relative to the
-        run's first step): what the engine does with those steps' batches, not the producing of them."""
+        run's first step): what the engine does with those steps' batches, not the producing of them
+        (a task's data path reads host tensors, e.g. the DataLoader's output before it moves to device)."""
         for i, batch in enumerate(batches):
             self.active = first <= i <= last
             yield batch
@@ -264,3 +267,24 @@ def test_public_train_step_returns_device_metrics_and_trains(tmp_path):
     engine.train_step(task, next(batches), 1)
     with pytest.raises(UserError, match="non-finite at step 1"):
         engine.check_finite(2)
+
+
+def test_ar_task_steps_read_nothing_back(tmp_path, monkeypatch, tokenizers, tokens):
+    """The real AR task (loss, backward, clipping, AdamW, EMA) through the engine: no host reads between log steps.
+
+    On CPU AdamW keeps its step counters as CPU tensors and reads them (`.item()`); on CUDA the engine builds
+    the fused AdamW, which does not. Those counters are the one thing ignored."""
+    from test_train_ar import BASE
+
+    from vqtok.train.ar_task import ARTrainTask, load_run_config
+    from vqtok.train.engine import Engine
+
+    cfg = load_run_config("rar-tiny", BASE + ["train.steps=6", "train.log_every=6", "train.grad_accum=2", "train.ema=true"])
+    task = ARTrainTask(cfg, DistEnv(), tokens, tokenizers[0])
+    optimizer = task.phases()[0].optimizer
+    reads = HostReads(monkeypatch, ignore=lambda t: any(t is s.get("step") for s in optimizer.state.values()))
+    plain = task.batches
+    task.batches = lambda start: reads.window(plain(start), 1, 4)
+    result = Engine(cfg.train, DistEnv(), tmp_path / "run").run(task)
+    assert result.final_dir is not None
+    assert reads.calls == [], reads.calls

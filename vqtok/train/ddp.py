@@ -19,6 +19,7 @@ process trains with batch B.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -56,8 +57,9 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> DistributedDataParallel
     """`module` inside DDP (bucket views: no gradient copies; buffers are not re-broadcast every forward,
     as in the explicit path, which never touches them)."""
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(_ForwardCall(module), device_ids=device_ids, broadcast_buffers=False,
-                                   gradient_as_bucket_view=True)
+    # newer torch names the per-forward buffer broadcast `forward_sync_buffers` (and deprecates the old name)
+    named = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(_ForwardCall(module), device_ids=device_ids, gradient_as_bucket_view=True, **{named: False})
 
 
 class HostVote:
