@@ -6,7 +6,9 @@ to a temporary folder) twice from the same initial weights: once with its own gr
 buckets all-reduced while backward runs, `no_sync()` on accumulation micro-steps) and once switched to
 "explicit" (one bucketed all-reduce after backward). Every timed step is `Engine.train_step` on the same
 fixed batch with the same threads; the two paths alternate in blocks (A B, B A, ...), and a barrier lines
-the ranks up before every step. A step's time is the slower rank's. After timing, the two tasks' weights
+the ranks up before every step. A third path, "local", times each rank training its share of the batch
+with a one-process engine and no gradient exchange, concurrently: the compute part of a step under the
+same CPU contention, so `path - local` is what the exchange costs. A step's time is the slower rank's. After timing, the two tasks' weights
 are compared: both paths trained the same steps on the same batches, so they must agree.
 
     python bench/bench_ddp_step.py                               # hidden 256 x 8 layers, batch 16 x 64 tokens
@@ -57,10 +59,10 @@ def make_inputs(root: Path, grid: int, samples: int) -> tuple[Path, Path]:
     return root / "tokenizer", out
 
 
-def build_task(args, env, tokens: Path, tokenizer: Path, grad_sync: str):
+def build_task(args, env, tokens: Path, tokenizer: Path, grad_sync: str, batch: int):
     from vqtok.train.ar_task import ARTrainTask, load_run_config
 
-    overrides = ["epochs=null", "train.steps=1000000", f"train.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
+    overrides = ["epochs=null", "train.steps=1000000", f"train.batch_size={batch}", f"train.grad_accum={args.grad_accum}",
                  "train.num_workers=0", "train.ema=false", "train.compile=false", "optim.warmup_steps=0",
                  f"model.hidden_size={args.hidden}", f"model.depth={args.depth}", f"model.num_heads={args.heads}",
                  f"model.intermediate_size={4 * args.hidden}", "model.dropout=0.0", "model.attn_dropout=0.0",
@@ -74,17 +76,22 @@ def build_task(args, env, tokens: Path, tokenizer: Path, grad_sync: str):
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from vqtok.train.distributed import init_distributed
+    from vqtok.train.distributed import DistEnv, init_distributed
     from vqtok.train.engine import Engine
 
     torch.set_num_threads(args.threads)
     env = init_distributed(args.device)
-    modes = ("ddp", "explicit")
+    # "local": each rank trains its share alone (a one-process engine, no gradient exchange), at the same
+    # time as the other rank: the compute part of a step under the same contention
+    modes = ("ddp", "explicit", "local")
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
-            cfg, task = build_task(args, env, Path(args.inputs) / "tokens", Path(args.inputs) / "tokenizer", mode)
-            engine = Engine(cfg.train, env, Path(tmp) / mode)
+            own = DistEnv(device=env.device) if mode == "local" else env
+            batch = args.batch // env.world if mode == "local" else args.batch
+            cfg, task = build_task(args, own, Path(args.inputs) / "tokens", Path(args.inputs) / "tokenizer",
+                                   "explicit" if mode == "local" else mode, batch)
+            engine = Engine(cfg.train, own, Path(tmp) / mode)
             engine.prepare(task)
             batch = next(task.batches(0))
             runs[mode] = {"engine": engine, "task": task, "batch": batch, "step": 0}
@@ -112,7 +119,7 @@ def worker(args) -> None:
             for mode in order:
                 for _ in range(args.steps):
                     times[mode].append(step(mode))
-        a, b = (runs[m]["task"].model.state_dict() for m in modes)
+        a, b = (runs[m]["task"].model.state_dict() for m in ("ddp", "explicit"))
         max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     if env.is_main:
         report(args, env, params, times, max_diff)
@@ -130,11 +137,15 @@ def report(args, env, params: int, times: dict[str, list[float]], max_diff: floa
     print(f"RAR hidden {args.hidden} x depth {args.depth} ({params / 1e6:.1f}M parameters, {4 * params / 2**20:.0f} MiB of fp32 "
           f"gradients), global batch {args.batch} x {args.grid * args.grid} tokens, grad_accum {args.grad_accum}, "
           f"{args.blocks} alternating blocks of {args.steps} steps after {args.warmup} warm-up steps per path")
-    print(f"| path | median step | min step | steps |")
-    print(f"|---|---|---|---|")
+    local = rows["local"]["median_s"]
+    print("| path | median step | min step | median - no exchange | steps |")
+    print("|---|---|---|---|---|")
     for mode, r in rows.items():
-        label = "DDP (all-reduce overlapped with backward)" if mode == "ddp" else "explicit (bucketed all-reduce after backward)"
-        print(f"| {label} | {r['median_s'] * 1e3:.1f} ms | {r['min_s'] * 1e3:.1f} ms | {r['steps']} |")
+        label = {"ddp": "DDP (all-reduce overlapped with backward)", "explicit": "explicit (bucketed all-reduce after backward)",
+                 "local": "no exchange (each rank its share alone: the compute part)"}[mode]
+        r["over_local_s"] = r["median_s"] - local
+        extra = f"{r['over_local_s'] * 1e3:+.1f} ms" if mode != "local" else "-"
+        print(f"| {label} | {r['median_s'] * 1e3:.1f} ms | {r['min_s'] * 1e3:.1f} ms | {extra} | {r['steps']} |")
     print(f"explicit / DDP median: {ratio:.3f}x; max weight difference between the paths after training: {max_diff:.2e}")
     if args.json:
         out = {"machine": platform.machine(), "torch": torch.__version__, "device": env.device.type, "world": env.world,
