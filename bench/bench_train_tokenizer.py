@@ -4,7 +4,7 @@
     python bench/bench_train_tokenizer.py --recipe vqgan-f16 --batch 1 --steps 2 --threads 1
     python bench/bench_train_tokenizer.py --recipe vqgan-f16 --device cuda --batch 16 --steps 10   # bf16 autocast
 
-Each timed step is `Engine._train_step` on the recipe's `TokenizerTrainTask`: the generator phase (tokenizer
+Each timed step is `Engine.train_step` on the recipe's `TokenizerTrainTask`: the generator phase (tokenizer
 forward, every loss term the recipe switches on - reconstruction, LPIPS when perceptual_weight > 0,
 quantizer, the adversarial term with its adaptive weight - backward, gradient clipping, Adam, EMA) and the
 discriminator phase when the recipe's discriminator is active. The discriminator is switched on from step 0
@@ -29,7 +29,6 @@ from PIL import Image
 from timing import time_calls
 from vqtok.device import pick_device
 from vqtok.distributed import DistEnv
-from vqtok.train.ema import EMA
 from vqtok.train.engine import Engine
 from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
 
@@ -49,15 +48,13 @@ def build_engine_step(recipe: str, batch: int, device: torch.device, overrides: 
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / "0.png")
         task = TokenizerTrainTask(cfg, env, data, Path(tmp) / "run")
         engine = Engine(cfg.train, env, Path(tmp) / "run")
-    phases = task.phases()
-    if cfg.train.ema:
-        engine.emas = {p.name: EMA(p.module, cfg.train.ema_decay) for p in phases if p.ema}
+    engine.prepare(task)  # EMAs as a run keeps them
     res = cfg.data.resolution
     images = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device)
     counter = {"step": 0}
 
     def step() -> dict[str, float]:
-        metrics, _ = engine._train_step(task, phases, {"images": images}, counter["step"])
+        metrics = engine.train_step(task, {"images": images}, counter["step"]).floats()
         counter["step"] += 1
         return metrics
 

@@ -416,7 +416,6 @@ def case_vqgan_train_step(args) -> dict:
 
     from vqtok.interop import llamagen
     from vqtok.distributed import DistEnv
-    from vqtok.train.ema import EMA
     from vqtok.train.engine import Engine
     from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
 
@@ -459,8 +458,7 @@ def case_vqgan_train_step(args) -> dict:
     ours_lpips = task.loss_fn.lpips.net.state_dict()
     official_lpips = vq_loss.perceptual_loss.state_dict()
     vq_loss.perceptual_loss.load_state_dict({k: ours_lpips[k] for k in official_lpips}, strict=True)
-    phases = task.phases()
-    engine.emas = {p.name: EMA(p.module, cfg.train.ema_decay) for p in phases if p.ema}
+    engine.prepare(task)  # EMAs as a run keeps them
 
     opt = torch.optim.Adam(vq_model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     opt_disc = torch.optim.Adam(vq_loss.discriminator.parameters(), lr=1e-4, betas=(0.9, 0.95))
@@ -502,7 +500,7 @@ def case_vqgan_train_step(args) -> dict:
     batch_dict = {"images": images01}
 
     def run_vqtok():  # one real Engine step: both phases, clipping, EMA
-        metrics, _ = engine._train_step(task, phases, batch_dict, step["vqtok"])
+        metrics = engine.train_step(task, batch_dict, step["vqtok"]).floats()
         first.setdefault("vqtok", metrics["loss"])
         step["vqtok"] += 1
 

@@ -259,7 +259,7 @@ def test_full_size_tokenizer_recipe_takes_one_real_step_with_the_gan_phase(recip
     step = cfg.loss.disc_start  # the first step with the adversarial terms on and D training
     before = {p.name: [q.detach().clone() for q in p.module.parameters()][:4] for p in phases}
     engine = Engine(cfg.train, DistEnv(), tmp_path)
-    metrics, lrs = engine._train_step(task, phases, next(task.batches(step)), step)
+    metrics = engine.train_step(task, next(task.batches(step)), step).floats()
     for key in ("loss", "quant", "g_adv", "d_loss", "d_total"):
         assert key in metrics and math.isfinite(metrics[key]), (key, metrics)
     if cfg.loss.lecam_weight > 0:

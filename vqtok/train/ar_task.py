@@ -301,6 +301,7 @@ class ARTrainTask:
     unit = "tok/s"
     progress_keys = ("loss", "acc", "r")
     point_metrics = ("r",)  # metrics.jsonl: r at the logged step (loss and acc are averages over the log window)
+    grad_sync = "ddp"  # plain forward/backward: DDP overlaps the gradient all-reduce with backward
 
     def __init__(self, cfg: TrainARConfig, env: DistEnv, tokens_dir: str | Path, tokenizer_path: str | Path,
                  init: str | Path | None = None, trust_pickle: bool = False):
@@ -402,9 +403,9 @@ class ARTrainTask:
         step = start_step
         for tokens, classes in loader:
             tokens = tokens.to(env.device, non_blocking=True)
-            classes = classes.to(env.device, non_blocking=True)
+            # the class range check reads the ids: do it on the host copy, not on device (a sync per step)
+            cond = self.model.condition_ids(classes).to(env.device, non_blocking=True)
             orders, drop, r = self.step_conditions(step)
-            cond = self.model.condition_ids(classes)
             cond = torch.where(drop, self.model.null_condition_ids(cond.shape[0], cond.device), cond)
             yield {"tokens": tokens, "cond": cond, "orders": orders, "r": r}
             step += 1
@@ -421,7 +422,7 @@ class ARTrainTask:
         return self.family.train_loss(self.model, tokens, cond, orders)
 
     def loss(self, phase: str, mb: dict, micro_index: int, step: int):
-        loss, acc = self._forward_loss(mb["tokens"], mb["cond"], mb["orders"])
+        loss, acc = self._phases[0].forward(self._forward_loss, mb["tokens"], mb["cond"], mb["orders"])
         return loss, {"loss": loss.detach(), "acc": acc, "r": torch.tensor(mb["r"])}
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,22 +3,29 @@
 A trainer is a `TrainTask`: it builds its models, optimizers and data, and computes a loss for a named
 *phase* on a micro-batch. The engine owns everything else: device and bf16 autocast, optional
 torch.compile (done by the task on the modules it chooses), gradient accumulation, gradient averaging
-across ranks, clipping, LR schedules, EMA, checkpoints and exact resume, SIGINT/SIGTERM, NaN stops,
-progress, metrics.jsonl, preview grids and the final export.
+across ranks (DDP or the explicit all-reduce, as the task's `grad_sync` says; see vqtok/train/ddp.py),
+clipping, LR schedules, EMA, checkpoints and exact resume, SIGINT/SIGTERM, NaN stops, progress,
+metrics.jsonl, preview grids and the final export.
 
 One engine step = for each active phase in order (e.g. "generator" then "discriminator"):
 zero grads -> for each of `grad_accum` micro-batches: loss/accum backward -> average grads over ranks
 -> clip -> optimizer step -> EMA update. The task sees the same micro-batches in every phase, so a
 discriminator phase can reuse the reconstructions its generator phase cached.
+
+No host sync on ordinary steps: the engine never reads a device value back on a step that neither logs,
+previews nor checkpoints. Metric sums stay device tensors until the next log step; non-finite losses are
+flagged on device (with the first bad step and its metrics) and checked at every log, preview and
+checkpoint step and before the final export, always before anything is written, so a NaN never
+overwrites a good checkpoint. After a NaN the steps up to that check run on NaN weights, which are then
+discarded with the process. The per-step stop-signal vote goes over a CPU (gloo) group.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import signal
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -32,7 +39,8 @@ from vqtok.run_lock import run_lock
 from vqtok.signals import STOP_SIGNALS, Interrupted, signal_name
 from vqtok.validation import check_fields
 from vqtok.train import checkpoint as ckpt
-from vqtok.distributed import DistEnv, any_rank, average_gradients, barrier, mean_over_ranks
+from vqtok.distributed import DistEnv, average_gradients, barrier, mean_over_ranks
+from vqtok.train.ddp import HostVote, grad_sync_mode, wrap_ddp
 from vqtok.train.ema import EMA
 from vqtok.train.progress import MetricsLog, Progress
 from vqtok.train.optim import OptimizerConfig, learning_rate
@@ -98,6 +106,20 @@ class Phase:
     optimizer: torch.optim.Optimizer
     config: OptimizerConfig
     ema: bool = False  # keep an EMA of this module (when train.ema is on)
+    ddp: nn.Module | None = field(default=None, repr=False, compare=False)  # set by the engine (grad_sync "ddp")
+    forwarded: bool = field(default=False, repr=False, compare=False)
+
+    def forward(self, fn: Callable[..., Any], *args, **kwargs):
+        """Run the loss's forward computation `fn(*args, **kwargs)` over this phase's module.
+
+        Tasks with grad_sync "ddp" must compute their loss through this: with several ranks it runs inside
+        the module's DDP wrapper, so the following backward reduces gradient buckets as they become ready.
+        Otherwise it is a plain call.
+        """
+        self.forwarded = True
+        if self.ddp is None:
+            return fn(*args, **kwargs)
+        return self.ddp(fn, *args, **kwargs)
 
 
 class TrainTask(Protocol):
@@ -128,7 +150,10 @@ class TrainTask(Protocol):
 
     def save_final(self, dest: Path, weights: dict[str, dict[str, torch.Tensor]]) -> None: ...
 
-    # Optional hooks (looked up with getattr):
+    # Optional attributes and hooks (looked up with getattr):
+    # grad_sync: "ddp" or "explicit" (default), how gradients are averaged over ranks (vqtok/train/ddp.py);
+    #   a "ddp" task computes its loss through Phase.forward.
+    # point_metrics: metric names logged at the log step itself instead of averaged over the window.
     # after_optimizer_step(phase, optimizer, ema_or_None, step): after the phase's optimizer step, before
     #   its EMA update, on every rank (it may issue collectives).
     # on_log(step) -> (metrics, messages): at each log step on every rank (it may issue collectives).
@@ -178,12 +203,103 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+@dataclass
+class StepOutput:
+    """What one `Engine.train_step` returns: this rank's metrics, still on device (nothing was synced), and
+    the learning rate of every phase."""
+
+    metrics: dict[str, torch.Tensor]
+    lrs: dict[str, float]
+
+    def floats(self) -> dict[str, float]:
+        """The metrics as Python floats (reads them back: a host sync)."""
+        return {k: float(v) for k, v in self.metrics.items()}
+
+
+class _MetricWindow:
+    """Per-metric sums and counts since the last log step; the sums stay tensors (no host sync)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.last = metrics
+
+    def means(self, env: DistEnv) -> dict[str, float]:
+        """The window's means, averaged over ranks: one read-back for all metrics."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        values = torch.stack([self.sums[n].to(env.device, torch.float64) / self.counts[n] for n in names])
+        if env.enabled:
+            values = mean_over_ranks(values, env)
+        return dict(zip(names, values.tolist()))
+
+
+class _FiniteWatch:
+    """Non-finite losses flagged on device: for each phase (and set of metric names) the first step whose
+    loss was not finite (-1: none yet) and that step's metrics. Read back only by `first_bad`."""
+
+    def __init__(self, phases: list[str]):
+        self.phases = phases
+        self.entries: dict[tuple[str, tuple[str, ...]], list[torch.Tensor]] = {}
+
+    def observe(self, phase: str, step: int, loss_sum: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        names = tuple(metrics)
+        device = loss_sum.device
+        entry = self.entries.get((phase, names))
+        if entry is None:
+            entry = [torch.full((), -1, dtype=torch.int64, device=device), torch.zeros(len(names), device=device)]
+            self.entries[(phase, names)] = entry
+        first, values = entry
+        new = ~torch.isfinite(loss_sum) & (first < 0)
+        if names:
+            now = torch.stack([metrics[n].to(device, torch.float32).reshape(()) for n in names])
+            entry[1] = torch.where(new, now, values)
+        entry[0] = torch.where(new, torch.full_like(first, step), first)
+
+    def first_bad(self, env: DistEnv) -> tuple[int, str, str] | None:
+        """(step, phase, this rank's metrics at that step) of the earliest non-finite loss on any rank, or None."""
+        if not env.enabled and not self.entries:
+            return None
+        never = torch.iinfo(torch.int64).max
+        per_phase = []
+        for name in self.phases:  # the same order on every rank, whatever each has seen
+            firsts = [e[0] for (ph, _), e in self.entries.items() if ph == name]
+            earliest = torch.full((), never, dtype=torch.int64, device=env.device)
+            for f in firsts:
+                earliest = torch.minimum(earliest, torch.where(f < 0, torch.full_like(f, never), f).to(env.device))
+            per_phase.append(earliest)
+        steps = torch.stack(per_phase)
+        if env.enabled:
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MIN)
+        steps_host = steps.tolist()
+        step = min(steps_host)
+        if step == never:
+            return None
+        phase = self.phases[steps_host.index(step)]
+        terms = "on another rank"
+        for (ph, names), (first, values) in self.entries.items():
+            if ph == phase and int(first) == step:
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values.tolist()))
+                break
+        return step, phase, terms
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig, env: DistEnv, run_dir: Path, resolved_config: Any = None):
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.resolved_config = resolved_config
         cfg.validate(env.world)
         self.emas: dict[str, EMA] = {}
+        self._prepared: tuple[Any, list[Phase]] | None = None
+        self._watch: _FiniteWatch | None = None
+        self._vote: HostVote | None = None
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -255,6 +371,90 @@ class Engine:
         ckpt.restore_rng(rngs[self.env.rank] if self.env.rank < len(rngs) else rngs[0])
         return int(state["step"])
 
+    # -- one step (public: the loop below and the benchmarks use these) ---------------------------------
+
+    def prepare(self, task: TrainTask) -> list[Phase]:
+        """The task's phases, made ready for `train_step`: EMAs (train.ema), DDP wrappers (grad_sync "ddp",
+        several ranks), the non-finite watch and the stop vote. Every rank calls it; once per task."""
+        if self._prepared is not None and self._prepared[0] is task:
+            return self._prepared[1]
+        phases = task.phases()
+        mode = grad_sync_mode(task)
+        if mode == "ddp" and self.env.enabled:
+            for p in phases:
+                p.ddp = wrap_ddp(p.module, self.env.device)
+        self.emas = {p.name: EMA(p.module, self.cfg.ema_decay) for p in phases if p.ema} if self.cfg.ema else {}
+        self._watch = _FiniteWatch([p.name for p in phases])
+        self._vote = HostVote(self.env.enabled)
+        self._grad_sync = mode
+        self._prepared = (task, phases)
+        return phases
+
+    def train_step(self, task: TrainTask, batch: Any, step: int) -> StepOutput:
+        """One optimizer step of every active phase on `batch` (this rank's share of step `step`), as the
+        training loop runs it: no logging, checkpoint or non-finite check (see `check_finite`), no host sync."""
+        phases = self.prepare(task)
+        cfg, env = self.cfg, self.env
+        micro = task.split(batch, cfg.grad_accum)
+        metrics: dict[str, torch.Tensor] = {}
+        lrs: dict[str, float] = {}
+        for phase in phases:
+            lrs[phase.name] = self._set_lr(phase, step)
+            if not task.phase_active(phase.name, step):
+                continue
+            phase.optimizer.zero_grad(set_to_none=True)
+            phase_metrics: dict[str, torch.Tensor] = {}
+            losses = []
+            for i, mb in enumerate(micro):
+                # DDP: reduce once per optimizer step, on the last micro-batch's backward
+                local = phase.ddp.no_sync() if phase.ddp is not None and i < len(micro) - 1 else nullcontext()
+                phase.forwarded = False
+                with local:
+                    with autocast(env.device, enabled=cfg.amp):
+                        loss, m = task.loss(phase.name, mb, i, step)
+                    if self._grad_sync == "ddp" and not phase.forwarded:
+                        raise RuntimeError(
+                            f"{type(task).__name__} has grad_sync 'ddp' but its {phase.name} loss did not run through "
+                            "Phase.forward; its gradients would not be averaged over ranks"
+                        )
+                    (loss / len(micro)).backward()
+                losses.append(loss.detach().float())
+                for k, v in m.items():
+                    v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                    phase_metrics[k] = phase_metrics[k] + v / len(micro) if k in phase_metrics else v / len(micro)
+            self._watch.observe(phase.name, step, torch.stack(losses).sum(), phase_metrics)
+            params = [p for p in phase.module.parameters() if p.requires_grad]
+            if phase.ddp is None:
+                average_gradients(params, env)
+            if phase.config.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, phase.config.grad_clip)
+                phase_metrics[f"grad_norm_{phase.name}"] = norm.detach().float()
+            phase.optimizer.step()
+            ema = self.emas.get(phase.name)
+            after_step = getattr(task, "after_optimizer_step", None)  # optional: e.g. codebook restarts
+            if after_step is not None:
+                after_step(phase.name, phase.optimizer, ema, step)
+            if ema is not None:
+                ema.update(phase.module)
+            metrics.update(phase_metrics)
+        return StepOutput(metrics, lrs)
+
+    def check_finite(self, step: int) -> None:
+        """Raise TrainingDiverged if any rank's loss was non-finite at a step since training began (a host
+        sync, and a collective: every rank calls it at the same steps). `step`: the steps trained so far."""
+        if self._watch is None:
+            return
+        found = self._watch.first_bad(self.env)
+        if found is None:
+            return
+        bad_step, phase, terms = found
+        last = ckpt.latest_checkpoint(self.run_dir)
+        raise TrainingDiverged(
+            f"the {phase} loss became non-finite at step {bad_step} ({terms}); noticed after step {step}, stopped "
+            f"without saving, the last good checkpoint is {last if last is not None else 'none'}; lower the learning "
+            "rate or enable gradient clipping and resume with --resume auto"
+        )
+
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
@@ -268,9 +468,7 @@ class Engine:
 
     def _run(self, task: TrainTask, resume: bool = False, stop_after: int | None = None) -> RunResult:
         cfg, env = self.cfg, self.env
-        phases = task.phases()
-        if cfg.ema:
-            self.emas = {p.name: EMA(p.module, cfg.ema_decay) for p in phases if p.ema}
+        phases = self.prepare(task)
         start = 0
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None and not resume:
@@ -290,43 +488,45 @@ class Engine:
         progress = Progress(cfg.steps, start, task.unit, env.is_main, task.progress_keys)
         last_ckpt, step, interrupted, stop_signal = latest, start, False, None
         window_t, window_samples = time.perf_counter(), 0
-        sums: dict[str, float] = {}
-        count = 0
+        window = _MetricWindow()
         try:
             with _StopFlag() as stop:
                 batches = task.batches(start)
                 while step < end:
                     batch = next(batches)
-                    metrics, lrs = self._train_step(task, phases, batch, step)
+                    out = self.train_step(task, batch, step)
                     step += 1
                     window_samples += task.batch_size(batch) * env.world
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-                    if step % cfg.log_every == 0 or step == end:
+                    window.add(out.metrics)
+                    log_now = step % cfg.log_every == 0 or step == end
+                    preview_now = step % cfg.preview_every == 0
+                    stop_now = self._vote.any(stop.requested)  # host-side: no device read-back
+                    ckpt_now = step % cfg.ckpt_every == 0 or stop_now
+                    if log_now or preview_now or ckpt_now:
+                        self.check_finite(step)  # before anything below writes
+                    if log_now:
                         elapsed = time.perf_counter() - window_t
-                        averaged = self._average_metrics(sums, count)
+                        averaged = window.means(env)
                         # schedule values (e.g. RAR's r) are reported at the logged step, not averaged over the window
-                        averaged.update({k: metrics[k] for k in getattr(task, "point_metrics", ()) if k in metrics})
+                        averaged.update({k: float(window.last[k]) for k in getattr(task, "point_metrics", ()) if k in window.last})
                         on_log = getattr(task, "on_log", None)  # optional: statistics reduced at log steps only
                         extra, notes = on_log(step) if on_log is not None else ({}, [])
                         averaged.update(extra)
                         throughput = window_samples / max(elapsed, 1e-9)
                         if metrics_log is not None:
                             row = {"step": step, "epoch": task.epoch(step) if hasattr(task, "epoch") else None}
-                            row.update({f"lr_{n}" if n != phases[0].name else "lr": v for n, v in lrs.items()})
+                            row.update({f"lr_{n}" if n != phases[0].name else "lr": v for n, v in out.lrs.items()})
                             row.update(averaged)
                             row["throughput"] = throughput
                             metrics_log.write(row)
-                        progress.update(step, throughput, averaged, lrs[phases[0].name])
+                        progress.update(step, throughput, averaged, out.lrs[phases[0].name])
                         for note in notes:
                             progress.message(note)
-                        sums, count = {}, 0
+                        window = _MetricWindow()
                         window_t, window_samples = time.perf_counter(), 0
-                    if step % cfg.preview_every == 0:
+                    if preview_now:
                         self._preview(task, phases, step)
-                    stop_now = any_rank(stop.requested, env)
-                    if step % cfg.ckpt_every == 0 or stop_now:
+                    if ckpt_now:
                         last_ckpt = self.save_checkpoint(phases, task, step)
                     if stop_now:
                         interrupted = True
@@ -342,6 +542,7 @@ class Engine:
                 metrics_log.close()
         final_dir = None
         if not interrupted:
+            self.check_finite(step)
             if last_ckpt is None or ckpt.checkpoint_dir(self.run_dir, step) != last_ckpt:
                 last_ckpt = self.save_checkpoint(phases, task, step)
             if step >= cfg.steps:
@@ -353,15 +554,6 @@ class Engine:
                 barrier(env)
         return RunResult(step=step, interrupted=interrupted, final_dir=final_dir, last_checkpoint=last_ckpt, signal=stop_signal)
 
-    def _average_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
-        names = sorted(sums)
-        if not names:
-            return {}
-        values = torch.tensor([sums[n] / count for n in names], dtype=torch.float64)
-        if self.env.enabled:
-            values = mean_over_ranks(values.to(self.env.device), self.env).cpu()
-        return {n: float(v) for n, v in zip(names, values.tolist())}
-
     def _preview(self, task: TrainTask, phases: list[Phase], step: int) -> None:
         # Every rank runs the forward (models may hold collectives, e.g. all-reduced codebook stats);
         # only rank 0 writes the PNG.
@@ -371,48 +563,3 @@ class Engine:
         from vqtok.image_grid import save_image_grid
 
         save_image_grid(grid, self.run_dir / "previews" / f"step-{step:08d}.png")
-
-    def _train_step(self, task: TrainTask, phases: list[Phase], batch: Any, step: int) -> tuple[dict[str, float], dict[str, float]]:
-        cfg, env = self.cfg, self.env
-        micro = task.split(batch, cfg.grad_accum)
-        metrics: dict[str, float] = {}
-        lrs: dict[str, float] = {}
-        for phase in phases:
-            lrs[phase.name] = self._set_lr(phase, step)
-            if not task.phase_active(phase.name, step):
-                continue
-            phase.optimizer.zero_grad(set_to_none=True)
-            phase_metrics: dict[str, torch.Tensor] = {}
-            losses = []
-            for i, mb in enumerate(micro):
-                with autocast(env.device, enabled=cfg.amp):
-                    loss, m = task.loss(phase.name, mb, i, step)
-                (loss / len(micro)).backward()
-                losses.append(loss.detach().float())
-                for k, v in m.items():
-                    v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                    phase_metrics[k] = phase_metrics.get(k, 0.0) + v / len(micro)
-            total = torch.stack(losses).sum()
-            if any_rank(not bool(torch.isfinite(total)), env):
-                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in phase_metrics.items())
-                last = ckpt.latest_checkpoint(self.run_dir)
-                raise TrainingDiverged(
-                    f"the {phase.name} loss became non-finite at step {step} ({terms}); stopped without saving, "
-                    f"the last good checkpoint is {last if last is not None else 'none'}; lower the learning rate "
-                    "or enable gradient clipping and resume with --resume auto"
-                )
-            params = [p for p in phase.module.parameters() if p.requires_grad]
-            average_gradients(params, env)
-            if phase.config.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, phase.config.grad_clip)
-                phase_metrics[f"grad_norm_{phase.name}"] = norm.detach().float()
-            phase.optimizer.step()
-            ema = self.emas.get(phase.name)
-            after_step = getattr(task, "after_optimizer_step", None)  # optional: e.g. codebook restarts
-            if after_step is not None:
-                after_step(phase.name, phase.optimizer, ema, step)
-            if ema is not None:
-                ema.update(phase.module)
-            for k, v in phase_metrics.items():
-                metrics[k] = float(v)
-        return metrics, lrs

@@ -110,6 +110,9 @@ def resolve_model(cfg: TrainTokenizerConfig) -> TokenizerConfig:
 class TokenizerTrainTask:
     unit = "img/s"
     progress_keys = ("loss", "rec_l1", "rec_l2", "lpips", "quant", "d_loss", "code_usage")
+    # the adaptive GAN weight calls autograd.grad inside the loss, R1 needs double backward and D runs
+    # several forwards per backward: DDP's reducer supports none of these (vqtok/train/ddp.py)
+    grad_sync = "explicit"
 
     def __init__(self, cfg: TrainTokenizerConfig, env: DistEnv, data: str | Path, run_dir: Path,
                  init: str | Path | None = None, trust_pickle: bool = False):
