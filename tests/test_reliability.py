@@ -425,7 +425,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     lock = acquire_run_lock(out, "encode")  # a live run (this process) holds --out
     try:
         result = runner.invoke(app, _encode_args(images, tok_dir, out))
-        _one_line_error(result, "in use by a vqtok encode run", f"pid {os.getpid()}")
+        _one_line_error(result, "in use by a `vqtok encode` run", f"pid {os.getpid()}")
         assert not out.exists() or not any(out.iterdir())
     finally:
         lock.release()
@@ -442,7 +442,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     assert lock_path(out).exists()
     result = runner.invoke(app, _encode_args(images, tok_dir, out))
     assert result.exit_code == 0, result.output
-    assert f"took over the stale lock on {out} left by a vqtok encode run (pid {holder.pid}" in result.output
+    assert f"took over the stale lock on {out} left by a `vqtok encode` run (pid {holder.pid}" in result.output
     assert not lock_path(out).exists()
 
 
@@ -451,12 +451,36 @@ def test_training_and_sampling_refuse_an_out_that_another_run_holds(tmp_path, to
         ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "run"), *TRAIN_AR],
         ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "run"), "--tokens-only", "--num-samples", "1", "--device", "cpu"],
     ):
-        lock = acquire_run_lock(tmp_path / "run", "train")
+        lock = acquire_run_lock(tmp_path / "run", "train")  # a library caller names its own command
         try:
-            _one_line_error(runner.invoke(app, argv), "in use by a vqtok train run")
+            _one_line_error(runner.invoke(app, argv), "in use by a `vqtok train` run")
         finally:
             lock.release()
         assert not (tmp_path / "run").exists()
+
+
+def test_the_lock_message_names_the_command_the_user_ran_and_its_run_dir(tmp_path, tokens, tok_dir, generator, monkeypatch):
+    # a real `train-ar` holds its --out (the engine asks for a lock on behalf of "train"); a second command on
+    # that directory is told which command holds it, its pid and the run directory it writes
+    run = tmp_path / "run"
+    argv = ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(run), *TRAIN_AR, "train.steps=100000"]
+    holder = subprocess.Popen(_cli(*argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while not lock_path(run).exists() or not lock_path(run).read_text().strip():
+            assert holder.poll() is None and time.time() < deadline, holder.stderr.read() if holder.poll() is not None else "no lock"
+            time.sleep(0.2)
+        owner = json.loads(lock_path(run).read_text())
+        assert owner["command"] == "train-ar" and owner["pid"] == holder.pid
+        assert owner["run_dir"] == os.path.realpath(run)
+        monkeypatch.chdir(tmp_path)  # the second run names --out relatively: the message adds the real path
+        sample = ["sample", "--ckpt", str(generator), "--out", "run", "--tokens-only", "--num-samples", "1", "--device", "cpu"]
+        line = _one_line_error(runner.invoke(app, sample), "run is in use by a `vqtok train-ar` run", f"pid {holder.pid}")
+        assert f"writing {os.path.realpath(run)}" in line
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ------------------------------------------------------------------------------ 15.6 numeric options
