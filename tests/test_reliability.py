@@ -417,6 +417,73 @@ def test_out_naming_a_file_is_refused_by_every_writing_command(tmp_path, tokens,
     assert blocker.read_text() == "keep"
 
 
+def _without_dac_override():
+    """preexec_fn: as root, drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from the bounding set before exec, so
+    the kernel enforces file permissions for the child as for any user (root's capabilities after exec come
+    from the bounding set)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _permissions_enforced(tmp_path: Path):
+    """The preexec_fn under which a chmod 0o555 directory refuses writes (None when not root), or skip."""
+    if os.geteuid() != 0:
+        return None
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o555)
+    probe.chmod(0o555)
+    try:
+        check = subprocess.run([sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"], capture_output=True,
+                               preexec_fn=_without_dac_override, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        check = None
+    finally:
+        probe.chmod(0o755)
+    if check is None or check.returncode == 0:
+        pytest.skip("running as root and file permissions cannot be enforced for a child process here")
+    return _without_dac_override
+
+
+def test_a_read_only_destination_is_one_line_and_changes_nothing(tmp_path, tokens, tok_dir, generator, images):
+    # a real read-only directory (chmod 0o555), not an injected error: as root the children run without the
+    # capability that ignores permissions
+    preexec = _permissions_enforced(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "enc").mkdir()  # an existing, empty, read-only --out
+    before = _snapshot(tmp_path)
+    cases = [
+        (["convert", generator / "model.safetensors", "--out", locked / "conv", "--arch", "rar"], locked),
+        (_encode_args(images, tok_dir, locked / "new-enc"), locked),
+        (["train-ar", tokens, "--tokenizer", tok_dir, "--out", locked / "run", *TRAIN_AR], locked),
+        (["train-tokenizer", images, "--config", "tiny-vqgan", "--out", locked / "tok", "--device", "cpu",
+          "train.steps=1", "train.batch_size=2", "train.num_workers=0"], locked),
+        (["sample", "--ckpt", generator, "--out", locked / "s", "--tokens-only", "--num-samples", "1", "--device", "cpu"], locked),
+        (_encode_args(images, tok_dir, locked / "enc"), locked / "enc"),
+    ]
+    try:
+        for argv, read_only in cases:
+            read_only.chmod(0o555)
+            try:
+                proc = subprocess.run(_cli(*argv), env=ENV, capture_output=True, text=True, timeout=300,
+                                      preexec_fn=preexec)
+            finally:
+                read_only.chmod(0o755)
+            line = _one_line_error(proc, "permission denied")
+            assert "choose a destination you can write to" in line, line
+            assert sorted(p.name for p in locked.iterdir()) == ["enc"], (argv, list(locked.iterdir()))
+            assert not any((locked / "enc").iterdir())
+    finally:
+        locked.chmod(0o755)
+        (locked / "enc").chmod(0o755)
+    assert _snapshot(tmp_path) == before
+
+
 # ----------------------------------------------------------------------------------------- run locks
 
 
