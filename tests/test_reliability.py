@@ -358,6 +358,37 @@ def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, gener
     assert np.load(out / "tokens.npy").shape == (64, 8, 8)
 
 
+def test_png_writes_are_atomic_and_a_full_disk_keeps_the_previous_png(tmp_path):
+    from vqtok.atomic_files import atomic_write_png
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)  # incompressible: a ~28 KB PNG
+    path = tmp_path / "previews" / "step-00000010.png"
+    atomic_write_png(path, noise)
+    assert np.array_equal(np.asarray(Image.open(path)), noise)
+    as_tensor = torch.from_numpy(noise).permute(2, 0, 1).float() / 255
+    atomic_write_png(path, as_tensor)  # (3, H, W) in [0, 1], as the preview grids are
+    assert np.array_equal(np.asarray(Image.open(path)), noise)
+    small = np.zeros((8, 8, 3), np.uint8)
+    atomic_write_png(path, Image.fromarray(small))
+    before = path.read_bytes()
+    # the next preview does not fit (a real EFBIG from RLIMIT_FSIZE): one line, the old PNG intact, no temporary
+    script = ("import sys, numpy as np\n"
+              "from vqtok.atomic_files import atomic_write_png\n"
+              "from vqtok.errors import UserError\n"
+              f"noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)\n"
+              "try:\n"
+              f"    atomic_write_png({str(path)!r}, noise)\n"
+              "except UserError as exc:\n"
+              "    print(exc); sys.exit(2)\n")
+    full = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limit_file_size(16 * 1024))
+    assert full.returncode == 2, full.stdout + full.stderr
+    assert f"cannot write {path}: file too large" in full.stdout and "\n" not in full.stdout.strip()
+    assert path.read_bytes() == before and np.array_equal(np.asarray(Image.open(path)), small)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
 def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(tmp_path, tokens, tok_dir):
     run = tmp_path / "run"
     args = ["train-ar", tokens, "--tokenizer", tok_dir, "--out", run, *TRAIN_AR, "train.steps=4", "train.ckpt_every=2"]
