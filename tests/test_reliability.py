@@ -346,6 +346,84 @@ def test_disk_full_during_an_hdf5_encode_is_one_line_not_a_crash(tmp_path, image
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 9
 
 
+_MERGE_SCRIPT = """
+import errno, os, sys
+from pathlib import Path
+import numpy as np
+from vqtok.data import token_shards
+from vqtok.data.token_shards import TokenShardWriter, merge_h5_parts
+from vqtok.errors import UserError
+
+out, mode, budget = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(0)
+for k in range(6):  # six parts of 40 incompressible rows (20 KB each)
+    w = TokenShardWriter(out, k, "h5", np.uint16, 2, 256)
+    for i in range(40):
+        w.write(f"img_{k}_{i:03d}", rng.integers(0, 1024, (2, 256), dtype=np.uint16), i % 3)
+    w.close()
+if mode == "build":
+    merge_h5_parts(out, 6, np.dtype(np.uint16), (2, 256), 240)
+    sys.exit(0)
+
+class Failing:
+    # the disk fails after `budget` bytes of the merged store: ENOSPC or EIO from a real file's write
+    def __init__(self, fh, code):
+        self.fh, self.code, self.written = fh, code, 0
+    def write(self, data):
+        self.written += memoryview(data).nbytes
+        if self.written > budget:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.fh.write(data)
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.fh.close()
+
+if mode in ("ENOSPC", "EIO"):
+    code = getattr(errno, mode)
+    token_shards._open_merge_target = lambda path: Failing(open(path, "w+b"), code)
+else:  # "EFBIG": the kernel's own error (RLIMIT_FSIZE), with the up-front room check out of the way
+    token_shards._check_room_for = lambda path, size: None
+try:
+    merge_h5_parts(out, 6, np.dtype(np.uint16), (2, 256), 240)
+except UserError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("mode, needle", [("ENOSPC", "no space left on device"),
+                                          ("EIO", "input/output error"),
+                                          ("EFBIG", "file too large")])
+def test_hdf5_merge_failing_mid_write_is_one_line_and_keeps_the_previous_store(tmp_path, mode, needle):
+    # a previous tokens.h5 (an earlier merge of other rows) must survive a merge that fails half-way, and the
+    # HDF5 library must not crash the process (exit code 2, not a signal)
+    out = tmp_path / "h5"
+    old = tmp_path / "old"
+    build = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(old), "build", "0"], env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    out.mkdir()
+    shutil.copy(old / "tokens.h5", out / "tokens.h5")
+    previous = (out / "tokens.h5").read_bytes()
+    limit = 60 * 1024  # room for the parts (~122 KB in all, each under the limit) but not for the whole store
+    preexec = _limit_file_size(limit) if mode == "EFBIG" else None
+    proc = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(out), mode, str(limit)], env=ENV,
+                          capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "HDF5-DIAG" not in proc.stderr, proc.stderr
+    message = proc.stdout.strip()
+    assert "\n" not in message and f"cannot write {out / 'tokens.h5'}" in message and needle in message, message
+    assert (out / "tokens.h5").read_bytes() == previous
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], list(out.rglob("*"))
+    import h5py
+
+    with h5py.File(out / "tokens.h5", "r") as f:  # still the complete previous store
+        assert f["tokens"].shape == (240, 2, 256)
+
+
 def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, generator):
     out = tmp_path / "s"
     args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num-samples", "64", "--batch-size", "64", "--device", "cpu"]
