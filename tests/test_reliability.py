@@ -593,6 +593,144 @@ def test_a_read_only_destination_is_one_line_and_changes_nothing(tmp_path, token
     assert _snapshot(tmp_path) == before
 
 
+# ------------------------------------------------------------------------ shard verification, once
+
+
+def _counting_verification(monkeypatch) -> dict[str, int]:
+    """Count the shard checksums and per-sample checks that train-ar's start-up pass performs."""
+    from vqtok.train import ar_data
+
+    calls = {"sha256": 0, "samples": 0}
+    real_check, real_call = ar_data.check_shard_checksum, ar_data._NpyChecker.__call__
+
+    def check(*a, **kw):
+        calls["sha256"] += 1
+        return real_check(*a, **kw)
+
+    def sample(self, *a, **kw):
+        calls["samples"] += 1
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(ar_data, "check_shard_checksum", check)
+    monkeypatch.setattr(ar_data._NpyChecker, "__call__", sample)
+    return calls
+
+
+def test_shard_verification_is_remembered_and_a_changed_shard_is_verified_again(tmp_path, tokens, monkeypatch):
+    from vqtok.data.token_shards import VERIFIED, iter_samples, read_manifest
+    from vqtok.train.ar_data import open_ar_tokens
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    toks = _copy(tokens, tmp_path / "toks")
+    manifest = read_manifest(toks)
+    names = [s["name"] for s in manifest["shards"]]
+    assert len(names) == 3
+    calls = _counting_verification(monkeypatch)
+    first = open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 3, "samples": 9}
+    record = json.loads((toks / VERIFIED).read_text())
+    assert sorted(record["shards"]) == names and record["shards"][names[0]]["sha256"] == manifest["shards"][0]["sha256"]
+    # a restart (or resume) hashes and range-checks nothing that did not change, and indexes the same samples
+    calls.update(sha256=0, samples=0)
+    again = open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 0, "samples": 0}
+    assert np.array_equal(again.offsets, first.offsets) and np.array_equal(again.classes, first.classes)
+    # one shard rewritten in place with in-range tokens and its mtime put back: the ctime still changed, so it
+    # alone is verified again, and refused
+    shard = toks / names[1]
+    stat = shard.stat()
+    member = next(m for m in _members(shard).values() if m.name.endswith(".tokens.npy"))
+    _patch(shard, member.offset_data + member.size - 2, b"\x01\x00")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    calls.update(sha256=0, samples=0)
+    with pytest.raises(UserError, match=f"token shard {shard} does not match the sha256"):
+        open_ar_tokens(toks, manifest)
+    assert calls["sha256"] == 1
+    # a shard that is only touched is verified again and passes; the others are still not re-read
+    _copy(tokens, tmp_path / "fresh")
+    shutil.copy(tmp_path / "fresh" / names[1], shard)
+    calls.update(sha256=0, samples=0)
+    open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 1, "samples": manifest["shards"][1]["count"]}
+    # another expectation (here a smaller vocabulary) is a different check: everything is verified again
+    narrower = json.loads(json.dumps(manifest))
+    narrower["tokenizer"]["vocab_size"] = 1 + max(int(t.max()) for _, t, _ in iter_samples(toks, manifest))
+    calls.update(sha256=0, samples=0)
+    open_ar_tokens(toks, narrower)
+    assert calls["sha256"] == 3
+
+
+def test_a_read_only_token_folder_keeps_its_verification_record_in_the_user_cache(tmp_path, tokens, monkeypatch):
+    from vqtok.data.token_shards import VERIFIED, ShardVerifications, read_manifest
+    from vqtok.train.ar_data import open_ar_tokens
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    toks = _copy(tokens, tmp_path / "toks")
+    (toks / VERIFIED).mkdir()  # the record cannot be written in the token folder
+    manifest = read_manifest(toks)
+    calls = _counting_verification(monkeypatch)
+    open_ar_tokens(toks, manifest)
+    assert calls["sha256"] == 3
+    stored = list((tmp_path / "xdg" / "vqtok" / "verified").iterdir())
+    assert len(stored) == 1 and stored[0] == ShardVerifications(toks, "").locations()[1]
+    calls.update(sha256=0, samples=0)
+    open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 0, "samples": 0}
+
+
+_RANKS_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from vqtok.data.token_shards import read_manifest
+from vqtok.errors import UserError
+from vqtok.train import ar_data
+
+calls = [0]
+real = ar_data.check_shard_checksum
+def counting(*a, **kw):
+    calls[0] += 1
+    return real(*a, **kw)
+ar_data.check_shard_checksum = counting
+dist.init_process_group("gloo")
+root = sys.argv[1]
+try:
+    data = ar_data.open_ar_tokens(root, read_manifest(root))
+    result = {"rank": dist.get_rank(), "checksums": calls[0], "samples": len(data)}
+except UserError as exc:
+    result = {"rank": dist.get_rank(), "checksums": calls[0], "error": str(exc)}
+with open(os.path.join(sys.argv[2], f"rank-{dist.get_rank()}.json"), "w") as fh:
+    json.dump(result, fh)
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_only_rank_zero_verifies_and_a_refusal_reaches_every_rank(tmp_path, tokens):
+    toks = _copy(tokens, tmp_path / "toks")
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT)
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+    def run() -> dict[int, dict]:
+        results = tmp_path / "results"
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), str(toks), str(results)], env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return {rank: json.loads((results / f"rank-{rank}.json").read_text()) for rank in (0, 1)}
+
+    results = run()
+    assert results[0]["checksums"] == 3 and results[1]["checksums"] == 0
+    assert results[0]["samples"] == results[1]["samples"] == 9
+    shard = toks / "tokens-000002.tar"
+    member = next(m for m in _members(shard).values() if m.name.endswith(".tokens.npy"))
+    _patch(shard, member.offset_data + member.size - 2, b"\x01\x00")  # in range: only the sha256 sees it
+    results = run()
+    assert results[0]["checksums"] == 1 and results[1]["checksums"] == 0  # only the changed shard, on rank 0
+    for rank in (0, 1):
+        assert f"token shard {shard} does not match the sha256" in results[rank]["error"]
+
+
 # ----------------------------------------------------------------------------------------- run locks
 
 

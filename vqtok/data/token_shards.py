@@ -109,6 +109,80 @@ def check_shard_checksum(path: Path, expected: str | None, digest: str | None = 
         )
 
 
+VERIFIED = ".verified.json"
+
+
+class ShardVerifications:
+    """Which shards of a token directory were already verified, so a restart or resume does not hash and
+    range-check unchanged shards again.
+
+    An entry is keyed by the shard file's size, mtime and ctime, the sha256 the manifest records for it,
+    and `check` (what was checked: dtype, shape, vocabulary, classes); a shard whose file or expectation
+    changed in any of these is verified again. Kept in `<token dir>/.verified.json`, or, when that folder
+    is read-only (a shared dataset), in `$XDG_CACHE_HOME/vqtok/verified/` (default ~/.cache) under a name
+    derived from the folder's real path. A missing, unreadable or foreign record only means "verify".
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: str | Path, check: str):
+        self.root, self.check = Path(root), check
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        for location in reversed(self.locations()):  # the token folder's record wins
+            self.entries.update(self._read(location))
+
+    def locations(self) -> list[Path]:
+        import hashlib
+
+        real = os.path.realpath(self.root)
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vqtok" / "verified"
+        return [self.root / VERIFIED, cache / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.json"]
+
+    def _read(self, location: Path) -> dict[str, dict]:
+        try:
+            record = json.loads(location.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(record, dict) or record.get("version") != self.VERSION or record.get("root") != os.path.realpath(self.root):
+            return {}
+        shards = record.get("shards")
+        return {k: v for k, v in shards.items() if isinstance(v, dict)} if isinstance(shards, dict) else {}
+
+    def _key(self, name: str, sha256: str | None) -> dict | None:
+        try:
+            st = os.stat(self.root / name)
+        except OSError:
+            return None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": sha256,
+                "check": self.check}
+
+    def is_verified(self, name: str, sha256: str | None) -> bool:
+        key = self._key(name, sha256)
+        return key is not None and self.entries.get(name) == key
+
+    def mark(self, name: str, sha256: str | None) -> None:
+        key = self._key(name, sha256)
+        if key is not None and self.entries.get(name) != key:
+            self.entries[name] = key
+            self.dirty = True
+
+    def save(self) -> Path | None:
+        """Write the record where it can be written (see the class docstring); None when nowhere can."""
+        if not self.dirty:
+            return None
+        record = {"version": self.VERSION, "root": os.path.realpath(self.root), "shards": self.entries}
+        for location in self.locations():
+            try:
+                location.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(location, record)
+            except (OSError, UserError):
+                continue
+            self.dirty = False
+            return location
+        return None
+
+
 class TokenShardWriter:
     """Writes one shard: `write(key, tokens, cls)` per sample, `skip(...)` per bad input, then `close()`.
 
