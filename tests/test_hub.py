@@ -178,6 +178,9 @@ def test_weights_loading_reads_hub_files(offline_cache):
     lay_out_hub_cache(offline_cache, "acme/vq", {"model.safetensors": save(state)})
     loaded = load_state_dict_file("hf://acme/vq/model.safetensors")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    # the checkpoint options (--init of train-ar, --tokenizer, --ckpt) resolve an hf:// file to the cached file
+    resolved = resolve_checkpoint(Path("hf://acme/vq/model.safetensors"), "--init")
+    assert resolved.is_file() and load_state_dict_file(resolved).keys() == state.keys()
 
 
 # ------------------------------------------------------------------------------------------ the commands

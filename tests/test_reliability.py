@@ -622,6 +622,7 @@ def test_shard_verification_is_remembered_and_a_changed_shard_is_verified_again(
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     toks = _copy(tokens, tmp_path / "toks")
+    (toks / VERIFIED).unlink(missing_ok=True)  # left by the runs on the shared fixture
     manifest = read_manifest(toks)
     names = [s["name"] for s in manifest["shards"]]
     assert len(names) == 3
@@ -660,12 +661,36 @@ def test_shard_verification_is_remembered_and_a_changed_shard_is_verified_again(
     assert calls["sha256"] == 3
 
 
+def test_an_hdf5_store_is_verified_once_until_it_changes(tmp_path, images, tok_dir, monkeypatch):
+    from vqtok.data.token_shards import read_manifest
+    from vqtok.train import ar_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = tmp_path / "h5"
+    assert runner.invoke(app, _encode_args(images, tok_dir, out, "--format", "h5")).exit_code == 0
+    manifest = read_manifest(out)
+    verified = []
+    real = ar_data.verify_h5
+    monkeypatch.setattr(ar_data, "verify_h5", lambda *a, **kw: (verified.append(a[0]), real(*a, **kw))[1])
+    ar_data.open_ar_tokens(out, manifest)
+    ar_data.open_ar_tokens(out, manifest)
+    assert verified == [out / "tokens.h5"]
+    import h5py
+
+    with h5py.File(out / "tokens.h5", "r+") as f:  # an in-range change: the sha256 no longer matches
+        f["cls"][0] = (int(f["cls"][0]) + 1) % 3
+    with pytest.raises(UserError, match="does not match the sha256"):
+        ar_data.open_ar_tokens(out, manifest)
+    assert len(verified) == 2
+
+
 def test_a_read_only_token_folder_keeps_its_verification_record_in_the_user_cache(tmp_path, tokens, monkeypatch):
     from vqtok.data.token_shards import VERIFIED, ShardVerifications, read_manifest
     from vqtok.train.ar_data import open_ar_tokens
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     toks = _copy(tokens, tmp_path / "toks")
+    (toks / VERIFIED).unlink(missing_ok=True)  # left by the runs on the shared fixture
     (toks / VERIFIED).mkdir()  # the record cannot be written in the token folder
     manifest = read_manifest(toks)
     calls = _counting_verification(monkeypatch)

@@ -12,7 +12,7 @@ URL forms:
     hf://OWNER/REPO/FILE                  the file at the default branch (main)
     hf://OWNER/REPO@REVISION/FILE         at a branch, tag or commit (`%2F` for a `/` in it: refs%2Fpr%2F1)
     hf://OWNER/REPO/SUB/DIR/FILE          FILE may sit in subfolders
-    hf://OWNER/REPO/FOLDER                a vqtok checkpoint folder in the repository (every file under it)
+    hf://OWNER/REPO/FOLDER                a vqtok checkpoint folder in the repository (its checkpoint files)
     hf://datasets/OWNER/REPO/FILE         a dataset repository (spaces/ likewise)
 
 A `pathlib.Path` collapses the `//`, so `hf:/OWNER/REPO/FILE` (what a Path-typed option hands over) is
@@ -35,6 +35,8 @@ SCHEME = "hf://"
 _REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the Hub's rule for owner and repository names
 _SHAPE = "expected hf://OWNER/REPO/FILE or hf://OWNER/REPO@REVISION/FILE"
+# what a vqtok checkpoint directory holds (vqtok/weights.py): all a folder URL ever fetches
+CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "tokenizer.json", "generator.json")
 
 
 def is_hub_url(source: str | os.PathLike | None) -> bool:
@@ -147,8 +149,9 @@ def resolve_hub_path(source: str | os.PathLike, cache_dir: str | os.PathLike | N
                      offline: bool | None = None) -> Path:
     """The local path of `source` (an hf:// URL) in the Hub cache, downloading it first unless offline.
 
-    A file is fetched with `hf_hub_download`; a path that is a folder in the repository (a vqtok
-    checkpoint directory) or the bare repository is fetched with `snapshot_download`, limited to it.
+    A file is fetched with `hf_hub_download`; a path that is a folder in the repository holding a vqtok
+    checkpoint directory (or a repository that is one) with `snapshot_download`, limited to the
+    checkpoint's files.
     """
     ref = parse_hub_url(source)
     try:
@@ -186,19 +189,20 @@ def _hf_file(ref: HubRef, cache: Path, offline: bool) -> str:
 
 
 def _hf_folder(ref: HubRef, cache: Path, offline: bool) -> Path | None:
-    """The snapshot folder holding `ref.filename/` (or the whole repository), or None when it is not there."""
+    """The snapshot folder holding the vqtok checkpoint at `ref.filename/` (or at the repository's root),
+    or None when there is none. Only the checkpoint's own files are fetched, never the rest of the folder
+    (a mistyped path must not download a whole repository of checkpoints)."""
     from huggingface_hub import snapshot_download
 
-    patterns = [f"{ref.filename}/**"] if ref.filename else None
+    prefix = f"{ref.filename}/" if ref.filename else ""
+    patterns = [prefix + name for name in CHECKPOINT_FILES]
     try:
         root = Path(snapshot_download(ref.repo_id, revision=ref.revision, repo_type=ref.repo_type,
                                       cache_dir=str(cache), local_files_only=offline, allow_patterns=patterns))
     except _errors().EntryNotFoundError:
         return None
     folder = root / ref.filename if ref.filename else root
-    if folder.is_dir() and any(folder.iterdir()):
-        return folder
-    return None
+    return folder if (folder / CHECKPOINT_FILES[0]).is_file() else None
 
 
 def _hub_error(exc: Exception, ref: HubRef, cache: Path, offline: bool) -> UserError:
@@ -230,7 +234,7 @@ def _hub_error(exc: Exception, ref: HubRef, cache: Path, offline: bool) -> UserE
         return UserError(f"{name}: repository {ref.repo_id} does not exist on the Hub or is private "
                          "(log in with `hf auth login` or set HF_TOKEN for a private one)")
     if isinstance(exc, entry_missing):
-        return UserError(f"{name}: {ref.where} does not exist (no such file or folder in the repository)")
+        return UserError(f"{name}: {ref.where} does not exist (no such file, nor a folder holding a vqtok checkpoint)")
     if isinstance(exc, OSError) and exc.errno is not None:
         from vqtok.fs_errors import filesystem_error
 
