@@ -31,7 +31,9 @@ def _is_checkpoint(path: Path) -> bool:
 def resolve_checkpoint(path: str | Path, option: str = "--tokenizer", announce: bool = True) -> Path:
     """The checkpoint directory `path` names: itself, or RUN/final when `path` is a training run."""
     from vqtok.train.checkpoint import latest_checkpoint
-    from vqtok.weights import local_source
+
+    path = Path(path)
+    from vqtok.weights import local_source  # an hf:// URL: the file or folder in the Hub's cache
 
     path = local_source(path)
     if not path.is_dir() or _is_checkpoint(path):

@@ -2,9 +2,10 @@
 
 The lock is a file beside the directory, `<parent>/.<name>.lock` (beside, not inside, so an empty
 output directory stays empty and a directory replaced by a rename keeps its lock). It holds the owner's
-pid, host, command (the one the user ran: `train-ar`, `encode`, ...), run directory and start time, and is held with `flock`, which the kernel drops when the owner dies:
-a second run on the same directory is refused in one line naming the owner, and a lock left by a
-killed process is taken over with a message. Under torchrun only rank 0 takes it.
+pid, host, command (the one the user ran: `train-ar`, `encode`, ...), run directory and start time, and
+is held with `flock`, which the kernel drops when the owner dies: a second run on the same directory is
+refused in one line naming the owner, and a lock left by a killed process is taken over with a message.
+Under torchrun only rank 0 takes it.
 """
 
 from __future__ import annotations
