@@ -346,6 +346,84 @@ def test_disk_full_during_an_hdf5_encode_is_one_line_not_a_crash(tmp_path, image
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 9
 
 
+_MERGE_SCRIPT = """
+import errno, os, sys
+from pathlib import Path
+import numpy as np
+from vqtok.data import token_shards
+from vqtok.data.token_shards import TokenShardWriter, merge_h5_parts
+from vqtok.errors import UserError
+
+out, mode, budget = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(0)
+for k in range(6):  # six parts of 40 incompressible rows (20 KB each)
+    w = TokenShardWriter(out, k, "h5", np.uint16, 2, 256)
+    for i in range(40):
+        w.write(f"img_{k}_{i:03d}", rng.integers(0, 1024, (2, 256), dtype=np.uint16), i % 3)
+    w.close()
+if mode == "build":
+    merge_h5_parts(out, 6, np.dtype(np.uint16), (2, 256), 240)
+    sys.exit(0)
+
+class Failing:
+    # the disk fails after `budget` bytes of the merged store: ENOSPC or EIO from a real file's write
+    def __init__(self, fh, code):
+        self.fh, self.code, self.written = fh, code, 0
+    def write(self, data):
+        self.written += memoryview(data).nbytes
+        if self.written > budget:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.fh.write(data)
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.fh.close()
+
+if mode in ("ENOSPC", "EIO"):
+    code = getattr(errno, mode)
+    token_shards._open_merge_target = lambda path: Failing(open(path, "w+b"), code)
+else:  # "EFBIG": the kernel's own error (RLIMIT_FSIZE), with the up-front room check out of the way
+    token_shards._check_room_for = lambda path, size: None
+try:
+    merge_h5_parts(out, 6, np.dtype(np.uint16), (2, 256), 240)
+except UserError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("mode, needle", [("ENOSPC", "no space left on device"),
+                                          ("EIO", "input/output error"),
+                                          ("EFBIG", "file too large")])
+def test_hdf5_merge_failing_mid_write_is_one_line_and_keeps_the_previous_store(tmp_path, mode, needle):
+    # a previous tokens.h5 (an earlier merge of other rows) must survive a merge that fails half-way, and the
+    # HDF5 library must not crash the process (exit code 2, not a signal)
+    out = tmp_path / "h5"
+    old = tmp_path / "old"
+    build = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(old), "build", "0"], env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    out.mkdir()
+    shutil.copy(old / "tokens.h5", out / "tokens.h5")
+    previous = (out / "tokens.h5").read_bytes()
+    limit = 60 * 1024  # room for the parts (~122 KB in all, each under the limit) but not for the whole store
+    preexec = _limit_file_size(limit) if mode == "EFBIG" else None
+    proc = subprocess.run([sys.executable, "-c", _MERGE_SCRIPT, str(out), mode, str(limit)], env=ENV,
+                          capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "HDF5-DIAG" not in proc.stderr, proc.stderr
+    message = proc.stdout.strip()
+    assert "\n" not in message and f"cannot write {out / 'tokens.h5'}" in message and needle in message, message
+    assert (out / "tokens.h5").read_bytes() == previous
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name], list(out.rglob("*"))
+    import h5py
+
+    with h5py.File(out / "tokens.h5", "r") as f:  # still the complete previous store
+        assert f["tokens"].shape == (240, 2, 256)
+
+
 def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, generator):
     out = tmp_path / "s"
     args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num-samples", "64", "--batch-size", "64", "--device", "cpu"]
@@ -356,6 +434,37 @@ def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, gener
     rerun = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert np.load(out / "tokens.npy").shape == (64, 8, 8)
+
+
+def test_png_writes_are_atomic_and_a_full_disk_keeps_the_previous_png(tmp_path):
+    from vqtok.atomic_files import atomic_write_png
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)  # incompressible: a ~28 KB PNG
+    path = tmp_path / "previews" / "step-00000010.png"
+    atomic_write_png(path, noise)
+    assert np.array_equal(np.asarray(Image.open(path)), noise)
+    as_tensor = torch.from_numpy(noise).permute(2, 0, 1).float() / 255
+    atomic_write_png(path, as_tensor)  # (3, H, W) in [0, 1], as the preview grids are
+    assert np.array_equal(np.asarray(Image.open(path)), noise)
+    small = np.zeros((8, 8, 3), np.uint8)
+    atomic_write_png(path, Image.fromarray(small))
+    before = path.read_bytes()
+    # the next preview does not fit (a real EFBIG from RLIMIT_FSIZE): one line, the old PNG intact, no temporary
+    script = ("import sys, numpy as np\n"
+              "from vqtok.atomic_files import atomic_write_png\n"
+              "from vqtok.errors import UserError\n"
+              f"noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)\n"
+              "try:\n"
+              f"    atomic_write_png({str(path)!r}, noise)\n"
+              "except UserError as exc:\n"
+              "    print(exc); sys.exit(2)\n")
+    full = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limit_file_size(16 * 1024))
+    assert full.returncode == 2, full.stdout + full.stderr
+    assert f"cannot write {path}: file too large" in full.stdout and "\n" not in full.stdout.strip()
+    assert path.read_bytes() == before and np.array_equal(np.asarray(Image.open(path)), small)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_run_resumable(tmp_path, tokens, tok_dir):
@@ -417,6 +526,236 @@ def test_out_naming_a_file_is_refused_by_every_writing_command(tmp_path, tokens,
     assert blocker.read_text() == "keep"
 
 
+def _without_dac_override():
+    """preexec_fn: as root, drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from the bounding set before exec, so
+    the kernel enforces file permissions for the child as for any user (root's capabilities after exec come
+    from the bounding set)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _permissions_enforced(tmp_path: Path):
+    """The preexec_fn under which a chmod 0o555 directory refuses writes (None when not root), or skip."""
+    if os.geteuid() != 0:
+        return None
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o555)
+    probe.chmod(0o555)
+    try:
+        check = subprocess.run([sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"], capture_output=True,
+                               preexec_fn=_without_dac_override, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        check = None
+    finally:
+        probe.chmod(0o755)
+    if check is None or check.returncode == 0:
+        pytest.skip("running as root and file permissions cannot be enforced for a child process here")
+    return _without_dac_override
+
+
+def test_a_read_only_destination_is_one_line_and_changes_nothing(tmp_path, tokens, tok_dir, generator, images):
+    # a real read-only directory (chmod 0o555), not an injected error: as root the children run without the
+    # capability that ignores permissions
+    preexec = _permissions_enforced(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "enc").mkdir()  # an existing, empty, read-only --out
+    before = _snapshot(tmp_path)
+    cases = [
+        (["convert", generator / "model.safetensors", "--out", locked / "conv", "--arch", "rar"], locked),
+        (_encode_args(images, tok_dir, locked / "new-enc"), locked),
+        (["train-ar", tokens, "--tokenizer", tok_dir, "--out", locked / "run", *TRAIN_AR], locked),
+        (["train-tokenizer", images, "--config", "tiny-vqgan", "--out", locked / "tok", "--device", "cpu",
+          "train.steps=1", "train.batch_size=2", "train.num_workers=0"], locked),
+        (["sample", "--ckpt", generator, "--out", locked / "s", "--tokens-only", "--num-samples", "1", "--device", "cpu"], locked),
+        (_encode_args(images, tok_dir, locked / "enc"), locked / "enc"),
+    ]
+    try:
+        for argv, read_only in cases:
+            read_only.chmod(0o555)
+            try:
+                proc = subprocess.run(_cli(*argv), env=ENV, capture_output=True, text=True, timeout=300,
+                                      preexec_fn=preexec)
+            finally:
+                read_only.chmod(0o755)
+            line = _one_line_error(proc, "permission denied")
+            assert "choose a destination you can write to" in line, line
+            assert sorted(p.name for p in locked.iterdir()) == ["enc"], (argv, list(locked.iterdir()))
+            assert not any((locked / "enc").iterdir())
+    finally:
+        locked.chmod(0o755)
+        (locked / "enc").chmod(0o755)
+    assert _snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------ shard verification, once
+
+
+def _counting_verification(monkeypatch) -> dict[str, int]:
+    """Count the shard checksums and per-sample checks that train-ar's start-up pass performs."""
+    from vqtok.train import ar_data
+
+    calls = {"sha256": 0, "samples": 0}
+    real_check, real_call = ar_data.check_shard_checksum, ar_data._NpyChecker.__call__
+
+    def check(*a, **kw):
+        calls["sha256"] += 1
+        return real_check(*a, **kw)
+
+    def sample(self, *a, **kw):
+        calls["samples"] += 1
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(ar_data, "check_shard_checksum", check)
+    monkeypatch.setattr(ar_data._NpyChecker, "__call__", sample)
+    return calls
+
+
+def test_shard_verification_is_remembered_and_a_changed_shard_is_verified_again(tmp_path, tokens, monkeypatch):
+    from vqtok.data.token_shards import VERIFIED, iter_samples, read_manifest
+    from vqtok.train.ar_data import open_ar_tokens
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    toks = _copy(tokens, tmp_path / "toks")
+    (toks / VERIFIED).unlink(missing_ok=True)  # left by the runs on the shared fixture
+    manifest = read_manifest(toks)
+    names = [s["name"] for s in manifest["shards"]]
+    assert len(names) == 3
+    calls = _counting_verification(monkeypatch)
+    first = open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 3, "samples": 9}
+    record = json.loads((toks / VERIFIED).read_text())
+    assert sorted(record["shards"]) == names and record["shards"][names[0]]["sha256"] == manifest["shards"][0]["sha256"]
+    # a restart (or resume) hashes and range-checks nothing that did not change, and indexes the same samples
+    calls.update(sha256=0, samples=0)
+    again = open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 0, "samples": 0}
+    assert np.array_equal(again.offsets, first.offsets) and np.array_equal(again.classes, first.classes)
+    # one shard rewritten in place with in-range tokens and its mtime put back: the ctime still changed, so it
+    # alone is verified again, and refused
+    shard = toks / names[1]
+    stat = shard.stat()
+    member = next(m for m in _members(shard).values() if m.name.endswith(".tokens.npy"))
+    _patch(shard, member.offset_data + member.size - 2, b"\x01\x00")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    calls.update(sha256=0, samples=0)
+    with pytest.raises(UserError, match=f"token shard {shard} does not match the sha256"):
+        open_ar_tokens(toks, manifest)
+    assert calls["sha256"] == 1
+    # a shard that is only touched is verified again and passes; the others are still not re-read
+    _copy(tokens, tmp_path / "fresh")
+    shutil.copy(tmp_path / "fresh" / names[1], shard)
+    calls.update(sha256=0, samples=0)
+    open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 1, "samples": manifest["shards"][1]["count"]}
+    # another expectation (here a smaller vocabulary) is a different check: everything is verified again
+    narrower = json.loads(json.dumps(manifest))
+    narrower["tokenizer"]["vocab_size"] = 1 + max(int(t.max()) for _, t, _ in iter_samples(toks, manifest))
+    calls.update(sha256=0, samples=0)
+    open_ar_tokens(toks, narrower)
+    assert calls["sha256"] == 3
+
+
+def test_an_hdf5_store_is_verified_once_until_it_changes(tmp_path, images, tok_dir, monkeypatch):
+    from vqtok.data.token_shards import read_manifest
+    from vqtok.train import ar_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = tmp_path / "h5"
+    assert runner.invoke(app, _encode_args(images, tok_dir, out, "--format", "h5")).exit_code == 0
+    manifest = read_manifest(out)
+    verified = []
+    real = ar_data.verify_h5
+    monkeypatch.setattr(ar_data, "verify_h5", lambda *a, **kw: (verified.append(a[0]), real(*a, **kw))[1])
+    ar_data.open_ar_tokens(out, manifest)
+    ar_data.open_ar_tokens(out, manifest)
+    assert verified == [out / "tokens.h5"]
+    import h5py
+
+    with h5py.File(out / "tokens.h5", "r+") as f:  # an in-range change: the sha256 no longer matches
+        f["cls"][0] = (int(f["cls"][0]) + 1) % 3
+    with pytest.raises(UserError, match="does not match the sha256"):
+        ar_data.open_ar_tokens(out, manifest)
+    assert len(verified) == 2
+
+
+def test_a_read_only_token_folder_keeps_its_verification_record_in_the_user_cache(tmp_path, tokens, monkeypatch):
+    from vqtok.data.token_shards import VERIFIED, ShardVerifications, read_manifest
+    from vqtok.train.ar_data import open_ar_tokens
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    toks = _copy(tokens, tmp_path / "toks")
+    (toks / VERIFIED).unlink(missing_ok=True)  # left by the runs on the shared fixture
+    (toks / VERIFIED).mkdir()  # the record cannot be written in the token folder
+    manifest = read_manifest(toks)
+    calls = _counting_verification(monkeypatch)
+    open_ar_tokens(toks, manifest)
+    assert calls["sha256"] == 3
+    stored = list((tmp_path / "xdg" / "vqtok" / "verified").iterdir())
+    assert len(stored) == 1 and stored[0] == ShardVerifications(toks, "").locations()[1]
+    calls.update(sha256=0, samples=0)
+    open_ar_tokens(toks, manifest)
+    assert calls == {"sha256": 0, "samples": 0}
+
+
+_RANKS_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from vqtok.data.token_shards import read_manifest
+from vqtok.errors import UserError
+from vqtok.train import ar_data
+
+calls = [0]
+real = ar_data.check_shard_checksum
+def counting(*a, **kw):
+    calls[0] += 1
+    return real(*a, **kw)
+ar_data.check_shard_checksum = counting
+dist.init_process_group("gloo")
+root = sys.argv[1]
+try:
+    data = ar_data.open_ar_tokens(root, read_manifest(root))
+    result = {"rank": dist.get_rank(), "checksums": calls[0], "samples": len(data)}
+except UserError as exc:
+    result = {"rank": dist.get_rank(), "checksums": calls[0], "error": str(exc)}
+with open(os.path.join(sys.argv[2], f"rank-{dist.get_rank()}.json"), "w") as fh:
+    json.dump(result, fh)
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_only_rank_zero_verifies_and_a_refusal_reaches_every_rank(tmp_path, tokens):
+    toks = _copy(tokens, tmp_path / "toks")
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT)
+    env = {**ENV, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+    def run() -> dict[int, dict]:
+        results = tmp_path / "results"
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), str(toks), str(results)], env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return {rank: json.loads((results / f"rank-{rank}.json").read_text()) for rank in (0, 1)}
+
+    results = run()
+    assert results[0]["checksums"] == 3 and results[1]["checksums"] == 0
+    assert results[0]["samples"] == results[1]["samples"] == 9
+    shard = toks / "tokens-000002.tar"
+    member = next(m for m in _members(shard).values() if m.name.endswith(".tokens.npy"))
+    _patch(shard, member.offset_data + member.size - 2, b"\x01\x00")  # in range: only the sha256 sees it
+    results = run()
+    assert results[0]["checksums"] == 1 and results[1]["checksums"] == 0  # only the changed shard, on rank 0
+    for rank in (0, 1):
+        assert f"token shard {shard} does not match the sha256" in results[rank]["error"]
+
+
 # ----------------------------------------------------------------------------------------- run locks
 
 
@@ -425,7 +764,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     lock = acquire_run_lock(out, "encode")  # a live run (this process) holds --out
     try:
         result = runner.invoke(app, _encode_args(images, tok_dir, out))
-        _one_line_error(result, "in use by a vqtok encode run", f"pid {os.getpid()}")
+        _one_line_error(result, "in use by a `vqtok encode` run", f"pid {os.getpid()}")
         assert not out.exists() or not any(out.iterdir())
     finally:
         lock.release()
@@ -442,7 +781,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_is_taken_over(
     assert lock_path(out).exists()
     result = runner.invoke(app, _encode_args(images, tok_dir, out))
     assert result.exit_code == 0, result.output
-    assert f"took over the stale lock on {out} left by a vqtok encode run (pid {holder.pid}" in result.output
+    assert f"took over the stale lock on {out} left by a `vqtok encode` run (pid {holder.pid}" in result.output
     assert not lock_path(out).exists()
 
 
@@ -451,12 +790,36 @@ def test_training_and_sampling_refuse_an_out_that_another_run_holds(tmp_path, to
         ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "run"), *TRAIN_AR],
         ["sample", "--ckpt", str(generator), "--out", str(tmp_path / "run"), "--tokens-only", "--num-samples", "1", "--device", "cpu"],
     ):
-        lock = acquire_run_lock(tmp_path / "run", "train")
+        lock = acquire_run_lock(tmp_path / "run", "train")  # a library caller names its own command
         try:
-            _one_line_error(runner.invoke(app, argv), "in use by a vqtok train run")
+            _one_line_error(runner.invoke(app, argv), "in use by a `vqtok train` run")
         finally:
             lock.release()
         assert not (tmp_path / "run").exists()
+
+
+def test_the_lock_message_names_the_command_the_user_ran_and_its_run_dir(tmp_path, tokens, tok_dir, generator, monkeypatch):
+    # a real `train-ar` holds its --out (the engine asks for a lock on behalf of "train"); a second command on
+    # that directory is told which command holds it, its pid and the run directory it writes
+    run = tmp_path / "run"
+    argv = ["train-ar", str(tokens), "--tokenizer", str(tok_dir), "--out", str(run), *TRAIN_AR, "train.steps=100000"]
+    holder = subprocess.Popen(_cli(*argv), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while not lock_path(run).exists() or not lock_path(run).read_text().strip():
+            assert holder.poll() is None and time.time() < deadline, holder.stderr.read() if holder.poll() is not None else "no lock"
+            time.sleep(0.2)
+        owner = json.loads(lock_path(run).read_text())
+        assert owner["command"] == "train-ar" and owner["pid"] == holder.pid
+        assert owner["run_dir"] == os.path.realpath(run)
+        monkeypatch.chdir(tmp_path)  # the second run names --out relatively: the message adds the real path
+        sample = ["sample", "--ckpt", str(generator), "--out", "run", "--tokens-only", "--num-samples", "1", "--device", "cpu"]
+        line = _one_line_error(runner.invoke(app, sample), "run is in use by a `vqtok train-ar` run", f"pid {holder.pid}")
+        assert f"writing {os.path.realpath(run)}" in line
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ------------------------------------------------------------------------------ 15.6 numeric options

@@ -28,6 +28,7 @@ _REASONS = {
     errno.EISDIR: ("it is a directory", "pass a file path"),
     # mkdir(exist_ok=True) raises EEXIST only when the path exists and is not a directory
     errno.EEXIST: ("it is a file, not a directory", "pass a directory path"),
+    errno.EIO: ("input/output error (the disk or its file system failed)", "check the disk and rerun the same command"),
 }
 
 

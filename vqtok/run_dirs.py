@@ -7,6 +7,7 @@ vqtok.train.checkpoint); `list_checkpoints` and `latest_checkpoint` find the com
 state). Every option that takes a checkpoint (`--tokenizer`, `--ckpt`, `--init`, `eval-tokenizer`,
 `reconstruct`, `encode`) passes its path through `resolve_checkpoint`:
 
+- an `hf://OWNER/REPO[@REV]/PATH` URL: its file or folder in the Hugging Face cache (vqtok/hub.py), then as below;
 - a checkpoint directory (it holds model.safetensors) or any file: returned unchanged;
 - a finished run (RUN/final is a checkpoint): RUN/final, announced on stderr;
 - an unfinished run (checkpoints/ but no final/): a one-line UserError naming the latest checkpoint and how
@@ -56,6 +57,9 @@ def _is_checkpoint(path: Path) -> bool:
 def resolve_checkpoint(path: str | Path, option: str = "--tokenizer", announce: bool = True) -> Path:
     """The checkpoint directory `path` names: itself, or RUN/final when `path` is a training run."""
     path = Path(path)
+    from vqtok.weights import local_source  # an hf:// URL: the file or folder in the Hub's cache
+
+    path = local_source(path)
     if not path.is_dir() or _is_checkpoint(path):
         return path
     final = path / "final"

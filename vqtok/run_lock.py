@@ -2,9 +2,10 @@
 
 The lock is a file beside the directory, `<parent>/.<name>.lock` (beside, not inside, so an empty
 output directory stays empty and a directory replaced by a rename keeps its lock). It holds the owner's
-pid, host, command and start time, and is held with `flock`, which the kernel drops when the owner dies:
-a second run on the same directory is refused in one line naming the owner, and a lock left by a
-killed process is taken over with a message. Under torchrun only rank 0 takes it.
+pid, host, command (the one the user ran: `train-ar`, `encode`, ...), run directory and start time, and
+is held with `flock`, which the kernel drops when the owner dies: a second run on the same directory is
+refused in one line naming the owner, and a lock left by a killed process is taken over with a message.
+Under torchrun only rank 0 takes it.
 """
 
 from __future__ import annotations
@@ -59,13 +60,31 @@ def _read_owner(fd: int) -> dict | None:
     return owner if isinstance(owner, dict) else {}
 
 
-def _describe(owner: dict) -> str:
-    """'a vqtok encode run (pid 123 on host, started 2026-12-01 10:00:00)'."""
+_cli_command: str | None = None
+
+
+def set_cli_command(name: str | None) -> None:
+    """Record the vqtok subcommand this process runs (the CLI does, for the length of the invocation)."""
+    global _cli_command
+    _cli_command = name
+
+
+def command_name(fallback: str) -> str:
+    """The vqtok command this process runs (`train-ar`, `encode`, ...) when a CLI invocation is in
+    progress, else `fallback` (library callers name their own)."""
+    return _cli_command or fallback
+
+
+def _describe(owner: dict, run_dir: Path | None = None) -> str:
+    """'a `vqtok encode` run (pid 123 on host, started 2026-12-01 10:00:00, writing /abs/out)'; the run
+    directory is named when the owner recorded it under another spelling than `run_dir`."""
     if not owner:
         return "an earlier run (its lock file is unreadable)"
     started = owner.get("started")
     when = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if isinstance(started, (int, float)) else ""
-    return f"a vqtok {owner.get('command', '?')} run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}{when})"
+    held = owner.get("run_dir")
+    where = f", writing {held}" if isinstance(held, str) and (run_dir is None or held != str(run_dir)) else ""
+    return f"a `vqtok {owner.get('command', '?')}` run (pid {owner.get('pid', '?')} on {owner.get('host', '?')}{when}{where})"
 
 
 class RunLock:
@@ -90,7 +109,10 @@ class RunLock:
 
 
 def acquire_run_lock(run_dir: str | Path, command: str, note: Callable[[str], None] = _note) -> RunLock:
-    """Lock `run_dir` for `command` or raise a one-line `UserError` naming the run that holds it."""
+    """Lock `run_dir` for `command` or raise a one-line `UserError` naming the run that holds it: its
+    command, pid, host, start time and run directory. Inside a CLI invocation the command recorded is
+    the one the user ran (`train-ar`, not the engine's generic "train"); `command` is the fallback."""
+    command = command_name(command)
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; pass a directory")
@@ -111,13 +133,14 @@ def acquire_run_lock(run_dir: str | Path, command: str, note: Callable[[str], No
             if not flocked or os.stat(path).st_ino != os.fstat(fd).st_ino:
                 if flocked is None:  # held by a live process
                     raise UserError(
-                        f"{run_dir} is in use by {_describe(owner or {})}; wait for it to finish or choose another --out"
+                        f"{run_dir} is in use by {_describe(owner or {}, run_dir)}; wait for it to finish or choose another --out"
                     )
                 os.close(fd)  # the file was removed or replaced between open and lock: try again
                 continue
             if owner is not None:
-                note(f"took over the stale lock on {run_dir} left by {_describe(owner)}, which is no longer running")
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
+                note(f"took over the stale lock on {run_dir} left by {_describe(owner, run_dir)}, which is no longer running")
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time(),
+                  "run_dir": os.path.realpath(run_dir)}
             with writing(path, "write the run lock"):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)

@@ -10,6 +10,9 @@ Integrity: every model checkpoint records a content hash of its weights in its i
 (`state_dict_sha256`, for tokenizers and generators alike) and its loader checks it, so a
 damaged or edited checkpoint is refused in one line instead of loading silently different weights.
 
+Sources: wherever a weights file or checkpoint directory is read, an `hf://OWNER/REPO[@REV]/PATH` URL
+may stand for it (`local_source`): it is fetched through the Hugging Face Hub's cache (vqtok/hub.py).
+
 Writing is atomic: a checkpoint directory is built under a temporary name beside its destination and
 renamed into place, so a crash never leaves a half-written checkpoint where a good one was.
 
@@ -44,6 +47,18 @@ TRUST_FLAG = "--trust-pickle"
 MODEL_MARKERS = ("tokenizer.json", "generator.json")  # identity files: a directory vqtok made
 
 
+def local_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local path of a weights source: `source` itself, or for an `hf://` URL its file (or folder) in
+    the Hugging Face cache, downloaded first unless HF_HUB_OFFLINE=1 (then the cache must hold it)."""
+    from vqtok.hub import is_hub_url
+
+    if is_hub_url(source):
+        from vqtok.hub import resolve_hub_path
+
+        return resolve_hub_path(source, cache_dir=cache_dir)
+    return Path(source)
+
+
 def load_state_dict_file(path: str | Path, trust_pickle: bool | None = None, key: str | None = None) -> dict[str, torch.Tensor]:
     """Load a flat `{name: tensor}` dict from .safetensors / .bin / .pt / .pth, safely.
 
@@ -52,9 +67,9 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool | None = None, key
 
     `key` picks a nested entry (LlamaGen keeps weights under `checkpoint["model"]`); when it is None and
     the file holds a dict whose values are not all tensors, the usual containers are tried in order:
-    "model", "ema", "state_dict", "module".
+    "model", "ema", "state_dict", "module". `path` may be an `hf://` URL (see `local_source`).
     """
-    path = Path(path)
+    path = local_source(path)
     if not path.exists():
         raise UserError(f"weights file {path} does not exist")
     if path.is_dir():
@@ -230,8 +245,8 @@ def save_model_dir(
 
 
 def read_model_dir(path: str | Path, identity_name: str) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """Read (state dict, config YAML text, identity dict) from a checkpoint directory."""
-    path = Path(path)
+    """Read (state dict, config YAML text, identity dict) from a checkpoint directory (or its hf:// URL)."""
+    path = local_source(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     if not path.is_dir():

@@ -47,6 +47,10 @@ class _VqtokGroup(TyperGroup):
             hint = _AFTER_INTERRUPT.get(command, "rerun the same command")
             _error_line(f"{command} interrupted by {signal_name(signum)}; {hint}")
             raise typer.Exit(code=exit_code_for(signum)) from None
+        finally:
+            from vqtok.run_lock import set_cli_command
+
+            set_cli_command(None)
 
 
 def _error_line(message: str) -> None:
@@ -107,8 +111,12 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Optional[bool] = typer.Option(
         None, "--version", callback=_print_version, is_eager=True, help="Print the vqtok version and exit."
     ),
 ) -> None:
     """vqtok: train-tokenizer -> encode -> train-ar -> sample, each stage a file contract."""
+    from vqtok.run_lock import set_cli_command
+
+    set_cli_command(ctx.invoked_subcommand)  # run locks name the command the user ran

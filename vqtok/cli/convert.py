@@ -13,7 +13,7 @@ from vqtok.errors import UserError
 
 @app.command(name="convert")
 def convert(
-    file: Path = typer.Argument(..., help="Official weights: .bin / .pt / .pth / .safetensors."),
+    file: Path = typer.Argument(..., help="Official weights: .bin / .pt / .pth / .safetensors, or hf://OWNER/REPO[@REVISION]/FILE on the Hugging Face Hub (through its cache; HF_HUB_OFFLINE=1 reads the cache only)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq or rar (default: detected from the keys)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow files that need full unpickling (only for files you trust)."),

@@ -110,6 +110,80 @@ def check_shard_checksum(path: Path, expected: str | None, digest: str | None = 
         )
 
 
+VERIFIED = ".verified.json"
+
+
+class ShardVerifications:
+    """Which shards of a token directory were already verified, so a restart or resume does not hash and
+    range-check unchanged shards again.
+
+    An entry is keyed by the shard file's size, mtime and ctime, the sha256 the manifest records for it,
+    and `check` (what was checked: dtype, shape, vocabulary, classes); a shard whose file or expectation
+    changed in any of these is verified again. Kept in `<token dir>/.verified.json`, or, when that folder
+    is read-only (a shared dataset), in `$XDG_CACHE_HOME/vqtok/verified/` (default ~/.cache) under a name
+    derived from the folder's real path. A missing, unreadable or foreign record only means "verify".
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: str | Path, check: str):
+        self.root, self.check = Path(root), check
+        self.entries: dict[str, dict] = {}
+        self.dirty = False
+        for location in reversed(self.locations()):  # the token folder's record wins
+            self.entries.update(self._read(location))
+
+    def locations(self) -> list[Path]:
+        import hashlib
+
+        real = os.path.realpath(self.root)
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vqtok" / "verified"
+        return [self.root / VERIFIED, cache / f"{hashlib.sha256(real.encode()).hexdigest()[:24]}.json"]
+
+    def _read(self, location: Path) -> dict[str, dict]:
+        try:
+            record = json.loads(location.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(record, dict) or record.get("version") != self.VERSION or record.get("root") != os.path.realpath(self.root):
+            return {}
+        shards = record.get("shards")
+        return {k: v for k, v in shards.items() if isinstance(v, dict)} if isinstance(shards, dict) else {}
+
+    def _key(self, name: str, sha256: str | None) -> dict | None:
+        try:
+            st = os.stat(self.root / name)
+        except OSError:
+            return None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "sha256": sha256,
+                "check": self.check}
+
+    def is_verified(self, name: str, sha256: str | None) -> bool:
+        key = self._key(name, sha256)
+        return key is not None and self.entries.get(name) == key
+
+    def mark(self, name: str, sha256: str | None) -> None:
+        key = self._key(name, sha256)
+        if key is not None and self.entries.get(name) != key:
+            self.entries[name] = key
+            self.dirty = True
+
+    def save(self) -> Path | None:
+        """Write the record where it can be written (see the class docstring); None when nowhere can."""
+        if not self.dirty:
+            return None
+        record = {"version": self.VERSION, "root": os.path.realpath(self.root), "shards": self.entries}
+        for location in self.locations():
+            try:
+                location.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(location, record)
+            except (OSError, UserError):
+                continue
+            self.dirty = False
+            return location
+        return None
+
+
 class TokenShardWriter:
     """Writes one shard: `write(key, tokens, cls)` per sample, `skip(...)` per bad input, then `close()`.
 
@@ -206,15 +280,18 @@ class TokenShardWriter:
 
 def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> str:
     """Copy the per-shard HDF5 parts, in shard order, into one `tokens.h5` (one part in memory at a time);
-    returns its sha256."""
+    returns its sha256.
+
+    The store is built as a temporary file in the same folder and renamed over `tokens.h5` only when
+    complete, so a failure leaves any previous `tokens.h5` exactly as it was. Room is checked up front;
+    if the disk still fills (or fails: EIO) mid-merge, the error is one line, the temporary is removed,
+    and libhdf5 never sees a failed write (see `_GuardedFile`)."""
     final = out_dir / H5_NAME
     tmp = out_dir / f".{H5_NAME}.tmp-{os.getpid()}"
     _check_room_for(final, sum(shard_path(out_dir, k, "h5").stat().st_size for k in range(num_shards)) + (1 << 20))
     try:
         with writing(final):
             _merge_h5(tmp, out_dir, num_shards, dtype, shape, total)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
             digest = file_sha256(tmp)
             os.replace(tmp, final)
     except BaseException:
@@ -224,8 +301,7 @@ def merge_h5_parts(out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple
 
 
 def _check_room_for(path: Path, size: int) -> None:
-    """Refuse up front when `size` bytes will not fit (free space or the file-size limit): the HDF5 library
-    crashes the process, instead of raising, when a write fails."""
+    """Refuse up front when `size` bytes will not fit (free space or the file-size limit)."""
     import resource
     import shutil
 
@@ -241,22 +317,91 @@ def _check_room_for(path: Path, size: int) -> None:
         )
 
 
+class _GuardedFile(io.RawIOBase):
+    """The file libhdf5 writes the merged store through (h5py's file-object driver).
+
+    libhdf5 does not survive a failed write: the process crashes when the library shuts down. So the
+    first OSError of a write, flush or truncate is recorded instead of raised, and from then on writes are
+    accepted and dropped; the merge checks `error` after each part and raises it once the HDF5 file is
+    closed, and the (abandoned) temporary file is removed."""
+
+    def __init__(self, fh):
+        super().__init__()
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return self.fh.readinto(buffer)
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self.fh.write(data)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.fh.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return self.fh.tell() if size is None else size
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.fh.flush()
+            except OSError as exc:
+                self.error = exc
+
+
+def _open_merge_target(path: Path):
+    return open(path, "w+b")
+
+
 def _merge_h5(tmp: Path, out_dir: Path, num_shards: int, dtype: np.dtype, shape: tuple[int, int], total: int) -> None:
     import h5py
 
-    with h5py.File(tmp, "w") as out:
-        chunk_rows = max(1, min(total, 256))
-        tokens = out.create_dataset("tokens", shape=(total, *shape), dtype=dtype, chunks=(chunk_rows, *shape) if total else None)
-        cls = out.create_dataset("cls", shape=(total,), dtype=np.int64)
-        keys = out.create_dataset("keys", shape=(total,), dtype=h5py.string_dtype())
-        row = 0
-        for index in range(num_shards):
-            with h5py.File(shard_path(out_dir, index, "h5"), "r") as part:
-                n = part["tokens"].shape[0]
-                tokens[row : row + n] = part["tokens"][:]
-                cls[row : row + n] = part["cls"][:]
-                keys[row : row + n] = part["keys"][:]
-                row += n
+    with _open_merge_target(tmp) as fh:
+        guard = _GuardedFile(fh)
+        with h5py.File(guard, "w") as out:
+            chunk_rows = max(1, min(total, 256))
+            tokens = out.create_dataset("tokens", shape=(total, *shape), dtype=dtype, chunks=(chunk_rows, *shape) if total else None)
+            cls = out.create_dataset("cls", shape=(total,), dtype=np.int64)
+            keys = out.create_dataset("keys", shape=(total,), dtype=h5py.string_dtype())
+            row = 0
+            for index in range(num_shards):
+                with h5py.File(shard_path(out_dir, index, "h5"), "r") as part:
+                    n = part["tokens"].shape[0]
+                    tokens[row : row + n] = part["tokens"][:]
+                    cls[row : row + n] = part["cls"][:]
+                    keys[row : row + n] = part["keys"][:]
+                    row += n
+                out.flush()  # this part's chunks reach the file now, so a full disk stops the merge here
+                if guard.error is not None:
+                    break
+        if guard.error is not None:
+            raise guard.error
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -19,6 +19,9 @@ Before training touches a shard it is verified once, in the same start-up pass (
 per step): its sha256 against the manifest (when the manifest has one; older manifests are range-checked
 only, with a note), every sample's npy header (dtype and shape) and token range [0, vocab_size), and every
 class label. A damaged shard is one line naming the shard and the sample, before any weight is updated.
+The result is remembered per shard (`ShardVerifications`: keyed by the file's size, mtime and ctime and the
+manifest's sha256), so a restart or resume re-verifies only shards that changed; under torchrun rank 0
+verifies and the other ranks take its verdict (a refusal stops every rank with the same line).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqtok.data.token_shards import MANIFEST, TokenH5Dataset, check_shard_checksum
+from vqtok.data.token_shards import MANIFEST, ShardVerifications, TokenH5Dataset, check_shard_checksum
 from vqtok.errors import UserError
 
 _REENCODE = "re-run `vqtok encode` into a fresh --out"
@@ -70,14 +73,21 @@ class TarTokens(torch.utils.data.Dataset):
         self.names = [s["name"] for s in manifest["shards"]]
         expect = SampleCheck.from_manifest(manifest)
         _note_missing_checksums(self.root, manifest)
+        verdict = None
         shard_ids, offsets, sizes, classes = [], [], [], []
-        for sid, shard in enumerate(manifest["shards"]):
-            o, s, c = _scan_tar(self.root / shard["name"], expect, shard.get("sha256"))
-            if len(o) != int(shard["count"]):
-                raise UserError(
-                    f"shard {self.root / shard['name']} holds {len(o)} samples but the manifest says {shard['count']}; "
-                    "the token directory is damaged, so re-run `vqtok encode`"
-                )
+        if _is_verifier():
+            done = ShardVerifications(self.root, expect.fingerprint)
+            try:
+                scans = [self._scan(shard, expect, done) for shard in manifest["shards"]]
+            except UserError as exc:
+                verdict = str(exc)
+            finally:
+                done.save()  # the shards verified before a damaged one stay verified
+            _share_verdict(verdict)
+        else:  # rank > 0: rank 0 verified the same files; only the index is read here
+            _share_verdict(None)
+            scans = [self._scan(shard, None, None) for shard in manifest["shards"]]
+        for sid, (o, s, c) in enumerate(scans):
             shard_ids.append(np.full(len(o), sid, dtype=np.int32))
             offsets.append(np.asarray(o, dtype=np.int64))
             sizes.append(np.asarray(s, dtype=np.int32))
@@ -87,6 +97,20 @@ class TarTokens(torch.utils.data.Dataset):
         self.sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
         self.classes = np.concatenate(classes) if classes else np.zeros(0, np.int32)
         self._fds: dict[int, int] = {}
+
+    def _scan(self, shard: dict, expect: "SampleCheck | None", done: ShardVerifications | None):
+        """(offsets, sizes, classes) of one shard; verified against `expect` unless `done` says it already was."""
+        name, sha256 = shard["name"], shard.get("sha256")
+        verify = expect is not None and done is not None and not done.is_verified(name, sha256)
+        o, s, c = _scan_tar(self.root / name, expect if verify else None, sha256 if verify else None)
+        if len(o) != int(shard["count"]):
+            raise UserError(
+                f"shard {self.root / name} holds {len(o)} samples but the manifest says {shard['count']}; "
+                "the token directory is damaged, so re-run `vqtok encode`"
+            )
+        if verify:
+            done.mark(name, sha256)
+        return o, s, c
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -122,6 +146,11 @@ class SampleCheck:
     vocab_size: int
     num_classes: int
 
+    @property
+    def fingerprint(self) -> str:
+        """What a verification checked, as recorded with it: another expectation means verify again."""
+        return f"{self.dtype.name} {list(self.shape)} vocab {self.vocab_size} classes {self.num_classes}"
+
     @classmethod
     def from_manifest(cls, manifest: dict) -> "SampleCheck":
         tok = manifest["tokenizer"]
@@ -144,6 +173,33 @@ class SampleCheck:
                 f"{where}: token {largest} is outside the vocabulary of {self.vocab_size}; "
                 f"the shard is damaged or was made by another tokenizer; {_REENCODE}"
             )
+
+
+def _dist_group_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_verifier() -> bool:
+    """Rank 0 verifies shards (every process when there is no process group)."""
+    return _dist_group_size()[0] == 0
+
+
+def _share_verdict(verdict: str | None) -> None:
+    """Rank 0's verdict on the shards (None: sound; else its one-line refusal) on every rank, raised
+    everywhere when it is a refusal, so no rank is left waiting at a collective."""
+    rank, world = _dist_group_size()
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        verdict = box[0]
+    if verdict:
+        raise UserError(verdict)
 
 
 def _note_missing_checksums(root: Path, manifest: dict) -> None:
@@ -311,8 +367,18 @@ class H5Tokens(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, manifest: dict):
         self.base = TokenH5Dataset(root, manifest, view="all")
         _note_missing_checksums(Path(root), manifest)
-        verify_h5(self.base.path, SampleCheck.from_manifest(manifest), manifest["shards"][0].get("sha256"),
-                  int(manifest["num_samples"]))
+        verdict = None
+        if _is_verifier():
+            expect, sha256 = SampleCheck.from_manifest(manifest), manifest["shards"][0].get("sha256")
+            done = ShardVerifications(root, expect.fingerprint + f" rows {int(manifest['num_samples'])}")
+            if not done.is_verified(self.base.path.name, sha256):
+                try:
+                    verify_h5(self.base.path, expect, sha256, int(manifest["num_samples"]))
+                    done.mark(self.base.path.name, sha256)
+                    done.save()
+                except UserError as exc:
+                    verdict = str(exc)
+        _share_verdict(verdict)
 
     def __len__(self) -> int:
         return len(self.base)

@@ -4,7 +4,8 @@ SOURCE may be
 - a vqtok run directory (its latest checkpoint) or one checkpoint (RUN/checkpoints/step-N): tokenizer,
   discriminator and optimizer states;
 - a tokenizer checkpoint directory (RUN/final, or `vqtok convert` output): tokenizer weights only;
-- an official weights file (MaskGIT-VQGAN, VAR, LlamaGen .bin/.pt/.pth/.safetensors), converted in memory.
+- an official weights file (MaskGIT-VQGAN, VAR, LlamaGen .bin/.pt/.pth/.safetensors), converted in memory;
+- any of these on the Hugging Face Hub, as `hf://OWNER/REPO[@REVISION]/PATH` (read through its cache).
 
 The run's config must build the same architecture (for official weights: model.preset=maskgit-vqgan-f16,
 var-msvq-f16 or llamagen-vq-f16). Anti-collapse buffers the source lacks (k-means flag, cluster sizes,
@@ -37,8 +38,9 @@ class InitSource:
 
 def read_init_source(path: str | Path, trust_pickle: bool = False) -> InitSource:
     from vqtok.train import checkpoint as ckpt
+    from vqtok.weights import local_source
 
-    path = Path(path)
+    path = local_source(path)
     if not path.exists():
         raise UserError(f"--init {path} does not exist")
     if path.is_dir():
