@@ -235,10 +235,11 @@ def check(json_path: str | Path) -> dict[str, float | int]:
             regen = torch.empty(noise.numel() // V, V).exponential_(1, generator=g).view_as(noise)
             report.close(f"{group}/exponential_noise[{si}]", regen, noise, {"exact_match_expected": True})
 
-        # the one sampling loop, re-seeded like the official sampler and replaying the noise
+        # the one sampling loop, re-seeded like the official sampler (KV-cached decoder, the default) and
+        # replaying the noise (the full-recompute reference)
         for how, kwargs_ in (("seeded", {"generator": torch.Generator().manual_seed(int(ref["g_seed"]))}),
-                             ("noise_replay", {"draw": ExponentialRaceDraw(ref["exponential_noise"])})):
-            out = sample(model, labels, sc, decoder=VARCachedDecoder(model), **kwargs_)
+                             ("noise_replay", {"draw": ExponentialRaceDraw(ref["exponential_noise"]), "kv_cache": False})):
+            out = sample(model, labels, sc, **kwargs_)
             got = model.quantizer.split_scales(out.tokens)
             for si in range(K):
                 report.close(f"{group}/sample_{how}/idx_Bl[{si}]", got[si], idx[si], report.tol(group, f"idx_Bl[{si}]"))

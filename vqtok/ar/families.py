@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from vqtok.ar.rar import RAR, RARConfig
+from vqtok.ar.var import VAR, VARConfig
 from vqtok.errors import UserError
 
 
@@ -48,3 +49,5 @@ def family_of(model: nn.Module) -> Family:
 
 register(Family("rar", RARConfig, RAR, multiscale_tokens=False,
                 summary="randomized autoregressive (RAR): one token per step, permutation annealing"))
+register(Family("var", VARConfig, VAR, multiscale_tokens=True,
+                summary="next-scale prediction (VAR): one whole scale per step over the multi-scale tokenizer"))

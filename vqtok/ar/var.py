@@ -123,6 +123,29 @@ class VARConfig:
     def null_class_id(self) -> int:
         return self.num_classes
 
+    def identity_fields(self) -> dict:
+        """What a checkpoint's generator.json records about this config."""
+        return {"preset": preset_for(self), "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "num_classes": self.num_classes, "patch_nums": list(self.patch_nums),
+                "codebook_dim": self.codebook_dim}
+
+
+# the released sizes (`build_vae_var` with V=4096, Cvae=32 and VAR's 10 scales) and a CPU-sized one
+PRESETS = {f"var-d{d}": (lambda d=d: VARConfig.from_depth(d)) for d in (16, 20, 24, 30)}
+PRESETS["var-tiny"] = lambda: VARConfig(depth=2, embed_dim=64, num_heads=2, vocab_size=64, codebook_dim=8,
+                                        patch_nums=[1, 2, 3, 4], drop_path_rate=0.0)
+
+
+def preset_for(cfg: VARConfig) -> str | None:
+    """The preset whose architecture `cfg` has (ignoring dropout settings), or None."""
+    arch = ("depth", "embed_dim", "num_heads", "mlp_ratio", "num_classes", "vocab_size", "codebook_dim",
+            "patch_nums", "shared_aln", "attn_l2_norm")
+    for name, make in PRESETS.items():
+        ref = make()
+        if all(getattr(ref, k) == getattr(cfg, k) for k in arch):
+            return name
+    return None
+
 
 # ------------------------------------------------------------------------------------------ blocks
 
@@ -355,6 +378,15 @@ class VAR(nn.Module):
         """Tokens per step: one whole scale (pn^2 tokens) per step."""
         return [p * p for p in self.config.patch_nums]
 
+    def generation_order(self, name: str | None = None) -> None:
+        """None: the scales concatenated coarse to fine, each row-major, is both generation and output order."""
+        if name not in (None, "", "scales", "next-scale"):
+            raise UserError(f"VAR generates scale by scale (coarse to fine); scan order '{name}' does not apply")
+        return None
+
+    def default_decoder(self, kv_cache: bool = True):
+        return VARCachedDecoder(self) if kv_cache else VARFullRecompute(self)
+
     # ------------------------------------------------------------------ pieces shared by all paths
 
     def conditions(self, cond_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -494,7 +526,7 @@ class VARCachedDecoder:
         cfg = self.model.config
         return VARKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device, dtype)
 
-    def start(self, cond_ids: torch.Tensor) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         model, cfg = self.model, self.model.config
         quant = model.quantizer
         dtype = model.head.weight.dtype
@@ -522,7 +554,7 @@ class VARFullRecompute:
     def __init__(self, model: VAR):
         self.model = model
 
-    def start(self, cond_ids: torch.Tensor) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         model = self.model
         side = model.config.patch_nums[-1]
         self.cond_ids = cond_ids
@@ -539,6 +571,6 @@ class VARFullRecompute:
 
 
 __all__ = [
-    "VAR", "VARConfig", "VARCachedDecoder", "VARFullRecompute", "VARKVCache", "VAR_PATCH_NUMS",
-    "check_quantizer", "var_loss",
+    "PRESETS", "VAR", "VARConfig", "VARCachedDecoder", "VARFullRecompute", "VARKVCache", "VAR_PATCH_NUMS",
+    "check_quantizer", "preset_for", "var_loss",
 ]
