@@ -356,3 +356,13 @@ def test_presets_follow_the_release_rule():
     assert preset_for(VARConfig.from_depth(24)) == "var-d24" and preset_for(tiny().config) is None
     cfg = PRESETS["var-d30"]()
     assert (cfg.embed_dim, cfg.num_heads, cfg.seq_len) == (1920, 30, 680)
+
+
+def test_paper_sampling_preset_is_the_release_fid_setting():
+    from vqtok.ar.presets import paper_sampling
+    from vqtok.ar.sampling import guidance_schedule
+
+    sc = paper_sampling("var-d16")
+    assert (sc.guidance_schedule, sc.top_k, sc.top_p, sc.temperature) == ("ramp", 900, 0.96, 1.0)
+    ramp = guidance_schedule(sc, 10)
+    assert ramp[0] == 1.0 and float(ramp[-1]) == pytest.approx(2.5)  # official t = 1.5 * k / 9: 1 + t
