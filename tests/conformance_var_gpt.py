@@ -146,7 +146,7 @@ def check(json_path: str | Path) -> dict[str, float | int]:
     _check_config(model.config, kwargs)
     if list(model.state_dict()) != list(state):
         raise AssertionError("vqtok's VAR state-dict order differs from the official one")
-    model.config.cond_drop_rate = kwargs["cond_drop_rate"]
+    model.config.class_dropout = kwargs["cond_drop_rate"]
     model.config.norm_eps = kwargs["norm_eps"]
 
     # ---------------------------------------------------------------- teacher-forced forward

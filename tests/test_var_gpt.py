@@ -96,7 +96,7 @@ def test_shared_aln_variant_keys_and_forward():
 
 
 def test_label_dropout_follows_the_official_rule_in_eval_mode_too():
-    model = tiny(cond_drop_rate=0.5)
+    model = tiny(class_dropout=0.5)
     labels = torch.arange(8) % 10
     x = model.teacher_forcing_input(tokens_for(model, 8))
     torch.manual_seed(123)
@@ -109,7 +109,7 @@ def test_label_dropout_follows_the_official_rule_in_eval_mode_too():
     state = torch.get_rng_state()
     assert torch.equal(model(labels, x, drop_labels=False), model.prefix_logits(labels, x))
     assert torch.equal(torch.get_rng_state(), state), "no dropout draw when it is off"
-    model.config.cond_drop_rate = 0.0
+    model.config.class_dropout = 0.0
     assert torch.equal(model(labels, x), model.prefix_logits(labels, x))
 
 
@@ -230,7 +230,9 @@ def official_state(model: VAR) -> dict[str, torch.Tensor]:
 def test_conversion_round_trips_and_detects_the_architecture():
     for shared in (False, True):
         model = tiny(shared_aln=shared)
-        cfg, state = var_gpt.convert(official_state(model), model.quantizer)
+        cfg = var_gpt.to_config(official_state(model), model.quantizer)
+        state = var_gpt.convert(official_state(model), model.quantizer)
+        assert list(state) == list(model.state_dict())
         assert (cfg.depth, cfg.embed_dim, cfg.num_heads, cfg.shared_aln, cfg.patch_nums) == (2, 32, 2, shared, list(PATCH))
         loaded = var_gpt.load(official_state(model), model.quantizer)
         x = model.teacher_forcing_input(tokens_for(model, 2))
@@ -242,7 +244,7 @@ def test_conversion_refuses_missing_or_mismatched_tokenizers():
     sd = official_state(model)
     assert var_gpt.matches(sd)
     with pytest.raises(UserError, match="needs its multi-scale tokenizer"):
-        var_gpt.convert(sd, None)
+        var_gpt.convert(sd)
     with pytest.raises(UserError, match="single-scale"):
         var_gpt.convert(sd, VectorQuantizer(codebook_size=16, dim=4))
     with pytest.raises(UserError, match="predicts 16 codes but the tokenizer has 32"):
@@ -366,3 +368,21 @@ def test_paper_sampling_preset_is_the_release_fid_setting():
     assert (sc.guidance_schedule, sc.top_k, sc.top_p, sc.temperature) == ("ramp", 900, 0.96, 1.0)
     ramp = guidance_schedule(sc, 10)
     assert ramp[0] == 1.0 and float(ramp[-1]) == pytest.approx(2.5)  # official t = 1.5 * k / 9: 1 + t
+
+
+def test_training_hooks_take_multiscale_shards_only():
+    from vqtok.ar.var import token_fields, train_loss
+
+    assert token_fields(16, [[1, 1], [2, 2], [3, 3]], 14) == {"vocab_size": 16, "patch_nums": [1, 2, 3]}
+    with pytest.raises(UserError, match="one token grid"):
+        token_fields(1024, [[16, 16]], 256)
+    with pytest.raises(UserError, match="square"):
+        token_fields(16, [[1, 1], [2, 3]], 7)
+    model = tiny(class_dropout=0.5).train()
+    tokens, cond = tokens_for(model, 4), torch.tensor([1, 10, 3, 10])
+    state = torch.get_rng_state()
+    loss, acc = train_loss(model, tokens, cond, None)
+    assert torch.equal(torch.get_rng_state(), state), "the trainer's class dropout is not drawn again"
+    ref = var_loss(model.prefix_logits(cond, model.teacher_forcing_input(tokens)), tokens)
+    torch.testing.assert_close(loss, ref)
+    assert 0.0 <= float(acc) <= 1.0

@@ -25,8 +25,9 @@ exp(min(scale_mul_1H11, ln 100)) and the softmax scale is 1; keys get the persis
 `shared_aln` replaces every block's adaLN Linear by one shared Linear plus a per-block offset `ada_gss`.
 
 Label dropout (a documented choice, as the official): `forward` replaces class c by the null class
-`num_classes` where `torch.rand(B) < cond_drop_rate`, one draw of B uniforms from the global generator,
-whenever `cond_drop_rate > 0` -- in eval mode too, exactly like the official forward. Pass
+`num_classes` where `torch.rand(B) < class_dropout` (the official `cond_drop_rate`), one draw of B uniforms
+from the global generator, whenever `class_dropout > 0` -- in eval mode too, exactly like the official forward.
+Pass
 `drop_labels=False` for an evaluation loss without dropout (or set the rate to 0).
 
 Generation runs one *step per scale* through the one sampling loop (vqtok.ar.sampling.sample) with one of
@@ -67,7 +68,7 @@ class VARConfig:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly from 0 at block 0 to this at the last
     norm_eps: float = 1e-6
     shared_aln: bool = False
-    cond_drop_rate: float = 0.1  # label -> null class with this probability in `forward` (train and eval)
+    class_dropout: float = 0.1  # the official cond_drop_rate: label -> null class in `forward` (train and eval)
     attn_l2_norm: bool = True
     grad_checkpointing: bool = False
 
@@ -82,7 +83,7 @@ class VARConfig:
             raise UserError(f"VAR patch_nums must be positive scale sides, got {self.patch_nums}")
         if self.mlp_ratio <= 0 or self.norm_eps <= 0:
             raise UserError("VAR mlp_ratio and norm_eps must be positive")
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "cond_drop_rate"):
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate", "class_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"VAR config {name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -91,7 +92,7 @@ class VARConfig:
         """The released models' rule (`build_vae_var`): width 64 * depth, depth heads, drop path 0.1 * depth / 24,
         l2-normalised attention, no shared adaLN, label dropout 0.1."""
         kwargs = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24,
-                      attn_l2_norm=True, shared_aln=False, cond_drop_rate=0.1)
+                      attn_l2_norm=True, shared_aln=False, class_dropout=0.1)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -425,8 +426,8 @@ class VAR(nn.Module):
     # ------------------------------------------------------------------ teacher-forced forward
 
     def drop_classes(self, class_ids: torch.Tensor) -> torch.Tensor:
-        """The official label dropout: the null class where torch.rand(B) < cond_drop_rate (global generator)."""
-        rate = self.config.cond_drop_rate
+        """The official label dropout: the null class where torch.rand(B) < class_dropout (global generator)."""
+        rate = self.config.class_dropout
         if rate <= 0:
             return class_ids
         drop = torch.rand(class_ids.shape[0], device=class_ids.device) < rate
@@ -437,8 +438,8 @@ class VAR(nn.Module):
         """Logits (B, L', V) of the teacher-forced model, L' = first_l + x.shape[1] (a prefix of whole scales).
 
         `x_BLCv_wo_first_l` (B, L' - first_l, Cvae) is the tokenizer's teacher-forcing input
-        (`teacher_forcing_input`). `drop_labels`: None = the official rule (drop when cond_drop_rate > 0,
-        in train and eval mode); False never drops; True drops at cond_drop_rate.
+        (`teacher_forcing_input`). `drop_labels`: None = the official rule (drop when class_dropout > 0,
+        in train and eval mode); False never drops; True drops at class_dropout.
         """
         if drop_labels is None or drop_labels:
             class_ids = self.drop_classes(class_ids)
@@ -481,6 +482,33 @@ def var_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
     ce = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), label_smoothing=label_smoothing,
                          reduction="none").view(B, L)
     return ce.mul(1.0 / L).sum(dim=-1).mean()
+
+
+def token_fields(vocab_size: int, scales: list[list[int]], tokens_per_view: int) -> dict:
+    """The config values that multi-scale token shards decide: the vocabulary and the scale schedule.
+    UserError for shards VAR cannot train on (one token grid, or non-square scales)."""
+    if len(scales) < 2:
+        raise UserError("VAR trains on multi-scale tokens, but these token shards hold one token grid; encode "
+                        "them with a multi-scale (msvq) tokenizer")
+    sides = []
+    for scale in scales:
+        h, w = (int(v) for v in scale)
+        if h != w:
+            raise UserError(f"VAR needs square scales; the token shards have a {h}x{w} scale")
+        sides.append(h)
+    if sum(s * s for s in sides) != int(tokens_per_view):
+        raise UserError(f"the token shards' scales {sides} make {sum(s * s for s in sides)} tokens, "
+                        f"not the {tokens_per_view} they hold per image")
+    return {"vocab_size": int(vocab_size), "patch_nums": sides}
+
+
+def train_loss(model: VAR, tokens: torch.Tensor, cond_ids: torch.Tensor, orders=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, token accuracy) of one micro-batch: `cond_ids` already carry the step's class dropout (the
+    trainer draws it), so the forward does not drop again. VAR trains in its one fixed order (`orders` unused)."""
+    loss, logits = model.loss_on_tokens(cond_ids, tokens, drop_labels=False)
+    accuracy = (logits.detach().argmax(dim=-1) == tokens).float().mean()
+    return loss, accuracy
 
 
 def check_quantizer(cfg: VARConfig, quantizer: nn.Module) -> None:
@@ -572,5 +600,5 @@ class VARFullRecompute:
 
 __all__ = [
     "PRESETS", "VAR", "VARConfig", "VARCachedDecoder", "VARFullRecompute", "VARKVCache", "VAR_PATCH_NUMS",
-    "check_quantizer", "preset_for", "var_loss",
+    "check_quantizer", "preset_for", "token_fields", "train_loss", "var_loss",
 ]

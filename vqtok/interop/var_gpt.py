@@ -118,7 +118,7 @@ def to_config(state: Mapping, tokenizer: Any, num_heads: int | None = None) -> V
         num_classes=require(state, "class_emb.weight", fmt)[0] - 1, vocab_size=V, codebook_dim=Cvae,
         patch_nums=sides, shared_aln="shared_ada_lin.1.weight" in state, attn_l2_norm=l2,
         # the released training settings (`build_vae_var`); they only matter when fine-tuning
-        drop_path_rate=0.1 * depth / 24, cond_drop_rate=0.1,
+        drop_path_rate=0.1 * depth / 24, class_dropout=0.1,
     )
 
 
@@ -148,17 +148,18 @@ def check_keys(state: Mapping, tokenizer: Any, num_heads: int | None = None) -> 
     return cfg, mapping
 
 
-def convert(state: Mapping[str, torch.Tensor], tokenizer: Any, num_heads: int | None = None
-            ) -> tuple[VARConfig, dict[str, torch.Tensor]]:
-    """Official state dict -> (VARConfig, vqtok VAR state dict in vqtok's order), everything checked."""
+def convert(state: Mapping[str, torch.Tensor], tokenizer: Any = None, num_heads: int | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Official state dict -> vqtok VAR state dict (vqtok's order), every key and shape checked against the
+    architecture `to_config` detects with `tokenizer` (required: UserError without it)."""
     cfg, mapping = check_keys(state, tokenizer, num_heads)
-    reference = expected_shapes(cfg)
-    return cfg, {key: state[key] for key in reference if key in mapping}
+    return {key: state[key] for key in expected_shapes(cfg) if key in mapping}
 
 
 def load(state: Mapping[str, torch.Tensor], tokenizer: Any, num_heads: int | None = None) -> VAR:
     """A ready VAR (eval mode) from an official state dict, bound to the tokenizer's quantizer."""
-    cfg, converted = convert(state, tokenizer, num_heads)
+    cfg = to_config(state, tokenizer, num_heads)
+    converted = convert(state, tokenizer, num_heads)
     model = VAR(cfg)
     model.load_state_dict(converted, strict=True)
     quantizer = getattr(tokenizer, "quantize", tokenizer)
