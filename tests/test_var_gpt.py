@@ -386,3 +386,50 @@ def test_training_hooks_take_multiscale_shards_only():
     ref = var_loss(model.prefix_logits(cond, model.teacher_forcing_input(tokens)), tokens)
     torch.testing.assert_close(loss, ref)
     assert 0.0 <= float(acc) <= 1.0
+
+
+# ------------------------------------------------------------------------------- vqtok convert
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_convert_cli_needs_the_multiscale_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from vqtok.ar.checkpoint import load_generator
+    from vqtok.cli import app
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+
+    msvq, single = build_tokenizer("tiny-msvq").eval(), build_tokenizer("tiny-vqgan").eval()
+    msvq.save(tmp_path / "msvq")
+    single.save(tmp_path / "vqgan")
+    q = msvq.quantize
+    cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=q.codebook_size,
+                    codebook_dim=q.dim, patch_nums=[h for h, _ in q.scales])
+    official = VAR(cfg)
+    torch.save(official.state_dict(), tmp_path / "var_d1.pth")
+    runner = CliRunner()
+    base = ["convert", str(tmp_path / "var_d1.pth"), "--out", str(tmp_path / "gen")]
+    assert "--tokenizer" in _one_error_line(runner.invoke(app, base))
+    assert "single-scale" in _one_error_line(runner.invoke(app, base + ["--tokenizer", str(tmp_path / "vqgan")]))
+    assert not (tmp_path / "gen").exists(), "nothing written on a refused conversion"
+    other = VAR(VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=64, codebook_dim=q.dim,
+                          patch_nums=cfg.patch_nums))
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    line = _one_error_line(runner.invoke(app, ["convert", str(tmp_path / "other.pth"), "--out", str(tmp_path / "gen"),
+                                               "--tokenizer", str(tmp_path / "msvq")]))
+    assert f"predicts 64 codes but the tokenizer has {q.codebook_size}" in line
+
+    result = runner.invoke(app, base + ["--tokenizer", str(tmp_path / "msvq")])
+    assert result.exit_code == 0, result.output
+    model, identity = load_generator(tmp_path / "gen")
+    assert isinstance(model, VAR) and identity["family"] == "var"
+    assert identity["tokenizer"]["hash"] == msvq.identity()["hash"]
+    for key, value in official.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

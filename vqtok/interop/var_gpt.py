@@ -22,6 +22,7 @@ tensors is also read from `lvl_1L` (how many positions each level has) and must 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -79,7 +80,7 @@ def _patch_nums_from_levels(lvl_1L: torch.Tensor) -> list[int]:
 def to_config(state: Mapping, tokenizer: Any, num_heads: int | None = None) -> VARConfig:
     """The architecture from the tensor shapes (a {key: shape} listing works too) and the tokenizer."""
     if not matches(state):
-        raise UserError(f"these weights are not an official VAR generator state dict (no pos_1LC / lvl_1L)")
+        raise UserError("these weights are not an official VAR generator state dict (no pos_1LC / lvl_1L)")
     fmt = DESCRIPTION
     V_tok, dim_tok, sides = tokenizer_geometry(tokenizer)
     C = require(state, "pos_start", fmt)[-1]
@@ -168,5 +169,35 @@ def load(state: Mapping[str, torch.Tensor], tokenizer: Any, num_heads: int | Non
     return model.eval()
 
 
+def save_converted(state: Mapping[str, torch.Tensor], out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write a vqtok generator checkpoint directory from an official VAR state dict.
+
+    `tokenizer` is the multi-scale tokenizer the generator was trained with: a vqtok tokenizer checkpoint
+    directory (converted from the VAR VQVAE with `vqtok convert vae_ch160v4096z32.pth`) or a loaded
+    Tokenizer. The checkpoint records its identity and, for a directory, its path, so `vqtok sample` finds
+    and checks it.
+    """
+    from vqtok.ar.checkpoint import save_generator
+
+    path = None
+    if isinstance(tokenizer, (str, Path)):
+        from vqtok.tokenizer.tokenizer import load_tokenizer
+
+        path = Path(tokenizer)
+        if not path.is_dir():
+            raise UserError(f"--tokenizer {path} is not a vqtok tokenizer checkpoint directory")
+        tokenizer = load_tokenizer(path)
+    cfg = to_config(state, tokenizer)
+    converted = convert(state, tokenizer)
+    identity_of = getattr(tokenizer, "identity", None)
+    if not callable(identity_of):
+        raise UserError("converting a VAR generator needs its tokenizer as a vqtok tokenizer checkpoint (--tokenizer DIR)")
+    identity = identity_of()
+    if path is not None:
+        identity["path"] = str(path.resolve())
+    extra = {"source": "official VAR weights (FoundationVision/VAR)"}
+    return save_generator(out_dir, converted, cfg, identity, extra)
+
+
 __all__ = ["NAME", "DESCRIPTION", "matches", "tokenizer_geometry", "to_config", "expected_shapes", "check_keys",
-           "convert", "load"]
+           "convert", "load", "save_converted"]
