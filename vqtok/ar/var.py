@@ -322,7 +322,8 @@ class VAR(nn.Module):
     # ------------------------------------------------------------------ tokenizer
 
     def bind_quantizer(self, quantizer: nn.Module) -> "VAR":
-        """Use this multi-scale quantizer's codebook and Phi (not part of this module's state dict)."""
+        """Use this multi-scale quantizer's codebook and Phi. It is not part of this module's state dict and
+        not moved by `.to()` (as VAR keeps its VQVAE outside its module tree): keep it on the model's device."""
         check_quantizer(self.config, quantizer)
         self._quantizer = (quantizer,)
         return self
@@ -457,7 +458,7 @@ class VAR(nn.Module):
         with torch.autocast(device_type, enabled=False):
             cond, mods, head_mod = self.conditions(cond_ids)
             sos = cond.unsqueeze(1).expand(-1, cfg.first_l, -1) + self.pos_start.expand(cond.shape[0], -1, -1)
-            x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+            x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))), dim=1)
             x = x + self.level_position(0, ed)
         x = self._blocks(x, mods, self.attn_bias_for_masking[:, :, :ed, :ed])
         return self._logits(x, head_mod)
