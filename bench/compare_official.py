@@ -19,6 +19,8 @@ Cases:
                    measured in the same process
   maskgit_encode   official `PretrainedTokenizer.encode` vs vqtok's converted maskgit-vqgan-f16, 256 px,
                    batch 10; the indices must be identical
+  var_sampling     official `VAR.autoregressive_infer_cfg` vs vqtok's sampling loop with VAR's KV-cached decoder,
+                   depth 6 (width 384), batch 8, cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only
   vqgan_train_step LlamaGen's vq_train.py step (VQ-16 VQModel + VQLoss: l2 + LPIPS + PatchGAN hinge, Adam
                    (0.9, 0.95), clipping 1.0, EMA, then the discriminator step) vs one vqtok Engine step of
                    TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
@@ -49,13 +51,14 @@ import time
 import types
 from pathlib import Path
 
-CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step"]
+CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step", "var_sampling"]
 PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "rar_train_h256": "1d-tokenizer",
-           "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen"}
-GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2}
+           "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen", "var_sampling": "VAR"}
+GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2,
+         "var_sampling": 2.0}
 # packages the official code imports that vqtok does not depend on (module -> pip name)
 PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf antlr4-python3-runtime==4.9.3"},
-                 "LlamaGen": {}}
+                 "LlamaGen": {}, "VAR": {}}
 REPO = Path(__file__).resolve().parent.parent
 STUBS: list[str] = []
 
@@ -513,6 +516,75 @@ def case_vqgan_train_step(args) -> dict:
     return summary(times) | {"detail": "LlamaGen VQ-16 (72M) + PatchGAN + LPIPS, 64 px, batch 4, fp32, EMA"}
 
 
+# ------------------------------------------------------------------------------------------- VAR
+
+
+def case_var_sampling(args) -> dict:
+    """Official `VAR.autoregressive_infer_cfg` vs vqtok.ar.sampling.sample with VAR's cached decoder: the same
+    random weights (loaded through vqtok.interop.var_gpt with the VQVAE's quantizer), batch 8, the README's FID
+    setting (cfg 1.5 ramped, top-k 900, top-p 0.96), V 4096, Cvae 32, the 10 released scales (680 tokens).
+    Tokens only: the official's final decode (fhat_to_img) is replaced by returning f_hat (a printed stub),
+    and vqtok's side stops at the tokens, as rar_sampling does."""
+    import torch
+    from models.var import VAR as OfficialVAR
+    from models.vqvae import VQVAE
+
+    from vqtok.ar.sampling import SamplingConfig, sample
+    from vqtok.interop import var_gpt
+    from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ, MultiScaleVQConfig
+
+    depth, batch = 6, 8
+    patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=4096, z_channels=32, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=patch_nums)
+    official = OfficialVAR(vae, depth=depth, embed_dim=64 * depth, num_heads=depth, attn_l2_norm=True,
+                           patch_nums=patch_nums, flash_if_available=False, fused_if_available=False)
+    official.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
+    with torch.no_grad():  # trained-like weights: gates and codebook away from their near-zero init
+        for block in official.blocks:
+            block.ada_lin[-1].weight.normal_(0, 0.02)
+        vae.quantize.embedding.weight.normal_()
+    official.eval()
+    vae.eval()
+
+    class FHatOnly:  # stands in for the VQVAE in the official sampler's last line only
+        @staticmethod
+        def fhat_to_img(f_hat):
+            return f_hat
+
+    STUBS.append("VAR vae_proxy.fhat_to_img: returns f_hat (tokens-only timing; the decode is the same conv net on both sides)")
+    official.vae_proxy = (FHatOnly(),)
+    quant = MultiScaleResidualVQ(MultiScaleVQConfig(codebook_size=4096, dim=32, patch_nums=patch_nums))
+    quant.load_state_dict(vae.quantize.state_dict(), strict=True)
+    ours = var_gpt.load(official.state_dict(), quant.eval())
+    classes = torch.arange(batch) * 97 % 1000
+    with torch.no_grad():  # same weights: the teacher-forced logits must agree
+        gt = [torch.randint(0, 4096, (2, p * p)) for p in patch_nums]
+        x = vae.quantize.idxBl_to_var_input(gt)
+        official.cond_drop_rate = 0.0
+        ref = official(classes[:2], x)
+        mine = ours(classes[:2], x, drop_labels=False)
+        err = (ref - mine).abs().max().item()
+    print(f"  same-weights check: max |logit difference| of the teacher-forced forward = {err:.2e}")
+    if err > 1e-3:
+        raise RuntimeError(f"the converted VAR does not reproduce the official logits (max difference {err})")
+    cfg = SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)
+    g = torch.Generator()
+
+    def run_official():
+        out = official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+        assert out.shape == (batch, 32, 16, 16)
+
+    def run_vqtok():
+        out = sample(ours, classes, cfg, generator=g.manual_seed(0))
+        assert out.tokens.shape == (batch, 680)
+
+    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=1)
+    n_params = sum(p.numel() for p in ours.parameters())
+    return summary(times) | {"detail": f"{n_params / 1e6:.0f}M (depth {depth}, width {64 * depth}), batch {batch}, "
+                                       "cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only"}
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -529,6 +601,8 @@ def run_case(name: str, args) -> dict:
         result = case_rar_train(args, 256, 8, 8)
     elif name == "maskgit_encode":
         result = case_maskgit_encode(args)
+    elif name == "var_sampling":
+        result = case_var_sampling(args)
     else:
         result = case_vqgan_train_step(args)
     result["threads"] = torch.get_num_threads()

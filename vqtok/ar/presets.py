@@ -32,6 +32,11 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
     "rar-l": SamplingConfig(guidance_scale=15.5, guidance_schedule="power-cosine", guidance_power=2.5, temperature=1.02),
     "rar-xl": SamplingConfig(guidance_scale=6.9, guidance_schedule="power-cosine", guidance_power=1.5, temperature=1.02),
     "rar-xxl": SamplingConfig(guidance_scale=8.0, guidance_schedule="power-cosine", guidance_power=1.2, temperature=1.02),
+    # VAR (every size): the FoundationVision/VAR README's FID setting, autoregressive_infer_cfg(cfg=1.5,
+    # top_p=0.96, top_k=900, more_smooth=False); its cfg c ramps 0 -> c over the scales, i.e. vqtok's
+    # "ramp" schedule with scale 1 + c
+    **{f"var-d{d}": SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)
+       for d in (16, 20, 24, 30)},
 }
 
 

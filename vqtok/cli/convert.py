@@ -15,16 +15,17 @@ from vqtok.errors import UserError
 def convert(
     file: Path = typer.Argument(..., help="Official weights: .bin / .pt / .pth / .safetensors, or hf://OWNER/REPO[@REVISION]/FILE on the Hugging Face Hub (through its cache; HF_HUB_OFFLINE=1 reads the cache only)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq or rar (default: detected from the keys)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq, rar or var_gpt (default: detected from the keys)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow files that need full unpickling (only for files you trust)."),
     key: Optional[str] = typer.Option(None, "--key", help="Entry of a checkpoint dict to convert, e.g. ema (LlamaGen); default: model, ema, state_dict, module in that order."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="VAR generators: the vqtok multi-scale tokenizer checkpoint they were trained with."),
 ) -> None:
     """Convert MaskGIT-VQGAN, VAR or LlamaGen (and RAR) weights into a vqtok checkpoint, atomically."""
     from vqtok.interop.convert import convert_checkpoint
 
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    summary = convert_checkpoint(file, out, arch=arch, trust_pickle=trust_pickle, key=key)
+    summary = convert_checkpoint(file, out, arch=arch, trust_pickle=trust_pickle, key=key, tokenizer=tokenizer)
     details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("out", "arch", "kind"))
     typer.echo(f"wrote {summary['kind']} checkpoint {summary['out']} ({summary['arch']}{': ' + details if details else ''})")

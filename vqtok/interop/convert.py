@@ -11,19 +11,24 @@ from vqtok.weights import load_state_dict_file
 
 
 def convert_checkpoint(
-    path: str | Path, out: str | Path, arch: str | None = None, trust_pickle: bool = False, key: str | None = None
+    path: str | Path, out: str | Path, arch: str | None = None, trust_pickle: bool = False, key: str | None = None,
+    tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """Load `path` safely, detect (or take) its architecture, write `out` atomically; return a summary.
 
     `key` picks an entry of a checkpoint dict (LlamaGen keeps "model" and, when trained with EMA, "ema");
-    without it the usual containers are tried in order: model, ema, state_dict, module.
+    without it the usual containers are tried in order: model, ema, state_dict, module. `tokenizer` (a
+    vqtok tokenizer checkpoint) is what a VAR generator needs: its codebook and scales are not in the file.
     """
     state = load_state_dict_file(path, trust_pickle=trust_pickle, key=key)
     module = by_name(arch) if arch else detect(state)
     if arch and not module.matches(state):
         raise UserError(f"{path} does not look like a {module.NAME} checkpoint (its keys do not match)")
+    if tokenizer is not None and module.NAME != "var_gpt":
+        raise UserError(f"--tokenizer applies to VAR generators only; {path} is a {module.NAME} checkpoint")
     if hasattr(module, "save_converted"):  # generator formats write their own checkpoint type
-        written = module.save_converted(state, out)
+        written = module.save_converted(state, out, tokenizer=tokenizer) if module.NAME == "var_gpt" else \
+            module.save_converted(state, out)
         return {"arch": module.NAME, "out": str(written or out), "kind": "generator"}
     from vqtok.tokenizer.tokenizer import Tokenizer
 

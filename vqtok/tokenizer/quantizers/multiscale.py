@@ -382,6 +382,17 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 f_hat = r if f_hat is None else f_hat + r
         return f_hat
 
+    def next_scale_input(self, f_hat: torch.Tensor, idx: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAR's sampling step: add scale k's residual Phi_k(bicubic_up(E[idx])) to f_hat (B, C, H, W) in place;
+        return (f_hat, the input of scale k + 1: f_hat area-downsampled to its size, or f_hat after the last)."""
+        grid = self._as_grid(idx.long(), scale)
+        self.check_indices(grid)
+        with fp32_no_autocast(grid.device.type):
+            f_hat.add_(self._residual_of(grid, scale, self.scales[-1]))
+        if scale == len(self.scales) - 1:
+            return f_hat, f_hat
+        return f_hat, F.interpolate(f_hat, size=self.scales[scale + 1], mode="area")
+
     def split_scales(self, indices: torch.Tensor) -> list[torch.Tensor]:
         """(B, L) -> [(B, h_k * w_k)] for the K scales, or for a prefix when L ends on a scale boundary."""
         L = indices.shape[-1]
