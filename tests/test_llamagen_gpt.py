@@ -1,0 +1,275 @@
+"""LlamaGen c2i GPT: official key listings, RoPE, causality, cached decoding, gradients, label dropout,
+checkpoint unwrapping."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conformance_llamagen_gpt import check_keys
+from vqtok.ar import llamagen
+from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig, apply_rope, rope_table, size_config
+from vqtok.errors import ConfigError, UserError
+from vqtok.interop import llamagen_gpt as interop
+
+REPO = Path(__file__).resolve().parent.parent
+GENERATORS = Path(os.environ.get("VQTOK_FIXTURES", REPO.parent / "shared" / "fixtures")) / "generators"
+KEY_LISTINGS = sorted(glob.glob(str(GENERATORS / "keys" / "llamagen_gpt_*.json")))
+
+
+def tiny(**kw) -> LlamaGenConfig:
+    base = dict(dim=32, n_layer=2, n_head=4, vocab_size=40, block_size=16, num_classes=10, multiple_of=16,
+                token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    base.update(kw)
+    return LlamaGenConfig(**base)
+
+
+def random_model(cfg: LlamaGenConfig, seed: int = 0) -> LlamaGen:
+    torch.manual_seed(seed)
+    model = LlamaGen(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("path", KEY_LISTINGS, ids=lambda p: Path(p).stem)
+def test_full_size_key_listings_map_exactly(path):
+    if not KEY_LISTINGS:
+        pytest.skip("no key listings")
+    got = check_keys(path)
+    assert got["entries"] > 0
+
+
+def test_key_listings_present_when_required():
+    if os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1":
+        assert len(KEY_LISTINGS) == 5
+
+
+def test_official_sizes():
+    counts = {"B": 110_888_448, "L": 342_910_976, "XL": 774_699_520, "XXL": 1_410_972_672, "3B": 3_096_659_200}
+    for size, want in counts.items():
+        with torch.device("meta"):
+            model = LlamaGen(size_config(size))
+        assert model.num_parameters() == want, size
+    assert size_config("3B").ffn_hidden == 8704 and size_config("B").ffn_hidden == 2048
+    assert size_config("GPT-L", block_size=576).grid_size == 24
+
+
+def test_rope_matches_a_hand_computed_rotation():
+    cfg = tiny(dim=32, n_head=2, block_size=16)  # head_dim 16: 4 frequencies per axis, grid 4x4
+    table = rope_table(cfg)
+    assert table.shape == (17, 8, 2)
+    assert torch.equal(table[0], torch.zeros(8, 2))  # the class slot: cos = sin = 0
+    torch.manual_seed(0)
+    x = torch.randn(1, 17, 1, 16)
+    out = apply_rope(x, table)
+    assert torch.equal(out[0, 0], torch.zeros(1, 16))  # the class token's q / k become zero
+    t = 9  # token 9 = grid row 2, column 1, in sequence slot 10
+    row, col = divmod(t, 4)
+    want = torch.empty(16)
+    for i in range(8):
+        j, pos = (i, row) if i < 4 else (i - 4, col)
+        angle = pos * 10000.0 ** (-2 * j / 8)
+        a, b = x[0, 1 + t, 0, 2 * i].item(), x[0, 1 + t, 0, 2 * i + 1].item()
+        want[2 * i] = a * math.cos(angle) - b * math.sin(angle)
+        want[2 * i + 1] = b * math.cos(angle) + a * math.sin(angle)
+    torch.testing.assert_close(out[0, 1 + t, 0], want, atol=1e-6, rtol=1e-6)
+
+
+def test_rope_table_stays_float32_under_a_dtype_cast():
+    model = LlamaGen(tiny()).to(torch.bfloat16)
+    assert model.rope.dtype == torch.float32
+    torch.testing.assert_close(model.rope, rope_table(model.config), atol=0, rtol=0)
+    assert "rope" not in model.state_dict()
+
+
+def test_causal_and_slot_layout():
+    model = random_model(tiny())
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 40, (2, 16))
+    classes = torch.tensor([3, 7])
+    with torch.no_grad():
+        base = model(tokens, classes)
+        assert base.shape == (2, 16, 40)
+        j = 6
+        changed = tokens.clone()
+        changed[:, j] = (changed[:, j] + 1) % 40
+        other = model(changed, classes)
+    # slot k sees tokens < k: changing token j leaves slots 0..j unchanged and changes slot j+1
+    torch.testing.assert_close(other[:, : j + 1], base[:, : j + 1], atol=0, rtol=0)
+    assert (other[:, j + 1] - base[:, j + 1]).abs().max() > 1e-4
+    # the last token is never an input
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 40
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed, classes), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_decoders_match_the_full_forward(kv_heads):
+    model = random_model(tiny(n_kv_head=kv_heads))
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 40, (3, 16))
+    cond = torch.tensor([1, 2, model.config.null_class_id])
+    with torch.no_grad():
+        ref = model.prefix_logits(tokens[:, :-1], cond)  # (3, 16, V)
+        for decoder in (llamagen.CachedDecoder(model), llamagen.StaticDecoder(model, 3), llamagen.FullRecompute(model)):
+            for _ in range(2):  # a second batch reuses the buffers
+                steps = [decoder.start(cond).clone()]
+                for step in range(1, 16):
+                    steps.append(decoder.step(tokens[:, step - 1:step], step).clone())
+                got = torch.cat(steps, dim=1)
+                torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5, msg=lambda m: f"{type(decoder).__name__}: {m}")
+
+
+def test_static_decoder_keeps_its_addresses():
+    model = random_model(tiny())
+    decoder = llamagen.StaticDecoder(model, 2)
+    ptrs = (decoder.logits.data_ptr(), decoder.token.data_ptr(), decoder.cond_ids.data_ptr(), decoder.cache.k[0].data_ptr())
+    with torch.no_grad():
+        out = decoder.start(torch.tensor([0, 10]))
+        out2 = decoder.step(torch.tensor([[3], [4]]), 1)
+    assert out.data_ptr() == out2.data_ptr() == ptrs[0]
+    assert (decoder.logits.data_ptr(), decoder.token.data_ptr(), decoder.cond_ids.data_ptr(), decoder.cache.k[0].data_ptr()) == ptrs
+    with pytest.raises(ValueError, match="2 rows"):
+        decoder.start(torch.tensor([0, 1, 2]))
+
+
+def test_gradients_reach_every_parameter():
+    cfg = tiny(token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1, attn_dropout_p=0.1, drop_path_rate=0.1)
+    model = random_model(cfg).train()
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 40, (4, 16))
+    loss = llamagen.loss(model(tokens, torch.tensor([0, 1, 2, 3])), tokens)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    # a fresh model starts from the official init: zero output layer, uniform first loss
+    fresh = LlamaGen(tiny())
+    assert torch.count_nonzero(fresh.output.weight) == 0
+    with torch.no_grad():
+        first = llamagen.loss(fresh.eval()(tokens, torch.tensor([0, 1, 2, 3])), tokens)
+    torch.testing.assert_close(first, torch.tensor(math.log(40)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(4)
+    tokens = torch.randint(0, 40, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model = random_model(tiny(grad_checkpointing=ckpt)).train()
+        llamagen.loss(model(tokens, torch.tensor([1, 2])), tokens).backward()
+        grads.append(model.layers[0].attention.wqkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_class_dropout_is_the_official_draw_and_train_only():
+    model = random_model(tiny(class_dropout_prob=0.5))
+    classes = torch.arange(10)
+    torch.manual_seed(5)
+    want = torch.where(torch.rand(10) < 0.5, 10, classes)
+    torch.manual_seed(5)
+    got = model.condition_ids(classes, 0.5)
+    assert torch.equal(got, want) and (got == 10).any() and (got != 10).any()
+    tokens = torch.randint(0, 40, (10, 16))
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(5)
+        dropped = model(tokens, classes)
+        model.eval()
+        torch.testing.assert_close(dropped, model.prefix_logits(tokens[:, :-1], want), atol=1e-6, rtol=1e-6)
+        torch.manual_seed(5)
+        kept = model(tokens, classes)  # eval(): no label dropout
+        torch.testing.assert_close(kept, model.prefix_logits(tokens[:, :-1], classes), atol=1e-6, rtol=1e-6)
+    with pytest.raises(UserError, match="outside this generator's 10 classes"):
+        model.condition_ids(torch.tensor([10]))
+
+
+def test_rmsnorm_in_float32_with_eps_1e_5():
+    model = LlamaGen(tiny())
+    assert model.norm.eps == 1e-5 and model.layers[0].attention_norm.eps == 1e-5
+    x = torch.randn(2, 3, 32, dtype=torch.float64) * 1e-3  # small values: the eps matters
+    with torch.no_grad():
+        model.norm.weight.normal_()
+        got = model.norm(x)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * model.norm.weight.double()
+    torch.testing.assert_close(got, want)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="cls_token_num"):
+        tiny(cls_token_num=2)
+    with pytest.raises(ConfigError, match="not a square"):
+        tiny(block_size=15)
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        tiny(n_kv_head=3)
+    with pytest.raises(ConfigError, match="unknown LlamaGen size"):
+        size_config("M")
+
+
+def test_tokens_of_the_wrong_length_are_refused():
+    model = LlamaGen(tiny())
+    with pytest.raises(UserError, match=r"expects \(batch, 16\)"):
+        model(torch.zeros(1, 15, dtype=torch.long), torch.tensor([0]))
+
+
+def _official_like(cfg: LlamaGenConfig) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in random_model(cfg).state_dict().items()}
+
+
+def test_interop_unwraps_every_release_layout():
+    cfg = size_config("B", n_layer=12)
+    with torch.device("meta"):
+        sd = LlamaGen(cfg).state_dict()
+    for wrapped in (sd, {"model": sd, "optimizer": {}, "steps": 1}, {"ema": sd}, {"module": sd},
+                    {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+                    {**sd, "freqs_cis": torch.zeros(257, 32, 2), "layers.0.attention.kv_cache.k_cache": torch.zeros(1)}):
+        got_cfg, state = interop.convert(wrapped)
+        assert (got_cfg.dim, got_cfg.n_layer, got_cfg.n_head, got_cfg.block_size) == (768, 12, 12, 256)
+        assert list(state) == list(sd)
+    with pytest.raises(UserError, match="not a LlamaGen GPT checkpoint"):
+        interop.convert({"weights": {"a": torch.zeros(1)}})
+    with pytest.raises(UserError, match="no state dict under 'ema'"):
+        interop.unwrap({"model": sd}, key="ema")
+    assert interop.to_config(sd, block_size=576).grid_size == 24
+    assert interop.block_size_from_name("/x/c2i_B_384.pt") == 576
+    assert interop.block_size_from_name("c2i_3B_384.pt") == 576
+    assert interop.block_size_from_name("c2i_L_256.pt") == 256
+    assert interop.block_size_from_name("weights.pt") is None
+
+
+def test_interop_refuses_incomplete_or_foreign_weights():
+    cfg = tiny()
+    sd = _official_like(cfg)
+    got_cfg, state = interop.convert(sd, block_size=16, n_head=4)
+    model = LlamaGen(got_cfg)
+    model.load_state_dict(state, strict=True)
+    with pytest.raises(UserError, match="not an official size"):
+        interop.convert(sd)  # dim 32 / 2 layers: the head count must be given
+    broken = dict(sd)
+    del broken["layers.1.ffn_norm.weight"]
+    with pytest.raises(UserError, match="missing 1 tensor"):
+        interop.convert(broken, block_size=16, n_head=4)
+    extra = {**sd, "layers.0.attention.extra": torch.zeros(1)}
+    with pytest.raises(UserError, match="unexpected tensor"):
+        interop.convert(extra, block_size=16, n_head=4)
+    wrong = {**sd, "norm.weight": torch.zeros(31)}
+    with pytest.raises(UserError, match="norm.weight has shape"):
+        interop.convert(wrong, block_size=16, n_head=4)
+
+
+def test_vocabulary_mismatch_is_one_line():
+    cfg = size_config("B")
+    interop.check_vocabulary(cfg, 16384, 256)
+    with pytest.raises(UserError, match="predicts 16384 codes but the tokenizer has 1024") as info:
+        interop.check_vocabulary(cfg, 1024)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="256 tokens per image but the tokenizer uses 576"):
+        interop.check_vocabulary(cfg, 16384, 576)
