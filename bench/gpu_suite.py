@@ -191,21 +191,19 @@ def part_commands(device: torch.device, sz: dict, work: Path) -> dict:
 
 class GraphedSampler:
     """The product's static-buffer decoding (`vqtok sample --cuda-graphs`): vqtok.ar.cuda_graphs.CUDAGraphDecoder
-    on CUDA (one captured graph per decode step), vqtok.ar.sampling.StaticDecoder elsewhere (the same static
+    on CUDA (one captured graph per decode step), vqtok.ar.rar_decoding.StaticDecoder elsewhere (the same static
     buffers refilled in place, run eagerly; what --check tests on CPU), driven by the one sampling loop."""
 
     def __init__(self, model, batch: int, cfg, graphs: bool, autocast_dtype: torch.dtype | None = torch.bfloat16):
         from vqtok.ar.cuda_graphs import CUDAGraphDecoder
-        from vqtok.ar.orders import scan_order
-        from vqtok.ar.sampling import StaticDecoder
+        from vqtok.ar.rar_decoding import StaticDecoder
 
         if not cfg.uses_cfg:
             raise ValueError("GraphedSampler is written for guided sampling (CFG > 1)")
         self.model, self.cfg = model, cfg
         self.device = model.lm_head.weight.device
         self.dtype = autocast_dtype if self.device.type == "cuda" else None
-        mcfg = model.config
-        order = scan_order(cfg.order or mcfg.order, *mcfg.grid_shape)
+        order = model.generation_order(cfg.order)
         with self._autocast():  # the graphs keep the dtypes they were captured with
             self.decoder = (CUDAGraphDecoder if graphs else StaticDecoder)(model, batch, True, order)
         self.first_logits: torch.Tensor | None = None
@@ -223,7 +221,7 @@ class GraphedSampler:
             tokens = sample_tokens(self.model, class_ids.to(self.device), self.cfg, uniforms.to(self.device),
                                    decoder=self.decoder)
             # the first step's logits of this batch, kept for the in-place refill check
-            self.first_logits = self.decoder.start(self.decoder.cond_ids.clone(), self.decoder.orders).float().clone()
+            self.first_logits = self.decoder.start(self.decoder.cond_ids.clone(), self.decoder.orders[0]).float().clone()
         return tokens
 
 

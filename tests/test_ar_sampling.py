@@ -6,8 +6,9 @@ import torch
 from vqtok.ar.orders import scan_order
 from vqtok.ar.presets import SAMPLING_PRESETS, paper_sampling
 from vqtok.ar.rar import RAR, RARConfig
-from vqtok.ar.sampling import (CachedDecoder, ForcedDraw, FullRecompute, GeneratorDraw, InverseCDFDraw, SamplingConfig,
-                                StaticDecoder, describe_sampling, filter_logits, guidance_scale_at, guidance_schedule,
+from vqtok.ar.rar_decoding import CachedDecoder, FullRecompute, StaticDecoder
+from vqtok.ar.sampling import (ForcedDraw, GeneratorDraw, InverseCDFDraw, SamplingConfig,
+                                describe_sampling, filter_logits, guidance_scale_at, guidance_schedule,
                                 sample)
 from vqtok.errors import UserError
 
@@ -260,3 +261,109 @@ def test_cuda_graph_decoder_gives_the_eager_tokens_on_cuda(guided):
             assert torch.equal(again.probs, replayed.probs)  # replays are deterministic
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ------------------------------------------------------------------ multi-token steps (VAR-style families)
+
+
+class _ScaleModel(torch.nn.Module):
+    """A toy family whose steps emit 1, 4 and 9 tokens: logits depend on the class and on every token fed
+    back so far, so a wrong offset, a wrong feed-back or a wrong CFG row layout changes the result."""
+
+    steps = [1, 4, 9]
+
+    def __init__(self, vocab=7, classes=5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.cls = torch.nn.Parameter(torch.randn(classes + 1, vocab, generator=g))
+        self.tok = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.num_classes = classes
+
+    def generation_steps(self):
+        return list(self.steps)
+
+    def generation_order(self, name=None):
+        return None
+
+    def condition_ids(self, class_ids):
+        return class_ids.long()
+
+    def null_condition_ids(self, batch, device=None):
+        return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+
+    def default_decoder(self, kv_cache=True):
+        return _ScaleDecoder(self)
+
+
+class _ScaleDecoder:
+    def __init__(self, model):
+        self.model, self.fed = model, []
+
+    def start(self, cond_ids, order):
+        assert order is None
+        self.cond, self.state = cond_ids, self.model.cls[cond_ids]
+        return self.state[:, None].expand(-1, 1, -1)
+
+    def step(self, tokens, step):
+        self.fed.append(tokens.clone())
+        self.state = self.state + self.model.tok[tokens].mean(1)
+        n = _ScaleModel.steps[step]  # the class's sizes, whatever the model instance claims
+        return (self.state[:, None] + torch.arange(n)[None, :, None] * 0.1).expand(-1, n, -1)
+
+
+def test_ramp_schedule_is_vars_linear_rise_from_1_to_scale():
+    scales = guidance_schedule(SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp"), 4)
+    torch.testing.assert_close(scales, torch.tensor([1.0, 1.5, 2.0, 2.5]))
+    assert "guidance ramp, scale 2.5" in describe_sampling(SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp"), 4)
+
+
+def test_multi_token_steps_feed_back_offsets_and_cfg_rows():
+    model = _ScaleModel()
+    classes = torch.tensor([0, 3])
+    cfg = SamplingConfig(guidance_scale=2.0, guidance_schedule="ramp", top_k=4)
+    # the generator draw makes one multinomial call per step on (B * n, V)
+    calls = []
+    real = torch.multinomial
+
+    def spy(probs, n, generator=None):
+        calls.append(tuple(probs.shape))
+        return real(probs, n, generator=generator)
+
+    decoder = _ScaleDecoder(model)
+    try:
+        torch.multinomial = spy
+        out = sample(model, classes, cfg, draw=GeneratorDraw(torch.Generator().manual_seed(1)), decoder=decoder,
+                     return_probs=True)
+    finally:
+        torch.multinomial = real
+    assert calls == [(2, 7), (8, 7), (18, 7)]
+    assert out.tokens.shape == (2, 14) and out.probs.shape == (2, 14, 7)
+    # under CFG the fed-back tokens are the conditional draws repeated for the null rows
+    assert [tuple(t.shape) for t in decoder.fed] == [(4, 1), (4, 4)]
+    assert torch.equal(decoder.fed[0], torch.cat([out.tokens[:, :1]] * 2))
+    assert torch.equal(decoder.fed[1], torch.cat([out.tokens[:, 1:5]] * 2))
+    # teacher forcing on those tokens reproduces the distributions; inverse-CDF uniforms are read by position
+    forced = sample(model, classes, cfg, forced_tokens=out.tokens, return_probs=True)
+    assert torch.equal(forced.tokens, out.tokens)
+    torch.testing.assert_close(forced.probs, out.probs)
+    u = torch.rand(2, 14, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pair = sample(model, classes, cfg, draw=InverseCDFDraw(u)).tokens
+    alone = sample(model, classes[1:], cfg, draw=InverseCDFDraw(u[1:])).tokens
+    assert torch.equal(pair[1:], alone)
+    # the kept set is the top 4 of each guided distribution
+    assert ((out.probs > 0).sum(-1) <= 4).all()
+
+
+def test_a_decoder_giving_the_wrong_token_count_is_an_error():
+    model = _ScaleModel()
+    model.steps = [1, 4, 8]  # the decoder still emits 9 logits at the last step
+    with pytest.raises(ValueError, match="step 2 should give logits for 8 tokens"):
+        sample(model, torch.tensor([1]), SamplingConfig(guidance_scale=0))
+
+
+def test_family_registry_names_the_choices():
+    from vqtok.ar.families import family_of, get_family
+
+    assert get_family("rar").model_cls is RAR and family_of(make_model()).name == "rar"
+    with pytest.raises(UserError, match="unknown generator architecture 'gpt'; choose one of rar"):
+        get_family("gpt")

@@ -356,9 +356,9 @@ class RecordingForcedDraw:
     def __init__(self, tokens: torch.Tensor, record: list):
         self.tokens, self.record = tokens, record
 
-    def __call__(self, probs: torch.Tensor, step: int) -> torch.Tensor:
-        self.record.append((step, probs.clone()))
-        return self.tokens[:, step]
+    def __call__(self, probs: torch.Tensor, step: int, offset: int) -> torch.Tensor:
+        self.record.append((step, probs[:, 0].clone()))
+        return self.tokens[:, offset:offset + 1]
 
 
 RAR_JSONS = [p for p in FIXTURE_JSONS if json.loads(p.read_text()).get("fixture") == "rar"]

@@ -108,6 +108,22 @@ def test_generator_checkpoint_errors(tmp_path):
         load_generator(tmp_path / "nowhere")
 
 
+def test_generator_checkpoint_records_its_family(tmp_path):
+    import json
+
+    cfg = tiny()
+    save_generator(tmp_path / "g", RAR(cfg), cfg, None)
+    ident_path = tmp_path / "g" / "generator.json"
+    identity = json.loads(ident_path.read_text())
+    assert identity["family"] == "rar"
+    model, _ = load_generator(tmp_path / "g")
+    assert isinstance(model, RAR)
+    identity["family"] = "maskgit"
+    ident_path.write_text(json.dumps(identity))
+    with pytest.raises(UserError, match="unknown generator architecture 'maskgit'"):
+        load_generator(tmp_path / "g")
+
+
 # ------------------------------------------------------------------------------- model behaviour
 
 def test_target_aware_shift_each_slot_sees_the_position_it_must_predict():

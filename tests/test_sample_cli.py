@@ -322,7 +322,7 @@ def test_cuda_graphs_on_without_cuda_is_refused(ckpts, tmp_path):
 def test_static_decoder_run_with_a_padded_last_batch_writes_the_eager_tokens(ckpts, tmp_path, monkeypatch):
     # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
     import vqtok.ar.generate as generate
-    from vqtok.ar.sampling import StaticDecoder
+    from vqtok.ar.rar_decoding import StaticDecoder
 
     made = []
 

@@ -1,6 +1,7 @@
-"""Generator checkpoint directories: model.safetensors + config.yaml (RARConfig) + generator.json.
+"""Generator checkpoint directories: model.safetensors + config.yaml (the family's config) + generator.json.
 
-generator.json records what the generator is (preset, vocabulary, tokens, classes, scan order) and the
+generator.json records what the generator is (its family, preset, vocabulary, tokens, classes, scan order:
+`family` picks the model class on loading, see vqtok.ar.families) and the
 identity of the tokenizer whose tokens it was trained on, so `sample` can refuse a mismatched tokenizer,
 and `hash`, the sha256 of the weights (`vqtok.weights.state_dict_sha256`), which loading checks: a damaged
 or edited model.safetensors is refused instead of sampling from silently different weights. Checkpoints
@@ -16,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from vqtok.ar.rar import RAR, RARConfig
+from vqtok.ar.families import Family, FAMILIES, get_family
 from vqtok.config import dump_yaml, from_dict
 from vqtok.errors import UserError
 from vqtok.weights import read_model_dir, save_model_dir, state_dict_sha256
@@ -26,18 +27,21 @@ FORMAT = "vqtok-generator"
 VERSION = 1
 
 
-def generator_identity(cfg: RARConfig, tokenizer_identity: dict | None, num_parameters: int, extra: dict | None = None) -> dict[str, Any]:
-    from vqtok.ar.presets import preset_for
+def family_for_config(cfg) -> Family:
+    for family in FAMILIES.values():
+        if isinstance(cfg, family.config_cls):
+            return family
+    raise ValueError(f"{type(cfg).__name__} is not the config of a registered generator family")
 
+
+def generator_identity(cfg, tokenizer_identity: dict | None, num_parameters: int, extra: dict | None = None) -> dict[str, Any]:
+    """What generator.json records. The config supplies `identity_fields()`: vocab_size, seq_len (tokens per
+    image), num_classes and anything else family-specific (RAR: preset, scan order)."""
     identity: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
-        "family": "rar",
-        "preset": preset_for(cfg),
-        "vocab_size": cfg.vocab_size,
-        "seq_len": cfg.seq_len,
-        "num_classes": cfg.num_classes,
-        "order": cfg.order,
+        "family": family_for_config(cfg).name,
+        **cfg.identity_fields(),
         "num_parameters": num_parameters,
         "tokenizer": tokenizer_identity,
     }
@@ -48,11 +52,12 @@ def generator_identity(cfg: RARConfig, tokenizer_identity: dict | None, num_para
 def save_generator(
     out_dir: str | Path,
     model: nn.Module | dict[str, torch.Tensor],
-    config: RARConfig,
+    config,
     tokenizer_identity: dict | None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a generator checkpoint atomically. `model` is a RAR (or a wrapper holding one) or its state dict."""
+    """Write a generator checkpoint atomically. `model` is a generator (or a DDP wrapper holding one) or its
+    state dict; `config` its family's config."""
     if isinstance(model, nn.Module):
         model = getattr(model, "module", model)  # unwrap DDP
         state = model.state_dict()
@@ -64,8 +69,9 @@ def save_generator(
     return save_model_dir(out_dir, state, dump_yaml(config), IDENTITY_FILE, identity)
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[RAR, dict[str, Any]]:
-    """Load (model in eval mode, generator.json identity) from a checkpoint directory."""
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load (model in eval mode, generator.json identity) from a checkpoint directory; the model class is the
+    one of the family generator.json names (checkpoints without one are RAR, the only family they had)."""
     state, config_text, identity = read_model_dir(path, IDENTITY_FILE)
     if identity.get("format") != FORMAT:
         raise UserError(f"{Path(path) / IDENTITY_FILE} is not a vqtok generator identity (format {identity.get('format')!r})")
@@ -79,8 +85,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tupl
             f"generator checkpoint {path}: model.safetensors does not match the hash in {IDENTITY_FILE} "
             "(the file was damaged or changed after saving); restore it or export the checkpoint again"
         )
-    cfg = from_dict(RARConfig, data, "generator")
-    model = RAR(cfg)
+    family = get_family(identity.get("family", "rar"))
+    cfg = from_dict(family.config_cls, data, "generator")
+    model = family.model_cls(cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -2,7 +2,7 @@
 
 A decode step of a big generator at a modest batch launches hundreds of small kernels (rar-b: 24 layers x
 ~20 kernels), and on a fast GPU the launch cost, not the arithmetic, sets the speed. The static decoder
-(vqtok.ar.sampling.StaticDecoder) keeps every tensor a step touches at a fixed address, so each step's
+(vqtok.ar.rar_decoding.StaticDecoder) keeps every tensor a step touches at a fixed address, so each step's
 kernels can be recorded once in a CUDA graph and relaunched with one call per step.
 
 One graph per decode step (steps 1..N-1: the attention length differs per step), all captured for one
@@ -23,7 +23,7 @@ import contextlib
 import torch
 
 from vqtok.ar.rar import RAR
-from vqtok.ar.sampling import StaticDecoder
+from vqtok.ar.rar_decoding import StaticDecoder
 from vqtok.errors import UserError
 
 WARMUP_STEPS = 3
@@ -68,7 +68,7 @@ class CUDAGraphDecoder(StaticDecoder):
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), _capture_autocast(self.device):
             # the buffers hold valid ids (class 0 / the null class), so the warm-up is a real decode
-            StaticDecoder.start(self, self.cond_ids.clone(), self.orders)
+            StaticDecoder.start(self, self.cond_ids.clone(), self.orders[0])
             for step in range(1, min(WARMUP_STEPS, N - 1) + 1):
                 self._run(step)
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -80,7 +80,7 @@ class CUDAGraphDecoder(StaticDecoder):
                     self._run(step)
                 self.graphs.append(graph)
 
-    def step(self, token: torch.Tensor, step: int) -> torch.Tensor:
-        self.token.copy_(token)
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        self.token.copy_(tokens[:, 0])
         self.graphs[step - 1].replay()  # decode step `step`: reads token, orders, cache; writes cache, logits
         return self.logits

@@ -54,10 +54,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from vqtok.ar.orders import scan_order
 from vqtok.ar.rar import RAR
-from vqtok.ar.sampling import (SCHEDULES, CachedDecoder, InverseCDFDraw, SamplingConfig, StaticDecoder,
-                                describe_sampling, draw_tokens, sample)
+from vqtok.ar.rar_decoding import CachedDecoder, StaticDecoder
+from vqtok.ar.sampling import SCHEDULES, InverseCDFDraw, SamplingConfig, describe_sampling, draw_tokens, sample
 from vqtok.errors import UserError
 from vqtok.validation import check_sampling_options
 from vqtok.weights import refuse_foreign_dir
@@ -484,8 +483,7 @@ def _make_decoder(model: RAR, cfg: SamplingConfig, batch: int, graphs: bool):
         return CachedDecoder(model)
     from vqtok.ar.cuda_graphs import CUDAGraphDecoder
 
-    order = scan_order(cfg.order or model.config.order, *model.config.grid_shape)
-    return CUDAGraphDecoder(model, batch, cfg.uses_cfg, order)
+    return CUDAGraphDecoder(model, batch, cfg.uses_cfg, model.generation_order(cfg.order))
 
 
 def batch_draw(seed: int, first: int, count: int, num_tokens: int, rows: int) -> InverseCDFDraw:

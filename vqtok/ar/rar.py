@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqtok.ar.orders import scan_order
 from vqtok.errors import UserError
 
 # Official table sizes: both positional tables have seq_len + 1024 rows and the per-slot adaLN table has
@@ -92,6 +93,13 @@ class RARConfig:
     @property
     def embedding_rows(self) -> int:
         return self.vocab_size + 1 + self.num_classes + 1
+
+    def identity_fields(self) -> dict:
+        """What a checkpoint's generator.json records about this config."""
+        from vqtok.ar.presets import preset_for
+
+        return {"preset": preset_for(self), "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "num_classes": self.num_classes, "order": self.order}
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -394,6 +402,20 @@ class RAR(nn.Module):
 
     def null_condition_ids(self, batch: int, device=None) -> torch.Tensor:
         return torch.full((batch,), self.config.null_class_id, dtype=torch.long, device=device)
+
+    # ------------------------------------------------------------------ the sampling loop's interface
+    def generation_steps(self) -> list[int]:
+        """One token per step."""
+        return [1] * self.config.seq_len
+
+    def generation_order(self, name: str | None = None) -> torch.Tensor:
+        """(N,) raster position of each generated token for scan order `name` (None: the trained order)."""
+        return scan_order(name or self.config.order, *self.config.grid_shape)
+
+    def default_decoder(self, kv_cache: bool = True):
+        from vqtok.ar.rar_decoding import CachedDecoder, FullRecompute  # the decoders import this module
+
+        return CachedDecoder(self) if kv_cache else FullRecompute(self)
 
     # ------------------------------------------------------------------------------------ embedding
     def prefix_embeddings(self, cond_ids: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
