@@ -172,15 +172,22 @@ def check(json_path: str | Path) -> dict[str, float]:
             _exact(f"{stem}.keep_mask", kept, ref["keep_mask"], out)
             kept = filter_logits(guided / max(scfg.temperature, 1e-5), scfg.top_k, scfg.top_p) > float("-inf")
             _exact(f"{stem}.keep_mask_from_our_logits", kept, ref["keep_mask"], out)
-            out.update(_sampled_codes(model, stem, ref, cond, codes, scfg))
+            out.update(_sampled_codes(model, stem, ref, cond, codes, scfg, tol))
     return out
 
 
-def _sampled_codes(model: LlamaGen, stem: str, ref: dict, cond: torch.Tensor, codes: torch.Tensor, scfg) -> dict[str, float]:
-    """The codes of the one sampling loop: replaying the recorded noise, then re-seeding the global generator."""
+def _sampled_codes(model: LlamaGen, stem: str, ref: dict, cond: torch.Tensor, codes: torch.Tensor, scfg,
+                   tol: dict) -> dict[str, float]:
+    """The one sampling loop: its distributions teacher forced with the recorded codes, then its codes when
+    replaying the recorded noise and when re-seeding the global generator."""
     from vqtok.ar.sampling import GeneratorDraw, sample
 
     out: dict[str, float] = {}
+    forced = sample(model, cond, scfg, forced_tokens=codes, return_probs=True)
+    _exact(f"{stem}.returned_forced", forced.tokens, codes, out)
+    kept = ref["logits_guided"].masked_fill(~ref["keep_mask"], float("-inf"))
+    want = (kept / max(scfg.temperature, 1e-5)).softmax(dim=-1)
+    _close(f"{stem}.probs", forced.probs, want, tol["probs_derived_not_saved"], out)
     noise = ref["exponential_noise"]
     got = sample(model, cond, scfg, draw=NoiseReplayDraw(noise)).tokens
     _exact(f"{stem}.returned_noise_replay", got, codes, out)

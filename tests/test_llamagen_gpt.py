@@ -11,15 +11,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from conformance_llamagen_gpt import check_keys
+from conformance_llamagen_gpt import check, check_keys
 from vqtok.ar import llamagen
 from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig, apply_rope, rope_table, size_config
+from vqtok.ar.sampling import GeneratorDraw, InverseCDFDraw, SamplingConfig, sample
 from vqtok.errors import ConfigError, UserError
 from vqtok.interop import llamagen_gpt as interop
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only add contention
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATORS = Path(os.environ.get("VQTOK_FIXTURES", REPO.parent / "shared" / "fixtures")) / "generators"
 KEY_LISTINGS = sorted(glob.glob(str(GENERATORS / "keys" / "llamagen_gpt_*.json")))
+FIXTURE_JSONS = [p for p in sorted(GENERATORS.glob("*.json")) if '"llamagen_gpt"' in p.read_text()[:4000]] if GENERATORS.is_dir() else []
+REQUIRED = os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1"
+
+
+@pytest.mark.parametrize("json_path", FIXTURE_JSONS, ids=lambda p: p.stem)
+def test_llamagen_gpt_fixture(json_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    got = check(json_path)
+    # every group the JSON describes was compared: forward, label dropout, and each sampling file's codes
+    assert got["forward_train.logits"] < 1e-4 and "label_drop.drop_mask" in got
+    assert sum(k.endswith(".returned_reseeded") for k in got) == sum(k.endswith(".returned_noise_replay") for k in got) >= 1
+
+
+def test_fixtures_present_when_required():
+    if REQUIRED:
+        assert FIXTURE_JSONS and len(KEY_LISTINGS) == 5
 
 
 def tiny(**kw) -> LlamaGenConfig:
@@ -44,11 +63,6 @@ def test_full_size_key_listings_map_exactly(path):
         pytest.skip("no key listings")
     got = check_keys(path)
     assert got["entries"] > 0
-
-
-def test_key_listings_present_when_required():
-    if os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1":
-        assert len(KEY_LISTINGS) == 5
 
 
 def test_official_sizes():
@@ -119,7 +133,7 @@ def test_decoders_match_the_full_forward(kv_heads):
     cond = torch.tensor([1, 2, model.config.null_class_id])
     with torch.no_grad():
         ref = model.prefix_logits(tokens[:, :-1], cond)  # (3, 16, V)
-        for decoder in (llamagen.CachedDecoder(model), llamagen.StaticDecoder(model, 3), llamagen.FullRecompute(model)):
+        for decoder in (llamagen.CachedDecoder(model), llamagen.StaticDecoder(model, 3, guided=False), llamagen.FullRecompute(model)):
             for _ in range(2):  # a second batch reuses the buffers
                 steps = [decoder.start(cond).clone()]
                 for step in range(1, 16):
@@ -130,7 +144,7 @@ def test_decoders_match_the_full_forward(kv_heads):
 
 def test_static_decoder_keeps_its_addresses():
     model = random_model(tiny())
-    decoder = llamagen.StaticDecoder(model, 2)
+    decoder = llamagen.StaticDecoder(model, 1, guided=True)
     ptrs = (decoder.logits.data_ptr(), decoder.token.data_ptr(), decoder.cond_ids.data_ptr(), decoder.cache.k[0].data_ptr())
     with torch.no_grad():
         out = decoder.start(torch.tensor([0, 10]))
@@ -273,3 +287,63 @@ def test_vocabulary_mismatch_is_one_line():
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="256 tokens per image but the tokenizer uses 576"):
         interop.check_vocabulary(cfg, 16384, 576)
+
+
+# ------------------------------------------------------------------------------ the one sampling loop
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(guidance_scale=3.0, top_k=5, top_p=0.9),
+                                 SamplingConfig(guidance_scale=0.0, temperature=0.7),
+                                 SamplingConfig(guidance_scale=2.0, temperature=0.0)], ids=["cfg-topk-topp", "no-cfg", "argmax"])
+def test_sampling_decoders_agree(cfg):
+    model = random_model(tiny())
+    classes = torch.tensor([1, 4, 9])
+    uniforms = torch.rand(3, 16, generator=torch.Generator().manual_seed(6))
+    decoders = {"cached": llamagen.CachedDecoder(model), "full": llamagen.FullRecompute(model),
+                "static": llamagen.StaticDecoder(model, 3, guided=cfg.uses_cfg)}
+    outs = {name: sample(model, classes, cfg, draw=InverseCDFDraw(uniforms), decoder=d, return_probs=True)
+            for name, d in decoders.items()}
+    ref = outs["full"]
+    assert ref.tokens.shape == (3, 16) and ref.tokens.max() < 40
+    for name, out in outs.items():
+        assert torch.equal(out.tokens, ref.tokens), name
+        torch.testing.assert_close(out.probs, ref.probs, atol=1e-5, rtol=1e-5)
+    # teacher forcing returns the forced tokens with the same distributions
+    forced = sample(model, classes, cfg, forced_tokens=ref.tokens, return_probs=True)
+    assert torch.equal(forced.tokens, ref.tokens)
+    torch.testing.assert_close(forced.probs, ref.probs, atol=1e-5, rtol=1e-5)
+    if cfg.temperature == 0:
+        assert torch.equal(ref.probs.max(dim=-1).values, torch.ones(3, 16))
+
+
+def test_sampling_guidance_is_the_official_mix():
+    model = random_model(tiny())
+    classes = torch.tensor([2, 3])
+    tokens = torch.randint(0, 40, (2, 16))
+    cfg = SamplingConfig(guidance_scale=2.5, top_k=0, top_p=1.0)
+    probs = sample(model, classes, cfg, forced_tokens=tokens, return_probs=True).probs
+    with torch.no_grad():
+        c = model.prefix_logits(tokens[:, :-1], classes)
+        u = model.prefix_logits(tokens[:, :-1], model.null_condition_ids(2))
+    torch.testing.assert_close(probs, (u + (c - u) * 2.5).softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_with_the_global_generator_is_reproducible():
+    model = random_model(tiny())
+    cfg = SamplingConfig(guidance_scale=2.0, top_k=8)
+    torch.manual_seed(7)
+    a = sample(model, torch.tensor([0, 5]), cfg, draw=GeneratorDraw(None)).tokens
+    torch.manual_seed(7)
+    b = sample(model, torch.tensor([0, 5]), cfg).tokens
+    assert torch.equal(a, b)
+    assert model.training is False
+
+
+def test_sampling_refuses_other_scan_orders_and_classes():
+    model = random_model(tiny())
+    with pytest.raises(UserError, match="raster order only"):
+        sample(model, torch.tensor([0]), SamplingConfig(order="spiral-in"))
+    with pytest.raises(UserError, match="outside this generator's 10 classes"):
+        sample(model, torch.tensor([10]), SamplingConfig())
+    with pytest.raises(ValueError, match="static decoder was built for batch 2"):
+        sample(model, torch.tensor([0]), SamplingConfig(), decoder=llamagen.StaticDecoder(model, 2, guided=True))

@@ -127,6 +127,11 @@ class LlamaGenConfig:
     def cache_len(self) -> int:  # class slot + the N - 1 tokens that are fed back
         return self.cls_token_num + self.block_size - 1
 
+    def identity_fields(self) -> dict:
+        """What a checkpoint's generator.json records about this config."""
+        return {"preset": preset_for(self), "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "num_classes": self.num_classes, "order": "raster"}
+
 
 # Official sizes (gpt.py's GPT_* table); the c2i releases are B, L, XL, XXL and 3B.
 SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_head, dim)
@@ -148,6 +153,15 @@ def size_config(size: str, **overrides) -> LlamaGenConfig:
         raise ConfigError(f"unknown LlamaGen size '{size}'; choose one of {', '.join(SIZES)}")
     n_layer, n_head, dim = SIZES[key]
     return LlamaGenConfig(**{"n_layer": n_layer, "n_head": n_head, "dim": dim, **overrides})
+
+
+def preset_for(cfg: LlamaGenConfig) -> str | None:
+    """`llamagen-<size>` when the architecture is an official size at the c2i defaults (any token count), else None."""
+    for name, (n_layer, n_head, dim) in SIZES.items():
+        if (cfg.n_layer, cfg.n_head, cfg.dim, cfg.kv_heads, cfg.ffn_hidden, cfg.vocab_size, cfg.num_classes) == (
+                n_layer, n_head, dim, n_head, size_config(name).ffn_hidden, 16384, 1000):
+            return f"llamagen-{name.lower()}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -359,9 +373,19 @@ class LlamaGen(nn.Module):
     def null_condition_ids(self, batch: int, device=None) -> torch.Tensor:
         return torch.full((batch,), self.config.null_class_id, dtype=torch.long, device=device)
 
+    # ------------------------------------------------------------------ the sampling loop's interface
     def generation_steps(self) -> list[int]:
-        """Tokens emitted per sampling step: one per step, in raster order."""
+        """One token per step."""
         return [1] * self.config.block_size
+
+    def generation_order(self, name: str | None = None) -> None:
+        """None: LlamaGen generates in raster order, which is its output order (no other order is trained)."""
+        if name not in (None, "raster", "row-major"):
+            raise UserError(f"LlamaGen generates in raster order only; scan order '{name}' is for RAR")
+        return None
+
+    def default_decoder(self, kv_cache: bool = True):
+        return CachedDecoder(self) if kv_cache else FullRecompute(self)
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -428,7 +452,7 @@ class CachedDecoder:
         self.model = model
         self.cache: KVCache | None = None
 
-    def start(self, cond_ids: torch.Tensor) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         if self.cache is None or self.cache.batch != cond_ids.shape[0]:
             self.cache = self.model.new_cache(cond_ids.shape[0], device=cond_ids.device)
         return self.model.prefill(cond_ids, self.cache)
@@ -443,7 +467,7 @@ class FullRecompute:
     def __init__(self, model: LlamaGen):
         self.model = model
 
-    def start(self, cond_ids: torch.Tensor) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         self.cond_ids = cond_ids
         self.tokens = cond_ids.new_empty(cond_ids.shape[0], 0)
         return self.model.prefix_logits(self.tokens, cond_ids)[:, -1:]
@@ -454,20 +478,22 @@ class FullRecompute:
 
 
 class StaticDecoder:
-    """KV-cached decoding of a fixed row count in which every tensor a decode step reads or writes lives at a
+    """KV-cached decoding of a fixed batch in which every tensor a decode step reads or writes lives at a
     fixed address: the condition ids, the fed-back token, the cache and the logits. `start` refills the
     conditions and prefills eagerly; `step` copies the token in and runs `_run(step)`, whose work a CUDA graph
-    can record per step. On its own (any device) it runs eagerly, so the static layout is tested on CPU."""
+    can record per step. On its own (any device) it runs eagerly, so the static layout is tested on CPU.
+    With CFG (`guided`) it runs 2 * batch rows (conditional, then null)."""
 
-    def __init__(self, model: LlamaGen, rows: int):
-        self.model, self.rows = model, rows
+    def __init__(self, model: LlamaGen, batch: int, guided: bool):
+        self.model, self.batch, self.guided = model, batch, guided
+        rows = self.rows = 2 * batch if guided else batch
         device = model.output.weight.device
         self.cond_ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.cache = model.new_cache(rows, device=device)
         self.logits = torch.zeros(rows, 1, model.config.vocab_size, device=device)
 
-    def start(self, cond_ids: torch.Tensor) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
         if cond_ids.shape != (self.rows,):
             raise ValueError(f"this static decoder runs {self.rows} rows, got conditions {tuple(cond_ids.shape)}")
         self.cond_ids.copy_(cond_ids)
