@@ -347,3 +347,41 @@ def test_sampling_refuses_other_scan_orders_and_classes():
         sample(model, torch.tensor([10]), SamplingConfig())
     with pytest.raises(ValueError, match="static decoder was built for batch 2"):
         sample(model, torch.tensor([0]), SamplingConfig(), decoder=llamagen.StaticDecoder(model, 2, guided=True))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def test_converted_checkpoint_loads_by_family_and_samples(tmp_path):
+    from vqtok.ar.checkpoint import load_generator
+    from vqtok.ar.families import family_of
+
+    model = random_model(tiny())
+    official = {"model": {**model.state_dict(), "freqs_cis": rope_table(model.config)}, "steps": 10}
+    out = interop.save_converted(official, tmp_path / "gen", block_size=16, n_head=4)
+    loaded, identity = load_generator(out)
+    assert isinstance(loaded, LlamaGen) and family_of(loaded).name == "llamagen"
+    assert identity["family"] == "llamagen" and identity["seq_len"] == 16 and identity["vocab_size"] == 40
+    assert identity["tokenizer"] == {"vocab_size": 40, "tokens_per_image": 16} and identity["token_count"] == "given"
+    arch = lambda c: (c.dim, c.n_layer, c.n_head, c.kv_heads, c.ffn_hidden, c.vocab_size, c.block_size, c.num_classes)  # noqa: E731
+    assert arch(loaded.config) == arch(model.config)
+    assert loaded.config.resid_dropout_p == 0.1  # the official training settings, for fine-tuning
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    cfg = SamplingConfig(guidance_scale=2.0, top_k=4)
+    torch.manual_seed(8)
+    a = sample(model, torch.tensor([1, 2]), cfg).tokens
+    torch.manual_seed(8)
+    b = sample(loaded, torch.tensor([1, 2]), cfg).tokens
+    assert torch.equal(a, b)
+
+
+def test_official_file_names_set_the_token_count(tmp_path):
+    cfg = size_config("B")
+    with torch.device("meta"):
+        sd = LlamaGen(cfg).state_dict()
+    assert interop.convert(sd, block_size=interop.block_size_from_name(tmp_path / "c2i_B_384.pt"))[0].block_size == 576
+    from vqtok.interop import detect
+
+    assert detect(sd).NAME == "llamagen-gpt"
+    assert detect({"model": sd}["model"]).NAME == "llamagen-gpt"

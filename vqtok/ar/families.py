@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.errors import UserError
 
@@ -48,3 +49,5 @@ def family_of(model: nn.Module) -> Family:
 
 register(Family("rar", RARConfig, RAR, multiscale_tokens=False,
                 summary="randomized autoregressive (RAR): one token per step, permutation annealing"))
+register(Family("llamagen", LlamaGenConfig, LlamaGen, multiscale_tokens=False,
+                summary="LlamaGen c2i GPT: raster order, one token per step, 2D RoPE"))

@@ -19,6 +19,7 @@ FORMATS = [
     "vqtok.interop.var",
     "vqtok.interop.llamagen",
     "vqtok.interop.rar",
+    "vqtok.interop.llamagen_gpt",
 ]
 
 

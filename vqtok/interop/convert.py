@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ def convert_checkpoint(
     if arch and not module.matches(state):
         raise UserError(f"{path} does not look like a {module.NAME} checkpoint (its keys do not match)")
     if hasattr(module, "save_converted"):  # generator formats write their own checkpoint type
-        written = module.save_converted(state, out)
+        # a format whose file name carries facts the weights do not (LlamaGen: c2i_B_384.pt = 576 tokens) reads it
+        takes_source = "source" in inspect.signature(module.save_converted).parameters
+        written = module.save_converted(state, out, **({"source": path} if takes_source else {}))
         return {"arch": module.NAME, "out": str(written or out), "kind": "generator"}
     from vqtok.tokenizer.tokenizer import Tokenizer
 

@@ -35,8 +35,8 @@ _LAYER_KEYS = (
 _NOT_WEIGHTS = re.compile(r"^(freqs_cis|causal_mask|layers\.\d+\.attention\.kv_cache\.(k_cache|v_cache))$")
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINERS = ("model", "ema", "module", "state_dict")
-# what the released models were trained on: vq_ds16_c2i, 16384 codes, 16x downsampling, ImageNet classes
-OFFICIAL_TOKENIZER = {"preset": "llamagen-vq-16", "vocab_size": 16384}
+# what the released models were trained on: vq_ds16_c2i (vqtok preset llamagen-vq-f16), 16384 codes, 16x downsampling
+OFFICIAL_TOKENIZER = {"preset": "llamagen-vq-f16", "vocab_size": 16384, "value_range": [-1.0, 1.0]}
 _PIXELS = re.compile(r"c2i_[A-Za-z0-9]+_(\d+)")
 
 
@@ -175,6 +175,34 @@ def convert(sd: Mapping[str, Any], block_size: int | None = None, n_head: int | 
     cfg = to_config(sd, block_size, n_head)
     check_shapes(sd, cfg)
     return cfg, {k: sd[k] for k in expected_shapes(cfg)}
+
+
+def save_converted(sd: Mapping[str, Any], out_dir: str | Path, tokenizer: dict | None = None,
+                   source: str | Path | None = None, block_size: int | None = None, n_head: int | None = None) -> Path:
+    """Write a vqtok generator checkpoint directory from an official LlamaGen checkpoint or state dict.
+
+    The token count is `block_size`, else read from the official file name `source` (c2i_B_384.pt: 576),
+    else 256. `n_head` is needed only for sizes outside the official table. `tokenizer` is the identity of the tokenizer the weights were trained on; by default the
+    released models' VQ-16 when the vocabulary is its 16384 codes.
+    """
+    from vqtok.ar.checkpoint import save_generator
+
+    named = block_size_from_name(source)
+    if block_size:
+        how = "given"
+    elif named:
+        block_size, how = named, f"from the file name {Path(source).name}"
+    else:
+        how = "default (256 tokens: a 256-px model)"
+    cfg, state = convert(sd, block_size=block_size, n_head=n_head)
+    if tokenizer is None:
+        tokenizer = {"vocab_size": cfg.vocab_size, "tokens_per_image": cfg.block_size}
+        if cfg.vocab_size == OFFICIAL_TOKENIZER["vocab_size"]:
+            side = cfg.grid_size
+            tokenizer = {**OFFICIAL_TOKENIZER, "scales": [[side, side]], "tokens_per_image": cfg.block_size,
+                         "resolution": 16 * side}
+    extra = {"source": "official LlamaGen c2i GPT weights (FoundationVision/LlamaGen)", "token_count": how}
+    return save_generator(out_dir, state, cfg, tokenizer, extra)
 
 
 def check_vocabulary(cfg: LlamaGenConfig, tokenizer_vocab: int, tokens_per_image: int | None = None) -> None:
