@@ -4,10 +4,12 @@ checkpoint unwrapping."""
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -385,3 +387,49 @@ def test_official_file_names_set_the_token_count(tmp_path):
 
     assert detect(sd).NAME == "llamagen-gpt"
     assert detect({"model": sd}["model"]).NAME == "llamagen-gpt"
+
+
+def test_paper_sampling_settings_of_the_releases():
+    from vqtok.ar.presets import paper_sampling, preset_for
+
+    with torch.device("meta"):
+        assert LlamaGen(size_config("B")).config.identity_fields()["preset"] == "llamagen-b"
+    assert llamagen.preset_for(size_config("3B", block_size=576)) == "llamagen-3b"
+    assert llamagen.preset_for(tiny()) is None and preset_for(tiny()) is None
+    for name, scale in {"llamagen-b": 2.0, "llamagen-l": 2.0, "llamagen-xl": 1.75, "llamagen-xxl": 1.75, "llamagen-3b": 1.65}.items():
+        cfg = paper_sampling(name)
+        assert (cfg.guidance_scale, cfg.guidance_schedule, cfg.temperature, cfg.top_k, cfg.top_p) == (scale, "constant", 1.0, 0, 1.0)
+
+
+def test_sample_cli_runs_a_llamagen_checkpoint_and_refuses_a_vocabulary_mismatch(tmp_path):
+    from typer.testing import CliRunner
+
+    from vqtok.cli import app
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("tiny-vqgan")  # 512 codes, 8x8 tokens
+    tok.save(tmp_path / "tok")
+    model = random_model(tiny(vocab_size=tok.vocab_size, block_size=64, num_classes=5))
+    gen = interop.save_converted(model.state_dict(), tmp_path / "gen", tokenizer=dict(tok.identity(), path="../tok"),
+                                 block_size=64, n_head=4)
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", "--ckpt", str(gen), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                 "--num-samples", "3", "--cfg", "2.0", "--top-k", "16", "--png"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3 and (tmp_path / "out" / "grid.png").is_file()
+    settings = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert settings["sampling"]["guidance_scale"] == 2.0 and settings["sampling"]["top_k"] == 16
+    result = runner.invoke(app, ["sample", "--ckpt", str(gen), "--out", str(tmp_path / "tok-only"), "--device", "cpu",
+                                 "--num-samples", "3", "--tokens-only"])
+    assert result.exit_code == 0, result.output
+    tokens = np.load(tmp_path / "tok-only" / "tokens.npy")
+    assert tokens.shape == (3, 8, 8) and tokens.max() < 512
+
+    wrong = random_model(tiny(vocab_size=40, block_size=64, num_classes=5))
+    bad = interop.save_converted(wrong.state_dict(), tmp_path / "gen-vocab", block_size=64, n_head=4)
+    result = runner.invoke(app, ["sample", "--ckpt", str(bad), "--out", str(tmp_path / "out2"), "--device", "cpu",
+                                 "--tokenizer", str(tmp_path / "tok"), "--num-samples", "1"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "512 codes but the generator samples 40" in lines[0]
+    assert not (tmp_path / "out2").exists()

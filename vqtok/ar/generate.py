@@ -480,7 +480,7 @@ def describe_labels(labels: np.ndarray, class_names: list[str] | None) -> str:
 def _make_decoder(model: RAR, cfg: SamplingConfig, batch: int, graphs: bool):
     """The decoder reused by every batch of a run: CUDA graphs over static buffers, or the eager cache."""
     if not graphs:
-        return CachedDecoder(model)
+        return model.default_decoder(True)  # the family's KV-cached decoder
     from vqtok.ar.cuda_graphs import CUDAGraphDecoder
 
     return CUDAGraphDecoder(model, batch, cfg.uses_cfg, model.generation_order(cfg.order))

@@ -1,7 +1,7 @@
 """LlamaGen: the class-conditional raster GPT of Sun et al. 2024 ("Autoregressive Model Beats Diffusion"), in one file.
 
 A Llama-style decoder (RMSNorm, SwiGLU, 2D rotary embeddings, no biases) over image tokens in raster order,
-with the official FoundationVision/LlamaGen `autoregressive/models/gpt.py` state-dict keys, so released
+with the state-dict keys of the official FoundationVision/LlamaGen GPT (its c2i `Transformer`), so released
 `c2i_*.pt` weights load unchanged (vqtok/interop/llamagen_gpt.py) and compute the same numbers
 (tests/conformance_llamagen_gpt.py checks the conformance fixture).
 
@@ -133,7 +133,7 @@ class LlamaGenConfig:
                 "num_classes": self.num_classes, "order": "raster"}
 
 
-# Official sizes (gpt.py's GPT_* table); the c2i releases are B, L, XL, XXL and 3B.
+# The official size table (GPT-B ... GPT-7B); the c2i releases are B, L, XL, XXL and 3B.
 SIZES: dict[str, tuple[int, int, int]] = {  # name -> (n_layer, n_head, dim)
     "B": (12, 12, 768),
     "L": (24, 16, 1024),
