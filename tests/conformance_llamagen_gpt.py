@@ -108,7 +108,7 @@ def check(json_path: str | Path) -> dict[str, float]:
     root = json_path.parent
     meta, official = load_fixture(json_path)
     cfg = config_from_model_args(meta["constructor"]["model_args"])
-    got_cfg, state = interop.convert(official, block_size=cfg.block_size, n_head=cfg.n_head)
+    got_cfg, state = interop.load_official(official, block_size=cfg.block_size, n_head=cfg.n_head)
     if (got_cfg.dim, got_cfg.n_layer, got_cfg.kv_heads, got_cfg.ffn_hidden, got_cfg.vocab_size, got_cfg.num_classes) != (
             cfg.dim, cfg.n_layer, cfg.kv_heads, cfg.ffn_hidden, cfg.vocab_size, cfg.num_classes):
         raise AssertionError(f"the architecture read from the weights {got_cfg} differs from the fixture's {cfg}")
@@ -213,7 +213,8 @@ def check_keys(json_path: str | Path) -> dict[str, Any]:
     want = config_from_model_args(args)
     if (cfg.dim, cfg.n_layer, cfg.n_head, cfg.ffn_hidden) != (want.dim, want.n_layer, want.n_head, want.ffn_hidden):
         raise AssertionError(f"detected {cfg} but the listing was built from {want}")
-    interop.check_shapes(shapes, cfg)
+    interop.check_shapes(shapes, interop.expected_shapes(cfg))
+    interop.check_shapes(shapes, interop.shapes_from_weights(shapes))
     with torch.device("meta"):
         model = LlamaGen(cfg)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -247,7 +247,7 @@ def test_interop_unwraps_every_release_layout():
     for wrapped in (sd, {"model": sd, "optimizer": {}, "steps": 1}, {"ema": sd}, {"module": sd},
                     {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
                     {**sd, "freqs_cis": torch.zeros(257, 32, 2), "layers.0.attention.kv_cache.k_cache": torch.zeros(1)}):
-        got_cfg, state = interop.convert(wrapped)
+        got_cfg, state = interop.load_official(wrapped)
         assert (got_cfg.dim, got_cfg.n_layer, got_cfg.n_head, got_cfg.block_size) == (768, 12, 12, 256)
         assert list(state) == list(sd)
     with pytest.raises(UserError, match="not a LlamaGen GPT checkpoint"):
@@ -264,21 +264,22 @@ def test_interop_unwraps_every_release_layout():
 def test_interop_refuses_incomplete_or_foreign_weights():
     cfg = tiny()
     sd = _official_like(cfg)
-    got_cfg, state = interop.convert(sd, block_size=16, n_head=4)
+    got_cfg, state = interop.load_official(sd, block_size=16, n_head=4)
     model = LlamaGen(got_cfg)
     model.load_state_dict(state, strict=True)
+    assert list(interop.convert(sd)) == list(state)  # the mapping alone needs no head count
     with pytest.raises(UserError, match="not an official size"):
-        interop.convert(sd)  # dim 32 / 2 layers: the head count must be given
+        interop.load_official(sd)  # dim 32 / 2 layers: the config needs the head count
     broken = dict(sd)
     del broken["layers.1.ffn_norm.weight"]
     with pytest.raises(UserError, match="missing 1 tensor"):
-        interop.convert(broken, block_size=16, n_head=4)
+        interop.convert(broken)
     extra = {**sd, "layers.0.attention.extra": torch.zeros(1)}
     with pytest.raises(UserError, match="unexpected tensor"):
-        interop.convert(extra, block_size=16, n_head=4)
+        interop.convert(extra)
     wrong = {**sd, "norm.weight": torch.zeros(31)}
     with pytest.raises(UserError, match="norm.weight has shape"):
-        interop.convert(wrong, block_size=16, n_head=4)
+        interop.convert(wrong)
 
 
 def test_vocabulary_mismatch_is_one_line():
@@ -382,7 +383,7 @@ def test_official_file_names_set_the_token_count(tmp_path):
     cfg = size_config("B")
     with torch.device("meta"):
         sd = LlamaGen(cfg).state_dict()
-    assert interop.convert(sd, block_size=interop.block_size_from_name(tmp_path / "c2i_B_384.pt"))[0].block_size == 576
+    assert interop.load_official(sd, block_size=interop.block_size_from_name(tmp_path / "c2i_B_384.pt"))[0].block_size == 576
     from vqtok.interop import detect
 
     assert detect(sd).NAME == "llamagen-gpt"
@@ -433,3 +434,22 @@ def test_sample_cli_runs_a_llamagen_checkpoint_and_refuses_a_vocabulary_mismatch
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "512 codes but the generator samples 40" in lines[0]
     assert not (tmp_path / "out2").exists()
+
+
+def test_training_helpers_for_train_ar():
+    cfgs = {name: make() for name, make in llamagen.PRESETS.items()}
+    assert set(cfgs) == {"llamagen-b", "llamagen-l", "llamagen-xl", "llamagen-xxl", "llamagen-3b", "llamagen-tiny"}
+    assert all(llamagen.preset_for(c) == n for n, c in cfgs.items() if n != "llamagen-tiny")
+    assert llamagen.token_fields(512, [[8, 8]], 64) == {"vocab_size": 512, "block_size": 64}
+    with pytest.raises(UserError, match="square token grid"):
+        llamagen.token_fields(512, [[6, 8]], 48)
+    model = random_model(tiny()).train()
+    tokens = torch.randint(0, 40, (3, 16))
+    cond = torch.tensor([1, 10, 3])  # one row already dropped to the null class
+    loss, acc = llamagen.train_loss(model, tokens, cond, torch.arange(16).expand(3, 16))
+    with torch.no_grad():
+        want = llamagen.loss(model.prefix_logits(tokens[:, :-1], cond), tokens)
+    torch.testing.assert_close(loss.detach(), want)
+    assert 0 <= acc.item() <= 1 and model.config.class_dropout == model.config.class_dropout_prob
+    with pytest.raises(UserError, match="raster order only"):
+        llamagen.train_loss(model, tokens, cond, torch.randperm(16).expand(3, 16))

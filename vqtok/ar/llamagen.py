@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,10 @@ class LlamaGenConfig:
         return self.num_classes
 
     @property
+    def class_dropout(self) -> float:  # the name the training task reads for every family
+        return self.class_dropout_prob
+
+    @property
     def cache_len(self) -> int:  # class slot + the N - 1 tokens that are fed back
         return self.cls_token_num + self.block_size - 1
 
@@ -153,6 +158,31 @@ def size_config(size: str, **overrides) -> LlamaGenConfig:
         raise ConfigError(f"unknown LlamaGen size '{size}'; choose one of {', '.join(SIZES)}")
     n_layer, n_head, dim = SIZES[key]
     return LlamaGenConfig(**{"n_layer": n_layer, "n_head": n_head, "dim": dim, **overrides})
+
+
+# Named sizes for recipes (`model.preset`): the official ones, and a CPU-sized one (the fixture's shape)
+PRESETS: dict[str, Callable[[], LlamaGenConfig]] = {
+    **{f"llamagen-{name.lower()}": (lambda name=name: size_config(name)) for name in ("B", "L", "XL", "XXL", "3B")},
+    "llamagen-tiny": lambda: LlamaGenConfig(dim=64, n_layer=2, n_head=2, vocab_size=512, block_size=64, num_classes=1000),
+}
+
+
+def token_fields(vocab_size: int, scales: list[list[int]], tokens_per_view: int) -> dict:
+    """The config values token shards decide: the vocabulary and the (square) token count."""
+    h, w = (int(v) for v in scales[0])
+    if h != w:
+        raise UserError(f"LlamaGen generates a square token grid, but the token shards hold {h}x{w} tokens")
+    return {"vocab_size": int(vocab_size), "block_size": int(tokens_per_view)}
+
+
+def train_loss(model: "LlamaGen", tokens: torch.Tensor, cond_ids: torch.Tensor, orders: torch.Tensor | None = None):
+    """(mean cross-entropy, next-token accuracy) of one teacher-forced micro-batch; tokens (B, N) raster order,
+    cond_ids (B,) class table rows (the training task has already dropped some to the null class). LlamaGen
+    trains in raster order only, so `orders` must be None or raster."""
+    if orders is not None and not torch.equal(orders, torch.arange(tokens.shape[1], device=orders.device).expand_as(orders)):
+        raise UserError("LlamaGen trains in raster order only; it has no permutation annealing")
+    logits = model.forward_conditions(tokens, cond_ids)
+    return loss(logits, tokens), (logits.argmax(dim=-1) == tokens).float().mean()
 
 
 def preset_for(cfg: LlamaGenConfig) -> str | None:
@@ -391,10 +421,14 @@ class LlamaGen(nn.Module):
     def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced pass: tokens (B, N) raster order, class_ids (B,) -> logits (B, N, V), slot j predicting
         tokens[:, j]. In training, labels are dropped to the null class with `class_dropout_prob`."""
+        drop = self.config.class_dropout_prob if self.training else 0.0
+        return self.forward_conditions(tokens, self.condition_ids(class_ids, drop))
+
+    def forward_conditions(self, tokens: torch.Tensor, cond_ids: torch.Tensor) -> torch.Tensor:
+        """`forward` with class table rows (a class or the null class) instead of raw class ids."""
         if tokens.dim() != 2 or tokens.shape[1] != self.config.block_size:
             raise UserError(f"got tokens of shape {tuple(tokens.shape)} but this generator expects (batch, {self.config.block_size})")
-        drop = self.config.class_dropout_prob if self.training else 0.0
-        return self.prefix_logits(tokens[:, :-1], self.condition_ids(class_ids, drop))
+        return self.prefix_logits(tokens[:, :-1], cond_ids)
 
     def prefix_logits(self, prefix: torch.Tensor, cond_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, t+1, V) of [class, prefix (B, t)] without a cache; the last predicts token t."""

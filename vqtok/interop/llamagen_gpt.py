@@ -155,9 +155,36 @@ def expected_shapes(cfg: LlamaGenConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_shapes(sd: Mapping[str, Any], cfg: LlamaGenConfig) -> None:
-    """Every key the config needs is present with its shape and every entry is used (shapes only)."""
-    wanted = expected_shapes(cfg)
+def shapes_from_weights(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every official key with the shape the file's own sizes imply (dim, layers, vocabulary, classes, FFN and
+    q/k/v widths read from the first layer), in the official order. It needs no head count: that only splits
+    the q/k/v rows, which the attention reads at run time."""
+    if not matches(sd):
+        raise UserError("these weights are not a LlamaGen GPT state dict (no tok_embeddings / cls_embedding / layers.0.attention.wqkv)")
+    vocab, D = _shape(sd["tok_embeddings.weight"])
+    n_layer = 0
+    while f"layers.{n_layer}.attention.wqkv.weight" in sd:
+        n_layer += 1
+    for key in ("layers.0.feed_forward.w1.weight", "cls_embedding.embedding_table.weight"):
+        if key not in sd:
+            raise UserError(f"LlamaGen weights are missing {key}; the file is incomplete")
+    qkv = _shape(sd["layers.0.attention.wqkv.weight"])[0]
+    H = _shape(sd["layers.0.feed_forward.w1.weight"])[0]
+    layer = {
+        "attention.wqkv.weight": (qkv, D), "attention.wo.weight": (D, D),
+        "feed_forward.w1.weight": (H, D), "feed_forward.w3.weight": (H, D), "feed_forward.w2.weight": (D, H),
+        "attention_norm.weight": (D,), "ffn_norm.weight": (D,),
+    }
+    shapes = {"cls_embedding.embedding_table.weight": (_shape(sd["cls_embedding.embedding_table.weight"])[0], D),
+              "tok_embeddings.weight": (vocab, D)}
+    for i in range(n_layer):
+        shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
+    shapes.update({"norm.weight": (D,), "output.weight": (vocab, D)})
+    return shapes
+
+
+def check_shapes(sd: Mapping[str, Any], wanted: dict[str, tuple[int, ...]]) -> None:
+    """Every wanted key is present with its shape and every entry of `sd` is used (shapes only)."""
     missing = [k for k in wanted if k not in sd]
     if missing:
         raise UserError(f"LlamaGen weights are missing {len(missing)} tensor(s), e.g. {missing[0]}; the file is incomplete")
@@ -169,12 +196,22 @@ def check_shapes(sd: Mapping[str, Any], cfg: LlamaGenConfig) -> None:
             raise UserError(f"LlamaGen tensor {key} has shape {list(_shape(sd[key]))}, expected {list(want)} for the detected size")
 
 
-def convert(sd: Mapping[str, Any], block_size: int | None = None, n_head: int | None = None) -> tuple[LlamaGenConfig, dict[str, torch.Tensor]]:
-    """Official state dict (or checkpoint) -> (config, vqtok LlamaGen state dict in the official order)."""
+def convert(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Official checkpoint or state dict -> vqtok LlamaGen state dict (same names, official order), every key
+    used and every shape consistent with the file's sizes."""
     sd = weights_only(unwrap(sd))
-    cfg = to_config(sd, block_size, n_head)
-    check_shapes(sd, cfg)
-    return cfg, {k: sd[k] for k in expected_shapes(cfg)}
+    wanted = shapes_from_weights(sd)
+    check_shapes(sd, wanted)
+    return {k: sd[k] for k in wanted}
+
+
+def load_official(sd: Mapping[str, Any], block_size: int | None = None, n_head: int | None = None) -> tuple[LlamaGenConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of an official checkpoint: `convert`, and the config read from the shapes, whose
+    own key table must be the file's."""
+    state = convert(sd)
+    cfg = to_config(state, block_size, n_head)
+    check_shapes(state, expected_shapes(cfg))
+    return cfg, state
 
 
 def save_converted(sd: Mapping[str, Any], out_dir: str | Path, tokenizer: dict | None = None,
@@ -194,7 +231,7 @@ def save_converted(sd: Mapping[str, Any], out_dir: str | Path, tokenizer: dict |
         block_size, how = named, f"from the file name {Path(source).name}"
     else:
         how = "default (256 tokens: a 256-px model)"
-    cfg, state = convert(sd, block_size=block_size, n_head=n_head)
+    cfg, state = load_official(sd, block_size=block_size, n_head=n_head)
     if tokenizer is None:
         tokenizer = {"vocab_size": cfg.vocab_size, "tokens_per_image": cfg.block_size}
         if cfg.vocab_size == OFFICIAL_TOKENIZER["vocab_size"]:
