@@ -453,3 +453,52 @@ def test_training_helpers_for_train_ar():
     assert 0 <= acc.item() <= 1 and model.config.class_dropout == model.config.class_dropout_prob
     with pytest.raises(UserError, match="raster order only"):
         llamagen.train_loss(model, tokens, cond, torch.randperm(16).expand(3, 16))
+
+
+# ------------------------------------------------------------------------------ train-ar recipes
+
+
+def _train_ar_knows_families():
+    from vqtok.train.ar_task import TrainARConfig
+
+    return "arch" in TrainARConfig.__dataclass_fields__
+
+
+@pytest.mark.skipif(not _train_ar_knows_families(), reason="train-ar has no `arch` key in this build")
+@pytest.mark.parametrize("size", ["B", "L", "XL", "XXL", "3B"])
+def test_llamagen_recipes_are_the_official_c2i_settings(size):
+    from vqtok.train.ar_task import load_run_config
+
+    cfg = load_run_config(f"llamagen-{size.lower()}", [])
+    want = size_config(size)
+    assert cfg.arch == "llamagen" and isinstance(cfg.model, LlamaGenConfig)
+    assert (cfg.model.dim, cfg.model.n_layer, cfg.model.n_head, cfg.model.ffn_hidden) == (want.dim, want.n_layer, want.n_head, want.ffn_hidden)
+    m = cfg.model
+    assert (m.token_dropout_p, m.resid_dropout_p, m.ffn_dropout_p, m.attn_dropout_p, m.class_dropout_prob, m.drop_path_rate) == (0.1, 0.1, 0.1, 0.0, 0.1, 0.0)
+    o = cfg.optim
+    assert (o.kind, o.lr, tuple(o.betas), o.weight_decay, o.grad_clip, o.schedule.kind) == ("adamw", 1e-4, (0.9, 0.95), 0.05, 1.0, "constant")
+    assert cfg.epochs == 300 and cfg.train.batch_size == 256 and cfg.train.amp and not cfg.train.ema
+
+
+@pytest.mark.skipif(not _train_ar_knows_families(), reason="train-ar has no `arch` key in this build")
+def test_llamagen_tiny_trains_through_the_engine_and_samples(tmp_path):
+    from test_train_ar import BASE, make_token_dir
+
+    from vqtok.ar.checkpoint import load_generator
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+    from vqtok.train.ar_task import train_ar
+
+    tok = build_tokenizer("tiny-vqgan")
+    tok.save(tmp_path / "tok")
+    data = np.random.default_rng(0).integers(0, 512, (12, 2, 64))
+    tokens = make_token_dir(tmp_path / "wds", tok.identity(), data, [i % 3 for i in range(12)])
+    result = train_ar(tokens, tmp_path / "tok", tmp_path / "run", config="llamagen-tiny",
+                      overrides=BASE + ["train.steps=4"], device="cpu")
+    assert result.step == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
+    model, identity = load_generator(tmp_path / "run" / "final")
+    assert isinstance(model, LlamaGen) and identity["family"] == "llamagen"
+    assert (model.config.vocab_size, model.config.block_size, model.config.num_classes) == (512, 64, 3)
+    out = sample(model, torch.tensor([0, 2]), SamplingConfig(guidance_scale=2.0)).tokens
+    assert out.shape == (2, 64) and out.max() < 512
