@@ -502,3 +502,51 @@ def test_llamagen_tiny_trains_through_the_engine_and_samples(tmp_path):
     assert (model.config.vocab_size, model.config.block_size, model.config.num_classes) == (512, 64, 3)
     out = sample(model, torch.tensor([0, 2]), SamplingConfig(guidance_scale=2.0)).tokens
     assert out.shape == (2, 64) and out.max() < 512
+
+
+def test_sample_cli_static_decoder_with_a_padded_last_batch_writes_the_eager_tokens(tmp_path, monkeypatch):
+    # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
+    from typer.testing import CliRunner
+
+    import vqtok.ar.generate as generate
+    from vqtok.cli import app
+
+    model = random_model(tiny(vocab_size=40, block_size=16, num_classes=5))
+    gen = interop.save_converted(model.state_dict(), tmp_path / "gen", block_size=16, n_head=4)
+    made = []
+
+    def static_decoder(model, cfg, batch, graphs):
+        made.append(llamagen.StaticDecoder(model, batch, cfg.uses_cfg))
+        return made[-1]
+
+    args = ["sample", "--ckpt", str(gen), "--device", "cpu", "--num-samples", "5", "--batch-size", "2", "--seed", "3",
+            "--tokens-only", "--cfg", "2", "--top-p", "0.9"]
+    runner = CliRunner()
+    eager = runner.invoke(app, args + ["--out", str(tmp_path / "eager")])
+    assert eager.exit_code == 0, eager.output
+    monkeypatch.setattr(generate, "_make_decoder", static_decoder)
+    static = runner.invoke(app, args + ["--out", str(tmp_path / "static")])
+    assert static.exit_code == 0, static.output
+    assert len(made) == 1 and made[0].batch == 2 and made[0].rows == 4
+    assert np.array_equal(np.load(tmp_path / "eager" / "tokens.npy"), np.load(tmp_path / "static" / "tokens.npy"))
+    assert np.load(tmp_path / "static" / "tokens.npy").shape == (5, 4, 4)
+
+
+def test_cuda_graph_decoder_needs_a_cuda_device():
+    model = random_model(tiny())
+    with pytest.raises(UserError, match="CUDA graphs need the generator on a CUDA device"):
+        model.graph_decoder(2, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decoder_matches_the_eager_cache():
+    model = random_model(tiny()).cuda()
+    cfg = SamplingConfig(guidance_scale=2.0, top_k=8)
+    uniforms = torch.rand(3, 16, generator=torch.Generator().manual_seed(9))
+    classes = torch.tensor([1, 2, 3])
+    eager = sample(model, classes, cfg, draw=InverseCDFDraw(uniforms), return_probs=True)
+    decoder = model.graph_decoder(3, True)
+    for _ in range(2):  # replays reuse the captured graphs
+        graphed = sample(model, classes, cfg, draw=InverseCDFDraw(uniforms), decoder=decoder, return_probs=True)
+        assert torch.equal(graphed.tokens, eager.tokens)
+        torch.testing.assert_close(graphed.probs, eager.probs, atol=1e-5, rtol=1e-5)

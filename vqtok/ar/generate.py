@@ -55,7 +55,6 @@ import numpy as np
 import torch
 
 from vqtok.ar.rar import RAR
-from vqtok.ar.rar_decoding import CachedDecoder, StaticDecoder
 from vqtok.ar.sampling import SCHEDULES, InverseCDFDraw, SamplingConfig, describe_sampling, draw_tokens, sample
 from vqtok.errors import UserError
 from vqtok.validation import check_sampling_options
@@ -481,6 +480,8 @@ def _make_decoder(model: RAR, cfg: SamplingConfig, batch: int, graphs: bool):
     """The decoder reused by every batch of a run: CUDA graphs over static buffers, or the eager cache."""
     if not graphs:
         return model.default_decoder(True)  # the family's KV-cached decoder
+    if hasattr(model, "graph_decoder"):  # a family with its own CUDA-graph decoder (LlamaGen)
+        return model.graph_decoder(batch, cfg.uses_cfg)
     from vqtok.ar.cuda_graphs import CUDAGraphDecoder
 
     return CUDAGraphDecoder(model, batch, cfg.uses_cfg, model.generation_order(cfg.order))
@@ -517,7 +518,7 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, opts: SampleOptions, wo
         for b0 in range(lo, hi, opts.batch_size):
             b1 = min(b0 + opts.batch_size, hi)
             count = b1 - b0
-            batch_rows = rows if isinstance(decoder, StaticDecoder) else count
+            batch_rows = rows if getattr(decoder, "batch", None) is not None else count  # static: fixed rows
             classes = torch.from_numpy(labels[b0:b1])
             if batch_rows > count:
                 classes = torch.cat([classes, classes[-1:].expand(batch_rows - count)])

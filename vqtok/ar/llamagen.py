@@ -29,6 +29,7 @@ the sampling loop drives (cached, static-buffer and the full-recompute reference
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -417,6 +418,10 @@ class LlamaGen(nn.Module):
     def default_decoder(self, kv_cache: bool = True):
         return CachedDecoder(self) if kv_cache else FullRecompute(self)
 
+    def graph_decoder(self, batch: int, guided: bool) -> "CUDAGraphDecoder":
+        """The CUDA-graph decoder of a run of `batch` samples per call (with CFG: 2 * batch rows)."""
+        return CUDAGraphDecoder(self, batch, guided)
+
     # -------------------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced pass: tokens (B, N) raster order, class_ids (B,) -> logits (B, N, V), slot j predicting
@@ -541,3 +546,60 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         self.token.copy_(tokens.view(-1, 1))
         return self._run(step)
+
+
+class CUDAGraphDecoder(StaticDecoder):
+    """StaticDecoder whose decode steps replay CUDA graphs captured at construction (`vqtok sample
+    --cuda-graphs`): one graph per decode step 1..N-1 (the attention length differs per step), all in one
+    memory pool. That is safe because the graphs replay one at a time in capture order and each copies its
+    result into the one static logits buffer. The prefill runs eagerly into the same static cache.
+
+    Capture follows PyTorch's CUDA-graph rules: warm-up steps on a side stream first, inputs refilled with
+    `copy_` before each replay, nothing that synchronises with the host inside a step, and autocast with
+    its weight-cast cache off. Build it under the autocast setting the sampling will use.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, model: LlamaGen, batch: int, guided: bool):
+        device = model.output.weight.device
+        if device.type != "cuda":
+            raise UserError(f"CUDA graphs need the generator on a CUDA device, it is on {device}")
+        super().__init__(model, batch, guided)
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        was_training = model.training
+        model.eval()  # the graphs keep the kernels they were captured with: no dropout
+        try:
+            with torch.no_grad(), torch.cuda.device(device):
+                self._capture()
+        finally:
+            model.train(was_training)
+
+    def _autocast(self):
+        if not torch.is_autocast_enabled(self.device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.get_autocast_dtype(self.device.type), cache_enabled=False)
+
+    def _capture(self) -> None:
+        N = self.model.config.block_size
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), self._autocast():
+            StaticDecoder.start(self, self.cond_ids.clone())  # class 0 everywhere: a real decode
+            for step in range(1, min(self.WARMUP_STEPS, N - 1) + 1):
+                self._run(step)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        with self._autocast():
+            for step in range(1, N):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self._run(step)
+                self.graphs.append(graph)
+
+    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        self.token.copy_(tokens.view(-1, 1))
+        self.graphs[step - 1].replay()  # decode step `step`: reads token and cache, writes cache and logits
+        return self.logits
