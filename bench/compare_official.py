@@ -26,6 +26,12 @@ Cases:
                    TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
                    the same (random) VGG16 LPIPS trunk on both sides, the official PatchGAN weights loaded
                    into vqtok's
+  llamagen_sampling official LlamaGen `generate` vs the `vqtok sample` token loop (vqtok.ar.sampling.sample
+                   with the run's per-sample noise and the family's KV-cached decoder), c2i GPT with the GPT-B
+                   layout scaled to dim 384 / 6 layers / 6 heads (16M, 16384 codes), batch 8, 256 tokens, the
+                   release's published FID settings (constant CFG 2.0, top-k 0, top-p 1.0, temperature 1.0);
+                   the codes must be identical when vqtok draws from the re-seeded global generator as the
+                   official does
 
 Weights are random (the timing does not depend on them): the official checkpoints cannot be downloaded
 here. The official code needs a few packages vqtok does not (timm, einops, omegaconf, requests); install
@@ -51,11 +57,13 @@ import time
 import types
 from pathlib import Path
 
-CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step", "var_sampling"]
+CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step", "var_sampling",
+         "llamagen_sampling"]
 PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "rar_train_h256": "1d-tokenizer",
-           "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen", "var_sampling": "VAR"}
+           "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen", "var_sampling": "VAR",
+           "llamagen_sampling": "LlamaGen"}
 GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2,
-         "var_sampling": 2.0}
+         "var_sampling": 2.0, "llamagen_sampling": 2.0}
 # packages the official code imports that vqtok does not depend on (module -> pip name)
 PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf antlr4-python3-runtime==4.9.3"},
                  "LlamaGen": {}, "VAR": {}}
@@ -588,6 +596,57 @@ def case_var_sampling(args) -> dict:
 # ------------------------------------------------------------------------------------------- driver
 
 
+# -------------------------------------------------------------------------------------- LlamaGen GPT
+
+
+def case_llamagen_sampling(args) -> dict:
+    import torch
+    from autoregressive.models.generate import generate
+    from autoregressive.models.gpt import ModelArgs, Transformer
+
+    from vqtok.ar.generate import batch_draw
+    from vqtok.ar.llamagen import LlamaGen
+    from vqtok.ar.sampling import GeneratorDraw, SamplingConfig, sample
+    from vqtok.interop import llamagen_gpt as llamagen_interop
+
+    dim, layers, heads, batch, tokens = 384, 6, 6, 8, 256
+    torch.manual_seed(0)
+    official = Transformer(ModelArgs(dim=dim, n_layer=layers, n_head=heads, vocab_size=16384, block_size=tokens,
+                                     num_classes=1000, cls_token_num=1, model_type="c2i"))
+    with torch.no_grad():  # the output layer is zero at init: give it the weights a trained model has
+        official.output.weight.normal_(0, 0.02)
+    official.eval()
+    cfg_model, state = llamagen_interop.load_official(official.state_dict(), block_size=tokens, n_head=heads)
+    ours = LlamaGen(cfg_model)
+    ours.load_state_dict(state, strict=True)
+    ours.eval()
+    classes = torch.arange(batch) * 61 % 1000
+    cfg = SamplingConfig(guidance_scale=2.0, guidance_schedule="constant", temperature=1.0, top_k=0, top_p=1.0)
+
+    def run_official():
+        torch.manual_seed(0)
+        return generate(official, classes, tokens, cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0,
+                        top_p=1.0, sample_logits=True)
+
+    # same weights: re-seeding the global generator, vqtok's loop draws the official codes
+    with torch.no_grad():
+        want = run_official().long()
+        torch.manual_seed(0)
+        got = sample(ours, classes, cfg, draw=GeneratorDraw(None)).tokens
+    same = (got == want).float().mean().item()
+    print(f"  same-weights check: {same:.4f} of the {want.numel()} codes equal the official generate's (re-seeded)")
+    if same < 1.0:
+        raise RuntimeError("vqtok's LlamaGen does not reproduce the official codes with the same seed")
+    decoder = ours.default_decoder(True)
+
+    def run_vqtok():  # what `vqtok sample` runs per batch: per-sample noise, the cached decoder kept across batches
+        out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, tokens, batch), decoder=decoder).tokens
+        assert out.shape == (batch, tokens)
+
+    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=0)
+    return summary(times) | {"detail": "16M (dim 384, 6 layers, 16384 codes), batch 8, CFG 2.0 constant, 256 tokens, tokens only"}
+
+
 def run_case(name: str, args) -> dict:
     import torch
 
@@ -603,6 +662,8 @@ def run_case(name: str, args) -> dict:
         result = case_maskgit_encode(args)
     elif name == "var_sampling":
         result = case_var_sampling(args)
+    elif name == "llamagen_sampling":
+        result = case_llamagen_sampling(args)
     else:
         result = case_vqgan_train_step(args)
     result["threads"] = torch.get_num_threads()

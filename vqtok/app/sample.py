@@ -58,7 +58,6 @@ import numpy as np
 import torch
 
 from vqtok.ar.rar import RAR
-from vqtok.ar.rar_decoding import CachedDecoder, StaticDecoder
 from vqtok.ar.sampling import SCHEDULES, InverseCDFDraw, SamplingConfig, describe_sampling, draw_tokens, sample
 from vqtok.errors import UserError
 from vqtok.image_grid import labelled_grid
@@ -516,7 +515,9 @@ def describe_labels(labels: np.ndarray, class_names: list[str] | None) -> str:
 def _make_decoder(model: RAR, cfg: SamplingConfig, batch: int, graphs: bool):
     """The decoder reused by every batch of a run: CUDA graphs over static buffers, or the eager cache."""
     if not graphs:
-        return CachedDecoder(model)
+        return model.default_decoder(True)  # the family's KV-cached decoder
+    if hasattr(model, "graph_decoder"):  # a family with its own CUDA-graph decoder (LlamaGen)
+        return model.graph_decoder(batch, cfg.uses_cfg)
     from vqtok.ar.cuda_graphs import CUDAGraphDecoder
 
     return CUDAGraphDecoder(model, batch, cfg.uses_cfg, model.generation_order(cfg.order))
@@ -553,7 +554,7 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, job: SampleJob, work: P
         for b0 in range(lo, hi, job.batch_size):
             b1 = min(b0 + job.batch_size, hi)
             count = b1 - b0
-            batch_rows = rows if isinstance(decoder, StaticDecoder) else count
+            batch_rows = rows if getattr(decoder, "batch", None) is not None else count  # static: fixed rows
             classes = torch.from_numpy(labels[b0:b1])
             if batch_rows > count:
                 classes = torch.cat([classes, classes[-1:].expand(batch_rows - count)])

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from vqtok.ar import llamagen, var
+from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.ar.var import VAR, VARConfig
 from vqtok.errors import UserError
@@ -86,25 +88,11 @@ def _var_bind_tokenizer(model: VAR, tokenizer) -> None:
     model.bind_quantizer(getattr(tokenizer, "quantize", tokenizer))
 
 
-def _var_presets() -> dict[str, Callable[[], Any]]:
-    from vqtok.ar.var import PRESETS
-
-    return dict(PRESETS)
-
-
-def _var_token_fields(vocab_size, scales, tokens_per_view):
-    from vqtok.ar.var import token_fields
-
-    return token_fields(vocab_size, scales, tokens_per_view)
-
-
-def _var_train_loss(model, tokens, cond, orders):
-    from vqtok.ar.var import train_loss
-
-    return train_loss(model, tokens, cond, orders)
-
-
 register(Family("var", VARConfig, VAR, multiscale_tokens=True,
                 summary="next-scale prediction (VAR): one whole scale per step over the multi-scale tokenizer",
-                presets=_var_presets(), token_fields=_var_token_fields, trains_on_orders=False,
-                train_loss=_var_train_loss, bind_tokenizer=_var_bind_tokenizer))
+                presets=dict(var.PRESETS), token_fields=var.token_fields, trains_on_orders=False,
+                train_loss=var.train_loss, bind_tokenizer=_var_bind_tokenizer))
+register(Family("llamagen", LlamaGenConfig, LlamaGen, multiscale_tokens=False,
+                summary="LlamaGen c2i GPT: raster order, one token per step, 2D RoPE",
+                presets=dict(llamagen.PRESETS), token_fields=llamagen.token_fields, trains_on_orders=False,
+                train_loss=llamagen.train_loss))

@@ -37,6 +37,11 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
     # "ramp" schedule with scale 1 + c
     **{f"var-d{d}": SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)
        for d in (16, 20, 24, 30)},
+    # LlamaGen c2i, the FID settings the FoundationVision/LlamaGen release publishes: its sampling commands'
+    # --cfg-scale per size, and its DDP sampler's defaults for the rest (top-k 0 and top-p 1.0, both off;
+    # temperature 1.0; cfg-interval -1, i.e. a constant scale at every step)
+    **{f"llamagen-{size}": SamplingConfig(guidance_scale=scale, guidance_schedule="constant", temperature=1.0, top_k=0, top_p=1.0)
+       for size, scale in {"b": 2.0, "l": 2.0, "xl": 1.75, "xxl": 1.75, "3b": 1.65}.items()},
 }
 
 
@@ -59,6 +64,8 @@ def paper_sampling(name: str) -> SamplingConfig:
 
 def preset_for(cfg: RARConfig) -> str | None:
     """The preset whose architecture `cfg` has (ignoring dropout/order settings), or None."""
+    if not isinstance(cfg, RARConfig):  # other families name their presets themselves (identity_fields)
+        return None
     arch = ("hidden_size", "depth", "num_heads", "intermediate_size", "vocab_size", "seq_len", "num_classes")
     for name, make in PRESETS.items():
         ref = make()

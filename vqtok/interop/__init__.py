@@ -20,6 +20,7 @@ FORMATS = [
     "vqtok.interop.llamagen",
     "vqtok.interop.rar",
     "vqtok.interop.var_gpt",
+    "vqtok.interop.llamagen_gpt",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ def convert_checkpoint(
     if tokenizer is not None and module.NAME != "var_gpt":
         raise UserError(f"--tokenizer applies to VAR generators only; {path} is a {module.NAME} checkpoint")
     if hasattr(module, "save_converted"):  # generator formats write their own checkpoint type
-        written = module.save_converted(state, out, tokenizer=tokenizer) if module.NAME == "var_gpt" else \
-            module.save_converted(state, out)
+        kwargs: dict[str, Any] = {"tokenizer": tokenizer} if module.NAME == "var_gpt" else {}
+        # a format whose file name carries facts the weights do not (LlamaGen: c2i_B_384.pt = 576 tokens) reads it
+        if "source" in inspect.signature(module.save_converted).parameters:
+            kwargs["source"] = path
+        written = module.save_converted(state, out, **kwargs)
         return {"arch": module.NAME, "out": str(written or out), "kind": "generator"}
     from vqtok.tokenizer.tokenizer import Tokenizer
 
