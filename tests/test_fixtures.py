@@ -1,10 +1,11 @@
 """Conformance against the official implementations' fixtures (../shared/fixtures or $VQTOK_FIXTURES).
 
-One test case per top-level fixture JSON, driven by the JSON alone: its `fixture` kind picks the runner,
-and sizes, file names, shapes and tolerances all come from the JSON. Weights go through the same
-`vqtok.interop` conversion users get. A second group checks that every full-size key listing in
-`keys/*.json` maps exactly (every key used, none missing, shapes equal), on the meta device. The RAR
-sampling fixtures are also run through the `vqtok sample` command itself (top-k and top-p on).
+One test case per fixture JSON (top level and `generators/`), driven by the JSON alone: its `fixture` kind
+picks the runner (a generator's harness is tests/conformance_<kind>.py), and sizes, file names, shapes and
+tolerances all come from the JSON. Weights go through the same `vqtok.interop` conversion users get. A
+second group checks that every full-size key listing in `keys/*.json` and `generators/keys/*.json` maps
+exactly (every key used, none missing, shapes equal), on the meta device. The RAR sampling fixtures are
+also run through the `vqtok sample` command itself (top-k and top-p on).
 
 Without the fixtures these tests skip; with VQTOK_REQUIRE_FIXTURES=1 (what .ci/run sets) a missing folder
 or file, or one whose SHA-256 differs from the folder's SHA256SUMS, is a failure.
@@ -265,22 +266,27 @@ def run_llamagen_vq(meta, state, inputs, expected):
 TOKENIZER_RUNNERS = {"maskgit_vqgan": run_maskgit_vqgan, "var_vqvae": run_var_vqvae, "llamagen_vq": run_llamagen_vq}
 
 
-def test_every_listed_fixture_file_is_present_and_intact():
-    sums = FIXTURES / "SHA256SUMS"
+def _check_sums(folder: Path) -> None:
+    """Every file `folder/SHA256SUMS` lists is present with that SHA-256 (paths relative to `folder`)."""
+    sums = folder / "SHA256SUMS"
     if not sums.is_file():
         if REQUIRED:
             pytest.fail(f"{sums} not found, and VQTOK_REQUIRE_FIXTURES=1 makes that a failure (set VQTOK_FIXTURES)")
-        pytest.skip(f"no fixtures at {FIXTURES} (set VQTOK_FIXTURES)")
+        pytest.skip(f"no fixtures at {folder} (set VQTOK_FIXTURES)")
     listed = [line.split(maxsplit=1) for line in sums.read_text().splitlines() if line.strip()]
     assert listed, f"{sums} lists no files"
     bad = []
     for digest, name in listed:
-        path = FIXTURES / name.strip().lstrip("*")
+        path = folder / name.strip().lstrip("*")
         if not path.is_file():
             bad.append(f"{name}: missing")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             bad.append(f"{name}: SHA-256 differs from SHA256SUMS")
-    assert not bad, "fixture files:\n  " + "\n  ".join(bad)
+    assert not bad, f"fixture files under {folder}:\n  " + "\n  ".join(bad)
+
+
+def test_every_listed_fixture_file_is_present_and_intact():
+    _check_sums(FIXTURES)
     # every fixture the runners below know must be there (a missing JSON would otherwise just not be collected)
     kinds = {json.loads(p.read_text()).get("fixture") for p in FIXTURE_JSONS}
     assert {"rar", *TOKENIZER_RUNNERS} <= kinds, f"fixture kinds found: {sorted(kinds)}"
@@ -326,6 +332,46 @@ def test_key_listing_maps_exactly(json_path: Path):
     table = listing.get("phi_index_used_at_each_scale")
     if table is not None:
         assert model.quantize.phi_table == table, "VAR's scale -> Phi table (exact float64 ties) differs"
+
+
+# ------------------------------------------------------------------------------ generator fixtures
+
+GENERATORS = FIXTURES / "generators"
+GENERATOR_JSONS = sorted(GENERATORS.glob("*.json")) if GENERATORS.is_dir() else []
+GENERATOR_LISTINGS = sorted((GENERATORS / "keys").glob("*.json")) if (GENERATORS / "keys").is_dir() else []
+# fixture kind -> the conformance harness under tests/ (check(json) and check_keys(listing))
+GENERATOR_HARNESSES = {"var_gpt": "conformance_var_gpt", "llamagen_gpt": "conformance_llamagen_gpt"}
+# a full-size key listing's family, from its file name
+LISTING_HARNESS = {"var_d": "conformance_var_gpt", "llamagen_gpt_": "conformance_llamagen_gpt"}
+
+
+def _harness(module: str):
+    import importlib
+
+    return importlib.import_module(module)  # an ImportError is a failure, not a skip
+
+
+def test_every_generator_fixture_file_is_present_and_intact():
+    _check_sums(GENERATORS)
+    kinds = {json.loads(p.read_text()).get("fixture") for p in GENERATOR_JSONS}
+    assert set(GENERATOR_HARNESSES) <= kinds, f"generator fixture kinds found: {sorted(kinds)}"
+
+
+@pytest.mark.parametrize("json_path", _params(GENERATOR_JSONS, "generator fixture JSONs"))
+def test_generator_fixture(json_path: Path):
+    json_path = _present(json_path, "generator fixture JSONs")
+    kind = json.loads(json_path.read_text()).get("fixture")
+    assert kind in GENERATOR_HARNESSES, f"{json_path.name}: unknown generator fixture kind {kind!r}"
+    report = _harness(GENERATOR_HARNESSES[kind]).check(json_path)
+    assert report, f"{json_path.name}: the harness compared nothing"
+
+
+@pytest.mark.parametrize("json_path", _params(GENERATOR_LISTINGS, "generator key listings"))
+def test_generator_key_listing_maps_exactly(json_path: Path):
+    json_path = _present(json_path, "generator key listings")
+    (module,) = [m for prefix, m in LISTING_HARNESS.items() if json_path.stem.startswith(prefix)] or [None]
+    assert module is not None, f"{json_path.name}: no generator family claims this key listing"
+    _harness(module).check_keys(json_path)
 
 
 # ------------------------------------------------------------------------- RAR through `vqtok sample`
