@@ -384,3 +384,25 @@ def test_the_loss_is_built_from_the_one_loss_config():
     assert cfg.loss.lpips_weights == "random-for-tests"
     loss = TokenizerLoss(cfg.loss, 64)
     assert loss.uses_random_lpips and loss.cfg is cfg.loss
+
+
+def test_a_tokenizer_schedule_in_epochs_reaches_the_engine_in_steps(tmp_path):
+    from PIL import Image
+
+    from vqtok.train.distributed import DistEnv
+    from vqtok.train.plan import tokenizer_plan
+    from vqtok.train.tokenizer_task import TokenizerTrainTask
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(images / f"{i}.png")
+    over = ["train.batch_size=2", "train.num_workers=0", "data.preview_images=0", "optim.generator.schedule.unit=epochs",
+            "optim.generator.schedule.warmup=1.5", "optim.generator.schedule.milestones=[2]",
+            "optim.generator.schedule.kind=step"]
+    cfg = _tok(over)
+    task = TokenizerTrainTask(cfg, DistEnv(), images, tmp_path / "run")
+    sched = task.phases()[0].config.schedule  # 8 images / batch 2 = 4 steps per epoch
+    assert (sched.unit, sched.warmup, sched.milestones) == ("steps", 6, [8])
+    assert cfg.optim.generator.schedule.unit == "epochs"  # the run's config keeps what the user wrote
+    assert tokenizer_plan(_tok(over), 8, world=1, device="cpu")["warmup_steps"] == 6

@@ -352,11 +352,6 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _section_key(schema: type, key: str) -> bool:
-    """Keys a section accepts beyond its fields (e.g. `preset`, which `build_section` reads)."""
-    return key in getattr(schema, "SECTION_KEYS", ())
-
-
 def _dataclass_of(tp: Any) -> type | None:
     if dataclasses.is_dataclass(tp):
         return tp
