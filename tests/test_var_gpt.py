@@ -433,3 +433,53 @@ def test_convert_cli_needs_the_multiscale_tokenizer(tmp_path):
     assert identity["tokenizer"]["hash"] == msvq.identity()["hash"]
     for key, value in official.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_sample_cli_runs_a_var_generator_and_refuses_a_single_scale_tokenizer(tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from vqtok.interop.var_gpt import save_converted
+    from vqtok.cli import app
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    msvq, single = build_tokenizer("tiny-msvq").eval(), build_tokenizer("tiny-vqgan").eval()
+    msvq.save(tmp_path / "msvq")
+    single.save(tmp_path / "vqgan")
+    q = msvq.quantize
+    cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=q.codebook_size,
+                    codebook_dim=q.dim, patch_nums=[h for h, _ in q.scales])
+    save_converted(VAR(cfg).state_dict(), tmp_path / "gen", tokenizer=tmp_path / "msvq")
+    runner = CliRunner()
+    base = ["sample", "--ckpt", str(tmp_path / "gen"), "--classes", "1,7,3", "--device", "cpu",
+            "--cfg", "2.5", "--cfg-schedule", "ramp", "--top-k", "9", "--top-p", "0.96"]
+    # tokens only still needs the tokenizer: VAR builds every scale's input from its codebook and Phi
+    result = runner.invoke(app, base + ["--tokens-only", "--out", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    assert "guidance ramp" in result.output
+    tokens = np.load(tmp_path / "tok" / "tokens.npy")
+    assert tokens.shape == (3, msvq.tokens_per_image) and tokens.max() < q.codebook_size
+    settings = json.loads((tmp_path / "tok" / "sample.json").read_text())["sampling"]
+    assert settings["top_k"] == 9 and settings["top_p"] == 0.96 and settings["guidance_schedule"] == "ramp"
+    result = runner.invoke(app, base + ["--out", str(tmp_path / "img"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "img" / "grid.png").is_file()
+    assert np.array_equal(np.load(tmp_path / "img" / "labels.npy"), [1, 7, 3])
+    line = _one_error_line(runner.invoke(app, base + ["--tokenizer", str(tmp_path / "vqgan"), "--out", str(tmp_path / "bad")]))
+    assert "codes" in line or "single-scale" in line or "tokens" in line, line
+    assert not (tmp_path / "bad").exists()
+    line = _one_error_line(runner.invoke(app, base + ["--cuda-graphs", "on", "--out", str(tmp_path / "bad")]))
+    assert "CUDA" in line
+
+
+def test_paper_preset_keeps_its_filters_unless_a_flag_replaces_them():
+    from vqtok.app.sample import sampling_config
+
+    paper = sampling_config("var-d16")
+    assert (paper.guidance_scale, paper.guidance_schedule, paper.top_k, paper.top_p) == (2.5, "ramp", 900, 0.96)
+    assert sampling_config("var-d16", top_k=0).top_k == 0 and sampling_config("var-d16", top_p=1.0).top_p == 1.0
+    plain = sampling_config(None)
+    assert (plain.top_k, plain.top_p) == (0, 1.0)

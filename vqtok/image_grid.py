@@ -14,7 +14,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
 from PIL import Image, ImageDraw, ImageFont
+
+from vqtok.atomic_files import atomic_write_png
 
 MIN_CELL = 256  # px per grid cell after upscaling
 MAX_SAMPLE_ROWS = 16  # classes shown in a sample grid
@@ -176,9 +179,8 @@ def to_pil(grid: torch.Tensor) -> Image.Image:
 
 
 def save_image_grid(grid: torch.Tensor, path: Path) -> None:
-    """Write `grid` as a PNG at `path`; a reader never sees a half-written file (write, then rename)."""
+    """Write `grid` as a PNG at `path`; a reader never sees a half-written file, and a full disk keeps the
+    previous one (vqtok.atomic_files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    to_pil(grid).save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write_png(path, to_pil(grid))

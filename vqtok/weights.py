@@ -168,6 +168,23 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def tensor_bytes_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the raw bytes of every tensor in key order (no names, dtypes or shapes): the weights hash
+    tokenizer checkpoints recorded before `state_dict_sha256` served every checkpoint; it is only checked,
+    never written."""
+    digest = hashlib.sha256()
+    for key in state:
+        t = state[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def same_weights(recorded: str | None, identity: dict) -> bool:
+    """Whether a recorded weights hash names the weights an identity describes (its `hash`, or the earlier
+    form `legacy_hash` a checkpoint loaded from an older file also carries). No recorded hash: True."""
+    return not recorded or recorded in (identity.get("hash"), identity.get("legacy_hash"))
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

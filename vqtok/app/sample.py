@@ -57,12 +57,14 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from vqtok.ar.families import family_of
 from vqtok.ar.rar import RAR
 from vqtok.ar.sampling import SCHEDULES, InverseCDFDraw, SamplingConfig, describe_sampling, draw_tokens, sample
+from vqtok.atomic_files import atomic_write_png
 from vqtok.errors import UserError
 from vqtok.image_grid import labelled_grid
 from vqtok.validation import check_sampling_options
-from vqtok.weights import refuse_foreign_dir
+from vqtok.weights import refuse_foreign_dir, same_weights
 
 GRID_MAX = 64  # images shown in grid.png
 LABEL_STRIP = 12  # pixels of the caption strip under each grid image
@@ -137,8 +139,8 @@ def rank_chunk(total: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def sampling_config(paper_preset: str | None = None, guidance: float | None = None, schedule: str | None = None,
-                    power: float | None = None, temperature: float | None = None, top_k: int = 0,
-                    top_p: float = 1.0) -> SamplingConfig:
+                    power: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None) -> SamplingConfig:
     """Resolve the sampling flags. `--cfg 4.0` alone is a constant 4.0; `--cfg-power` alone implies
     power-cosine; with `paper_preset` (a size such as rar-b) the paper's values are the defaults that
     explicit flags override one by one (`--cfg-preset paper --cfg 8` keeps the paper's schedule and power
@@ -164,8 +166,8 @@ def sampling_config(paper_preset: str | None = None, guidance: float | None = No
         guidance_schedule=schedule,
         guidance_power=base.guidance_power if power is None else power,
         temperature=base.temperature if temperature is None else temperature,
-        top_k=top_k,
-        top_p=top_p,
+        top_k=base.top_k if top_k is None else top_k,
+        top_p=base.top_p if top_p is None else top_p,
     )
 
 
@@ -204,8 +206,9 @@ def check_tokenizer(gen_identity: dict[str, Any], model: RAR, tokenizer, tokeniz
     if recorded.get("tokens_per_image") not in (None, mcfg.seq_len):
         raise UserError(f"the generator records {recorded['tokens_per_image']} tokens per image from its tokenizer but "
                         f"samples {mcfg.seq_len}; its checkpoint is inconsistent")
-    want, have = recorded.get("hash"), tokenizer.identity().get("hash")
-    if want and have and want != have:
+    want, identity = recorded.get("hash"), tokenizer.identity()
+    have = identity.get("hash")
+    if want and have and not same_weights(want, identity):
         raise UserError(f"tokenizer {tokenizer_path} (hash {have[:12]}) is not the one the generator was trained with "
                         f"(hash {want[:12]}, preset {recorded.get('preset')}); pass that tokenizer with --tokenizer")
 
@@ -326,8 +329,8 @@ class SamplingRequest:
     power: float | None = None
     paper: bool = False  # --cfg-preset paper
     temperature: float | None = None
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
 
     def check(self) -> None:
         check_sampling_options(self.guidance, self.temperature, self.top_k, self.top_p, self.power)
@@ -413,11 +416,16 @@ def _check_job(job: SampleJob) -> None:
         raise UserError(f"--cuda-graphs must be auto, on or off, got '{job.cuda_graphs}'")
 
 
-def use_cuda_graphs(setting: str, device: torch.device) -> bool:
-    """auto: on for CUDA devices; on: required (a UserError elsewhere); off: eager."""
+def use_cuda_graphs(setting: str, device: torch.device, model: torch.nn.Module | None = None) -> bool:
+    """auto: on for CUDA devices when the generator's family has a CUDA-graph decoder; on: required (a
+    UserError elsewhere, or for a family without one); off: eager."""
     if setting == "on" and device.type != "cuda":
         raise UserError(f"--cuda-graphs on needs a CUDA device, but sampling runs on {device}; use --cuda-graphs off")
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    capturable = model is None or hasattr(model, "graph_decoder")
+    if setting == "on" and not capturable:
+        raise UserError(f"{type(model).__name__} generators have no CUDA-graph decoder (their steps change shape); "
+                        "use --cuda-graphs off or auto")
+    return capturable and (setting == "on" or (setting == "auto" and device.type == "cuda"))
 
 
 def run_sampling(job: SampleJob, log=print) -> SampleResult:
@@ -435,19 +443,22 @@ def run_sampling(job: SampleJob, log=print) -> SampleResult:
     mcfg = model.config
     class_names = recorded_class_names(identity)
     labels, classes = job.labels.resolve(mcfg.num_classes, class_names, job.seed)
-    graphs = use_cuda_graphs(job.cuda_graphs, device)
+    family = family_of(model)
+    graphs = use_cuda_graphs(job.cuda_graphs, device, model)
     paper_name = None
     if job.sampling.paper:
-        from vqtok.ar.presets import preset_for
-
-        paper_name = identity.get("preset") or preset_for(mcfg)
+        paper_name = identity.get("preset") or mcfg.identity_fields().get("preset")
         if paper_name is None:
-            raise UserError(f"generator {ckpt} is not one of the paper's RAR sizes, so --cfg-preset paper has no settings "
-                            "for it; give --cfg, --cfg-power and --temperature instead")
+            raise UserError(f"generator {ckpt} is not one of its family's published sizes, so --cfg-preset paper has no "
+                            "settings for it; give --cfg, --cfg-schedule, --top-k, --top-p and --temperature instead")
     cfg = job.sampling.resolve(paper_name)
     tokenizer = tok_path = None
-    if not job.output.tokens_only:
+    # a family whose model reads the tokenizer (VAR builds each scale's input from its codebook) needs it
+    # even for tokens only
+    if not job.output.tokens_only or family.bind_tokenizer is not None:
         tokenizer, tok_path = resolve_tokenizer(identity, model, job.tokenizer, ckpt, device)
+        if family.bind_tokenizer is not None:
+            family.bind_tokenizer(model, tokenizer)
     if env.is_main:
         _check_out_dir(out, job.output.overwrite)
     work = out.parent / f".{out.name}.sampling"
@@ -512,15 +523,14 @@ def describe_labels(labels: np.ndarray, class_names: list[str] | None) -> str:
         f"{c} ({names[c]})" if c < len(names) else str(c) for c in distinct)
 
 
-def _make_decoder(model: RAR, cfg: SamplingConfig, batch: int, graphs: bool):
-    """The decoder reused by every batch of a run: CUDA graphs over static buffers, or the eager cache."""
+def _make_decoder(model: torch.nn.Module, cfg: SamplingConfig, batch: int, graphs: bool):
+    """The decoder reused by every batch of a run: the family's CUDA graphs over static buffers, or its
+    eager KV cache."""
     if not graphs:
-        return model.default_decoder(True)  # the family's KV-cached decoder
-    if hasattr(model, "graph_decoder"):  # a family with its own CUDA-graph decoder (LlamaGen)
-        return model.graph_decoder(batch, cfg.uses_cfg)
-    from vqtok.ar.cuda_graphs import CUDAGraphDecoder
-
-    return CUDAGraphDecoder(model, batch, cfg.uses_cfg, model.generation_order(cfg.order))
+        return model.default_decoder(True)
+    if cfg.order is not None and not torch.equal(model.generation_order(cfg.order), model.generation_order()):
+        raise UserError("--cuda-graphs captures the generator's trained scan order; use --cuda-graphs off for --order")
+    return model.graph_decoder(batch, cfg.uses_cfg)
 
 
 def batch_draw(seed: int, first: int, count: int, num_tokens: int, rows: int) -> InverseCDFDraw:
@@ -536,7 +546,8 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, job: SampleJob, work: P
     """Sample labels[lo:hi] in batches, writing each batch's tokens (and pixels when needed) to `work`."""
     from vqtok.eval.progress import image_progress
 
-    grid_shape = model.config.grid_shape
+    # one token grid: tokens.npy holds (N, h, w); multi-scale tokens stay (N, tokens), scales concatenated
+    grid_shape = getattr(model.config, "grid_shape", None) or (model.config.seq_len,)
     token_dtype = np.uint16 if model.config.vocab_size <= 65536 else np.uint32
     (work / "_tokens").mkdir(exist_ok=True)
     keep_pixels = not job.output.tokens_only
@@ -574,10 +585,8 @@ def _sample_range(model, tokenizer, cfg, labels, lo, hi, job: SampleJob, work: P
 
 
 def _save_pngs(pixels: np.ndarray, first: int, folder: Path) -> None:
-    from PIL import Image
-
     for i, img in enumerate(pixels):
-        Image.fromarray(img).save(folder / f"{first + i:06d}.png")
+        atomic_write_png(folder / f"{first + i:06d}.png", img)
 
 
 def _assemble(work: Path, labels: np.ndarray, tokenizer, output: SampleOutput, class_names: list[str] | None) -> list[str]:
@@ -597,7 +606,7 @@ def _assemble(work: Path, labels: np.ndarray, tokenizer, output: SampleOutput, c
         if sum(len(a) for a in shown) >= GRID_MAX:
             break
     grid_images = np.concatenate(shown)[:GRID_MAX]
-    labelled_grid(grid_images, labels[: len(grid_images)], class_names).save(work / "grid.png")
+    atomic_write_png(work / "grid.png", labelled_grid(grid_images, labels[: len(grid_images)], class_names))
     files.append("grid.png")
     if output.npz:
         write_adm_npz(work / "samples.npz", pixel_files, labels)

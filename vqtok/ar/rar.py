@@ -409,6 +409,13 @@ class RAR(nn.Module):
 
         return CachedDecoder(self) if kv_cache else FullRecompute(self)
 
+    def graph_decoder(self, batch: int, guided: bool):
+        """The CUDA-graph decoder of a run of `batch` samples per call (with CFG: 2 * batch rows), in the
+        trained scan order."""
+        from vqtok.ar.cuda_graphs import CUDAGraphDecoder  # it imports this module
+
+        return CUDAGraphDecoder(self, batch, guided, self.generation_order())
+
     # ------------------------------------------------------------------------------------ embedding
     def prefix_embeddings(self, cond_ids: torch.Tensor, orders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots 0 (cls) and 1 (condition), (B, 2, D), and the raw condition embedding (B, D) for adaLN."""

@@ -31,12 +31,12 @@ def sample_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Generator checkpoint directory (from train-ar or convert)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer checkpoint (default: the one the generator records)."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale; alone it is constant, with --cfg-preset paper it replaces only the paper's scale (0 disables CFG). Default 4.0."),
-    cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | linear | power-cosine."),
+    cfg_schedule: Optional[str] = typer.Option(None, "--cfg-schedule", help="constant | linear | power-cosine | ramp (VAR's: 1 at the first step rising to the scale at the last)."),
     cfg_power: Optional[float] = typer.Option(None, "--cfg-power", help="Power-cosine exponent (implies power-cosine; 0 = constant)."),
-    cfg_preset: Optional[CfgPreset] = typer.Option(None, "--cfg-preset", help="'paper': the tuned scale, power and temperature of this RAR size."),
+    cfg_preset: Optional[CfgPreset] = typer.Option(None, "--cfg-preset", help="'paper': the published sampling settings of this generator size (RAR, VAR or LlamaGen release)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Softmax temperature (0 = argmax). Default 1.0."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass to keep (1 = all)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (0 = all; default 0, or the paper preset's)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus mass to keep (1 = all; default 1, or the paper preset's)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class ids or class names from the manifest, one image each: 1,207,360 or cat,dog."),
     per_class: Optional[int] = typer.Option(None, "--per-class", help="N images of every class, class-balanced (50 -> the FID-50k set)."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="N images with labels drawn from the seed (default 16)."),
@@ -51,7 +51,7 @@ def sample_command(
     dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="fp32, or bf16 autocast for the generator."),
     cuda_graphs: CudaGraphs = typer.Option(CudaGraphs.auto, "--cuda-graphs", help="Replay each decode step as a CUDA graph (auto: on for CUDA devices)."),
 ) -> None:
-    """Sample class-conditional images with a KV-cached RAR generator and classifier-free guidance.
+    """Sample class-conditional images with a KV-cached RAR, VAR or LlamaGen generator and classifier-free guidance.
 
     Writes grid.png (one row per class, with its name), labels.npy and sample.json into --out, plus samples.npz (--npz), per-image PNGs (--png) or token grids instead of pixels (--tokens-only).
 

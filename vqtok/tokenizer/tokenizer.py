@@ -23,7 +23,7 @@ from torch import nn
 
 from vqtok.config import ConfigError, dump_yaml, from_dict, to_dict
 from vqtok.errors import UserError
-from vqtok.weights import state_dict_sha256
+from vqtok.weights import state_dict_sha256, tensor_bytes_sha256
 from vqtok.tokenizer.autoencoder import Decoder, Encoder
 from vqtok.tokenizer.config import TokenizerConfig, quantizer_classes, quantizer_config, tokenizer_config_to_dict
 
@@ -64,6 +64,7 @@ class Tokenizer(nn.Module):
         self.vocab_size = int(self.quantize.codebook_size)
         self.scales = self._scales_at(config.resolution, config.resolution)
         self.tokens_per_image = sum(h * w for h, w in self.scales)
+        self.legacy_hash: str | None = None  # set by load_tokenizer for a checkpoint with the earlier hash form
 
     # ------------------------------------------------------------------ geometry
 
@@ -196,6 +197,9 @@ class Tokenizer(nn.Module):
             "model_value_range": list(self.config.value_range),
             "index_dtype": "uint16" if self.vocab_size <= 65536 else "uint32",
             "hash": state_dict_sha256(self._in_model_order(state_dict)),
+            # loaded from a checkpoint that recorded the earlier hash form: what token shards and
+            # generators made with it recorded, so they still match these (unchanged) weights
+            **({"legacy_hash": self.legacy_hash} if self.legacy_hash and state_dict is None else {}),
         }
 
     def _in_model_order(self, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -291,6 +295,8 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
     ordered = {k: state[k] for k in expected}
     recorded = identity.get("hash")
     if recorded and recorded != state_dict_sha256(ordered):
-        raise UserError(f"checkpoint {path} was modified after saving: its weights no longer match the hash in {IDENTITY_FILE}")
+        if recorded != tensor_bytes_sha256(ordered):  # the hash form older checkpoints recorded
+            raise UserError(f"checkpoint {path} was modified after saving: its weights no longer match the hash in {IDENTITY_FILE}")
+        tok.legacy_hash = recorded
     tok.load_state_dict(ordered, strict=True)
     return tok.to(device).eval()

@@ -40,13 +40,14 @@ from vqtok.ar.annealing import PermutationAnnealing, annealing_warning
 from vqtok.ar.families import Family, get_family
 from vqtok.ar.orders import canonical_order_name, sample_orders
 from vqtok.config import from_dict, given_keys, to_dict
+from vqtok.distributed import DistEnv, broadcast_module
 from vqtok.errors import ConfigError, UserError
 from vqtok.signals import loader_worker_init
 from vqtok.train.ar_data import EpochViewTokens, mix_seed, open_ar_tokens
-from vqtok.distributed import DistEnv, broadcast_module
 from vqtok.train.engine import EngineConfig, Phase, build_optimizer
 from vqtok.train.optim import OptimizerConfig, ScheduleConfig, in_steps
 from vqtok.train.sampler import StreamBatchSampler
+from vqtok.weights import same_weights
 
 
 @dataclass
@@ -237,7 +238,7 @@ def check_tokenizer_matches(manifest: dict, identity: dict, tokens_dir: Path, to
     """Refuse token shards made by another tokenizer than `--tokenizer` (hash, vocabulary, grid)."""
     made = manifest["tokenizer"]
     problems = []
-    if made.get("hash") and identity.get("hash") and made["hash"] != identity["hash"]:
+    if made.get("hash") and identity.get("hash") and not same_weights(made["hash"], identity):
         problems.append(f"weights hash {made['hash'][:12]} vs {identity['hash'][:12]}")
     if int(made["vocab_size"]) != int(identity["vocab_size"]):
         problems.append(f"vocabulary {made['vocab_size']} vs {identity['vocab_size']}")
@@ -268,7 +269,7 @@ def load_init_weights(model: nn.Module, path: str | Path, tokenizer_identity: di
         source, identity = load_generator(path)
         state = source.state_dict()
         made = identity.get("tokenizer") or {}
-        if made.get("hash") and made["hash"] != tokenizer_identity.get("hash"):
+        if made.get("hash") and tokenizer_identity.get("hash") and not same_weights(made["hash"], tokenizer_identity):
             raise UserError(f"--init {path} was trained on another tokenizer (hash {made['hash'][:12]}) than --tokenizer")
     elif path.is_file():
         from vqtok.weights import load_state_dict_file
