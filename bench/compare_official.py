@@ -604,7 +604,7 @@ def case_llamagen_sampling(args) -> dict:
     from autoregressive.models.generate import generate
     from autoregressive.models.gpt import ModelArgs, Transformer
 
-    from vqtok.ar.generate import batch_draw
+    from vqtok.app.sample import batch_draw
     from vqtok.ar.llamagen import LlamaGen
     from vqtok.ar.sampling import GeneratorDraw, SamplingConfig, sample
     from vqtok.interop import llamagen_gpt as llamagen_interop

@@ -389,7 +389,7 @@ def test_the_loss_is_built_from_the_one_loss_config():
 def test_a_tokenizer_schedule_in_epochs_reaches_the_engine_in_steps(tmp_path):
     from PIL import Image
 
-    from vqtok.train.distributed import DistEnv
+    from vqtok.distributed import DistEnv
     from vqtok.train.plan import tokenizer_plan
     from vqtok.train.tokenizer_task import TokenizerTrainTask
 

@@ -211,7 +211,7 @@ def test_train_tokenizer_init_reads_the_hub_cache(tmp_path, offline_cache):
     try:
         from vqtok.distributed import DistEnv
     except ImportError:  # before the process-group module moved to the base layer
-        from vqtok.train.distributed import DistEnv
+        from vqtok.distributed import DistEnv
     from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
 
     from test_train_tokenizer import FAST, make_photos

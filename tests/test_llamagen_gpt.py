@@ -458,13 +458,6 @@ def test_training_helpers_for_train_ar():
 # ------------------------------------------------------------------------------ train-ar recipes
 
 
-def _train_ar_knows_families():
-    from vqtok.train.ar_task import TrainARConfig
-
-    return "arch" in TrainARConfig.__dataclass_fields__
-
-
-@pytest.mark.skipif(not _train_ar_knows_families(), reason="train-ar has no `arch` key in this build")
 @pytest.mark.parametrize("size", ["B", "L", "XL", "XXL", "3B"])
 def test_llamagen_recipes_are_the_official_c2i_settings(size):
     from vqtok.train.ar_task import load_run_config
@@ -480,7 +473,6 @@ def test_llamagen_recipes_are_the_official_c2i_settings(size):
     assert cfg.epochs == 300 and cfg.train.batch_size == 256 and cfg.train.amp and not cfg.train.ema
 
 
-@pytest.mark.skipif(not _train_ar_knows_families(), reason="train-ar has no `arch` key in this build")
 def test_llamagen_tiny_trains_through_the_engine_and_samples(tmp_path):
     from test_train_ar import BASE, make_token_dir
 
@@ -508,7 +500,7 @@ def test_sample_cli_static_decoder_with_a_padded_last_batch_writes_the_eager_tok
     # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
     from typer.testing import CliRunner
 
-    import vqtok.ar.generate as generate
+    import vqtok.app.sample as generate
     from vqtok.cli import app
 
     model = random_model(tiny(vocab_size=40, block_size=16, num_classes=5))
