@@ -206,7 +206,7 @@ def test_tokens_only_writes_token_grids_and_labels(ckpts, tmp_path):
     (["--classes", "1", "--per-class", "2"], "cannot be combined"),
     (["--tokens-only", "--npz"], "cannot be combined"),
     (["--classes", "1,x"], "not a class id, and this generator records no class names"),
-    (["--cfg-preset", "paper"], "not one of the paper's RAR sizes"),
+    (["--cfg-preset", "paper"], "not one of its family's published sizes"),
 ])
 def test_bad_options_fail_cleanly(ckpts, tmp_path, args, message):
     result = sample_cli(ckpts, tmp_path / "o", *args)
