@@ -71,6 +71,10 @@ class VARConfig:
     class_dropout: float = 0.1  # the official cond_drop_rate: label -> null class in `forward` (train and eval)
     attn_l2_norm: bool = True
     grad_checkpointing: bool = False
+    # the initialisation a fresh model gets (`init_weights`; the release's training commands set --alng)
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
 
     def __post_init__(self):
         self.patch_nums = [int(p) for p in self.patch_nums]
@@ -316,6 +320,7 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(cfg)
         self.head = nn.Linear(C, cfg.vocab_size)
         self._quantizer: tuple = ()
+        self.init_weights(cfg.init_adaln, cfg.init_adaln_gamma, cfg.init_head)
         if quantizer is not None:
             self.bind_quantizer(quantizer)
 
