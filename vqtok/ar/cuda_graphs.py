@@ -36,49 +36,63 @@ def _capture_autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False)
 
 
+def capture_decode_steps(device: torch.device, start, run, num_steps: int, pool) -> list[torch.cuda.CUDAGraph]:
+    """Capture decode steps 1..num_steps-1 of a static decoder as one CUDA graph each, family-neutral.
+
+    `start()` prefills from the decoder's static buffers and `run(step)` runs decode step `step` from them
+    into its static outputs; a few eager steps on a side stream warm the allocator and the kernels first.
+    Call it under the autocast setting the sampling will use, in no_grad and eval mode.
+    """
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), _capture_autocast(device):
+        start()  # the buffers hold valid ids (class 0 / the null class), so the warm-up is a real decode
+        for step in range(1, min(WARMUP_STEPS, num_steps - 1) + 1):
+            run(step)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graphs = []
+    with _capture_autocast(device):
+        for step in range(1, num_steps):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                run(step)
+            graphs.append(graph)
+    return graphs
+
+
+@contextlib.contextmanager
+def capturing(model: torch.nn.Module, device: torch.device):
+    """eval mode (the graphs keep the kernels they were captured with: no dropout), no_grad, on the model's GPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.cuda.device(device):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise UserError(f"CUDA graphs need the generator on a CUDA device, it is on {device}")
+
+
 class CUDAGraphDecoder(StaticDecoder):
-    """StaticDecoder whose decode steps replay CUDA graphs captured at construction.
+    """RAR's StaticDecoder whose decode steps replay CUDA graphs captured at construction.
 
     Build it under the autocast setting the sampling will use (the captured kernels keep their dtypes).
     """
 
     def __init__(self, model: RAR, batch: int, guided: bool, order: torch.Tensor):
         device = model.lm_head.weight.device
-        if device.type != "cuda":
-            raise UserError(f"CUDA graphs need the generator on a CUDA device, it is on {device}")
+        require_cuda(device)
         super().__init__(model, batch, guided, order)
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: list[torch.cuda.CUDAGraph] = []
-        self._capture()
-
-    @torch.no_grad()
-    def _capture(self) -> None:
-        was_training = self.model.training
-        self.model.eval()  # the graphs keep the kernels they were captured with: no dropout
-        try:
-            with torch.cuda.device(self.device):  # capture on the model's GPU whatever the current device
-                self._capture_steps()
-        finally:
-            self.model.train(was_training)
-
-    def _capture_steps(self) -> None:
-        N = self.model.config.seq_len
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), _capture_autocast(self.device):
-            # the buffers hold valid ids (class 0 / the null class), so the warm-up is a real decode
-            StaticDecoder.start(self, self.cond_ids.clone(), self.orders[0])
-            for step in range(1, min(WARMUP_STEPS, N - 1) + 1):
-                self._run(step)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        with _capture_autocast(self.device):
-            for step in range(1, N):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self._run(step)
-                self.graphs.append(graph)
+        with capturing(model, device):
+            self.graphs = capture_decode_steps(device, lambda: StaticDecoder.start(self, self.cond_ids.clone(), self.orders[0]),
+                                               self._run, model.config.seq_len, self.pool)
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         self.token.copy_(tokens[:, 0])

@@ -29,7 +29,6 @@ the sampling loop drives (cached, static-buffer and the full-recompute reference
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -559,45 +558,17 @@ class CUDAGraphDecoder(StaticDecoder):
     its weight-cast cache off. Build it under the autocast setting the sampling will use.
     """
 
-    WARMUP_STEPS = 3
-
     def __init__(self, model: LlamaGen, batch: int, guided: bool):
+        from vqtok.ar.cuda_graphs import capture_decode_steps, capturing, require_cuda
+
         device = model.output.weight.device
-        if device.type != "cuda":
-            raise UserError(f"CUDA graphs need the generator on a CUDA device, it is on {device}")
+        require_cuda(device)
         super().__init__(model, batch, guided)
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: list[torch.cuda.CUDAGraph] = []
-        was_training = model.training
-        model.eval()  # the graphs keep the kernels they were captured with: no dropout
-        try:
-            with torch.no_grad(), torch.cuda.device(device):
-                self._capture()
-        finally:
-            model.train(was_training)
-
-    def _autocast(self):
-        if not torch.is_autocast_enabled(self.device.type):
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.get_autocast_dtype(self.device.type), cache_enabled=False)
-
-    def _capture(self) -> None:
-        N = self.model.config.block_size
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), self._autocast():
-            StaticDecoder.start(self, self.cond_ids.clone())  # class 0 everywhere: a real decode
-            for step in range(1, min(self.WARMUP_STEPS, N - 1) + 1):
-                self._run(step)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        with self._autocast():
-            for step in range(1, N):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self._run(step)
-                self.graphs.append(graph)
+        with capturing(model, device):
+            self.graphs = capture_decode_steps(device, lambda: StaticDecoder.start(self, self.cond_ids.clone()),
+                                               self._run, model.config.block_size, self.pool)
 
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         self.token.copy_(tokens.view(-1, 1))

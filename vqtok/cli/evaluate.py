@@ -15,6 +15,11 @@ from vqtok.cli.app import app
 
 console = Console()
 
+# options every evaluation command takes, declared once
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available).")
+INCEPTION_OPTION = typer.Option(None, "--inception-weights",
+                                help="weights-inception-2015-12-05-6726825d.pth for FID (default: the torch hub cache).")
+
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     if value is None:
@@ -31,7 +36,7 @@ def reconstruct(
     out: Path = typer.Option(..., "--out", help="Output folder for side-by-side PNGs, grid.png and metrics.json."),
     size: Optional[int] = typer.Option(None, "--size", help="Center-crop size (default: the tokenizer's resolution)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: best available)."),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """ADM-center-crop, encode and decode images; write original | reconstruction PNGs and print PSNR/SSIM.
 
@@ -68,11 +73,11 @@ def eval_tokenizer(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0, help="Image decoding worker processes."),
     lpips_weights: Optional[Path] = typer.Option(None, "--lpips-weights", help="VGG16 weights for LPIPS (default: torch hub cache)."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Inception weights for rFID (default: torch hub cache)."),
+    inception_weights: Optional[Path] = INCEPTION_OPTION,
     fid: bool = typer.Option(True, "--fid/--no-fid", help="Compute rFID when the Inception weights are available."),
     lpips: bool = typer.Option(True, "--lpips/--no-lpips", help="Compute LPIPS when the VGG16 weights are available."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: CKPT.eval.json beside the checkpoint folder)."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """PSNR, SSIM, LPIPS, codebook usage/perplexity (per scale) and rFID of a tokenizer on an image set."""
     from vqtok.device import pick_device
@@ -116,12 +121,12 @@ def eval_tokenizer(
 def eval_fid(
     samples: Path = typer.Argument(..., help="Generated images: ADM .npz (arr_0 uint8 NHWC) or a folder of PNG/JPEG."),
     ref: Path = typer.Option(..., "--ref", help="Reference: ADM .npz (images and/or precomputed mu/sigma), stats .npz, or a folder."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="weights-inception-2015-12-05-6726825d.pth (default: torch hub cache)."),
+    inception_weights: Optional[Path] = INCEPTION_OPTION,
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     cache_ref: bool = typer.Option(False, "--cache-ref", help="Cache the reference mu/sigma as REF.inception-stats.npz and reuse it."),
     precision_recall: bool = typer.Option(False, "--precision-recall", help="Also compute precision/recall (needs reference images)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    device: Optional[str] = DEVICE_OPTION,
 ) -> None:
     """FID and Inception Score with torch-fidelity's port of the TF Inception (close to, not identical with, the ADM evaluator)."""
     from vqtok.device import pick_device

@@ -37,6 +37,21 @@ def expected_shapes(cfg: TokenizerConfig) -> dict[str, Shape]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def check_exact_keys(state: Mapping, wanted: Mapping[str, Shape], fmt: str, hint: str) -> None:
+    """Every wanted key present with its shape and every entry of `state` used; one UserError otherwise
+    (`fmt` names the format, `hint` asks what the file really is)."""
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise UserError(f"{fmt} weights are missing {len(missing)} tensor(s), e.g. {missing[0]}; the file is incomplete")
+    unused = [k for k in state if k not in wanted]
+    if unused:
+        raise UserError(f"{fmt} weights hold {len(unused)} unexpected tensor(s), e.g. {unused[0]}; {hint}")
+    for key, want in wanted.items():
+        got = shape_of(state[key])
+        if got != tuple(want):
+            raise UserError(f"{fmt} tensor {key} has shape {list(got)}, expected {list(want)} for the detected size")
+
+
 def indices_under(state: Mapping, prefix: str) -> list[int]:
     """Sorted distinct integers i of keys that start with `prefix` + "{i}." (e.g. levels, blocks)."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")

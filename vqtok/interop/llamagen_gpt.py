@@ -22,6 +22,7 @@ import torch
 
 from vqtok.ar.llamagen import SIZES, LlamaGenConfig
 from vqtok.errors import UserError
+from vqtok.interop.common import check_exact_keys
 
 NAME = "llamagen-gpt"
 DESCRIPTION = "LlamaGen class-conditional GPT (FoundationVision/LlamaGen c2i_*.pt)"
@@ -91,6 +92,17 @@ def block_size_from_name(path: str | Path | None) -> int | None:
     return (int(m.group(1)) // 16) ** 2
 
 
+def _sizes(sd: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(vocabulary, width, layer count) of a LlamaGen GPT state dict, or a UserError for another format."""
+    if not matches(sd):
+        raise UserError("these weights are not a LlamaGen GPT state dict (no tok_embeddings / cls_embedding / layers.0.attention.wqkv)")
+    vocab, dim = _shape(sd["tok_embeddings.weight"])
+    n_layer = 0
+    while f"layers.{n_layer}.attention.wqkv.weight" in sd:
+        n_layer += 1
+    return vocab, dim, n_layer
+
+
 def to_config(sd: Mapping[str, Any], block_size: int | None = None, n_head: int | None = None) -> LlamaGenConfig:
     """The model size from the tensor shapes (real, meta or shape-only entries).
 
@@ -98,12 +110,7 @@ def to_config(sd: Mapping[str, Any], block_size: int | None = None, n_head: int 
     `n_head` for other sizes. The training-time settings (dropouts) are the official defaults.
     """
     sd = weights_only(sd)
-    if not matches(sd):
-        raise UserError("these weights are not a LlamaGen GPT state dict (no tok_embeddings / cls_embedding / layers.0.attention.wqkv)")
-    vocab, dim = _shape(sd["tok_embeddings.weight"])
-    n_layer = 0
-    while f"layers.{n_layer}.attention.wqkv.weight" in sd:
-        n_layer += 1
+    vocab, dim, n_layer = _sizes(sd)
     if n_head is None:
         known = {(d, n): h for n, h, d in SIZES.values()}
         if (dim, n_layer) not in known:
@@ -159,12 +166,7 @@ def shapes_from_weights(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every official key with the shape the file's own sizes imply (dim, layers, vocabulary, classes, FFN and
     q/k/v widths read from the first layer), in the official order. It needs no head count: that only splits
     the q/k/v rows, which the attention reads at run time."""
-    if not matches(sd):
-        raise UserError("these weights are not a LlamaGen GPT state dict (no tok_embeddings / cls_embedding / layers.0.attention.wqkv)")
-    vocab, D = _shape(sd["tok_embeddings.weight"])
-    n_layer = 0
-    while f"layers.{n_layer}.attention.wqkv.weight" in sd:
-        n_layer += 1
+    vocab, D, n_layer = _sizes(sd)
     for key in ("layers.0.feed_forward.w1.weight", "cls_embedding.embedding_table.weight"):
         if key not in sd:
             raise UserError(f"LlamaGen weights are missing {key}; the file is incomplete")
@@ -185,15 +187,7 @@ def shapes_from_weights(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def check_shapes(sd: Mapping[str, Any], wanted: dict[str, tuple[int, ...]]) -> None:
     """Every wanted key is present with its shape and every entry of `sd` is used (shapes only)."""
-    missing = [k for k in wanted if k not in sd]
-    if missing:
-        raise UserError(f"LlamaGen weights are missing {len(missing)} tensor(s), e.g. {missing[0]}; the file is incomplete")
-    unused = [k for k in sd if k not in wanted]
-    if unused:
-        raise UserError(f"LlamaGen weights hold {len(unused)} unexpected tensor(s), e.g. {unused[0]}; is this a c2i LlamaGen GPT?")
-    for key, want in wanted.items():
-        if _shape(sd[key]) != want:
-            raise UserError(f"LlamaGen tensor {key} has shape {list(_shape(sd[key]))}, expected {list(want)} for the detected size")
+    check_exact_keys(sd, wanted, "LlamaGen", "is this a c2i LlamaGen GPT?")
 
 
 def convert(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:

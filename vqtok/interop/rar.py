@@ -17,6 +17,7 @@ import torch
 
 from vqtok.ar.rar import POS_TABLE_EXTRA, TIMESTEP_TABLE_EXTRA, RARConfig
 from vqtok.errors import UserError
+from vqtok.interop.common import check_exact_keys
 
 NAME = "rar"
 
@@ -108,21 +109,9 @@ def to_config(sd: dict[str, Any]) -> RARConfig:
 
 def convert(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official state dict -> vqtok RAR state dict (same names), every key used, every shape asserted."""
-    cfg = to_config(sd)
-    wanted = expected_shapes(cfg)
-    missing = [k for k in wanted if k not in sd]
-    if missing:
-        raise UserError(f"RAR weights are missing {len(missing)} tensor(s), e.g. {missing[0]}; the file is incomplete")
-    unused = [k for k in sd if k not in wanted]
-    if unused:
-        raise UserError(f"RAR weights hold {len(unused)} unexpected tensor(s), e.g. {unused[0]}; is this an official RAR file?")
-    out = {}
-    for key, want in wanted.items():
-        got = tuple(sd[key].shape)
-        if got != want:
-            raise UserError(f"RAR tensor {key} has shape {list(got)}, expected {list(want)} for the detected size")
-        out[key] = sd[key]
-    return out
+    wanted = expected_shapes(to_config(sd))
+    check_exact_keys(sd, wanted, "RAR", "is this an official RAR file?")
+    return {key: sd[key] for key in wanted}
 
 
 def save_converted(sd: dict[str, torch.Tensor], out_dir: str | Path, tokenizer: dict | None = None) -> Path:
