@@ -429,7 +429,8 @@ def test_disk_full_while_sampling_is_one_line_and_leaves_nothing(tmp_path, gener
     args = ["sample", "--ckpt", generator, "--out", out, "--tokens-only", "--num-samples", "64", "--batch-size", "64", "--device", "cpu"]
     full = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300,
                           preexec_fn=_limit_file_size(4 * 1024))  # tokens.npy is 8 KB
-    _one_line_error(full, "cannot write", "file-size limit")
+    line = _one_line_error(full, "cannot write", "file-size limit")
+    assert f"the samples to {out}" in line, line  # names where it was writing
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half-written --out, work dir or lock
     rerun = subprocess.run(_cli(*args), env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

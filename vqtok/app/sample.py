@@ -62,6 +62,7 @@ from vqtok.ar.rar import RAR
 from vqtok.ar.sampling import SCHEDULES, InverseCDFDraw, SamplingConfig, describe_sampling, draw_tokens, sample
 from vqtok.atomic_files import atomic_write_png
 from vqtok.errors import UserError
+from vqtok.fs_errors import writing
 from vqtok.image_grid import labelled_grid
 from vqtok.validation import check_sampling_options
 from vqtok.weights import refuse_foreign_dir, same_weights
@@ -475,12 +476,15 @@ def run_sampling(job: SampleJob, log=print) -> SampleResult:
     try:
         start = time.perf_counter()
         lo, hi = rank_chunk(len(labels), env.rank, env.world)
-        _sample_range(model, tokenizer, cfg, labels, lo, hi, job, work, device, env.is_main, graphs)
+        # numpy reports a full disk as a short write without a file name: name the output folder
+        with writing(out, "write the samples to"):
+            _sample_range(model, tokenizer, cfg, labels, lo, hi, job, work, device, env.is_main, graphs)
         barrier(env)
         seconds = time.perf_counter() - start
         files: list[str] = []
         if env.is_main:
-            files = _assemble(work, labels, tokenizer, job.output, class_names)
+            with writing(out, "write the samples to"):
+                files = _assemble(work, labels, tokenizer, job.output, class_names)
             settings = {
                 "generator": str(ckpt), "generator_preset": identity.get("preset"),
                 "tokenizer": str(tok_path) if tok_path else None, "sampling": dataclasses.asdict(cfg),
