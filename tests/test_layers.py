@@ -2,7 +2,7 @@
 
 Layers, lowest first; a module may import its own layer and the layers below it, never above:
 
-  1 base     vqtok/{errors,device,validation,weights,config,registry,fs_errors,signals,run_lock,
+  1 base     vqtok/{errors,device,validation,weights,config,fs_errors,signals,run_lock,
              run_dirs,distributed,image_grid,hub,atomic_files}.py and the package itself
   2 models   vqtok.tokenizer, vqtok.ar
   3 support  vqtok.losses, vqtok.eval, vqtok.interop, vqtok.data
@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "vqtok"
 
-BASE = {"errors", "device", "validation", "weights", "config", "registry", "fs_errors", "signals",
+BASE = {"errors", "device", "validation", "weights", "config", "fs_errors", "signals",
         "run_lock", "run_dirs", "distributed", "image_grid", "hub", "atomic_files"}
 LAYERS = {"tokenizer": 2, "ar": 2, "losses": 3, "eval": 3, "interop": 3, "data": 3, "train": 4, "app": 5,
           "cli": 6, "__main__": 6}

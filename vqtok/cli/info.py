@@ -18,7 +18,8 @@ def info() -> None:
     import vqtok
     from vqtok.config import list_recipes
     from vqtok.device import describe_device, pick_device
-    from vqtok.registry import list_presets
+    from vqtok.ar.families import FAMILIES
+    from vqtok.tokenizer.presets import PRESETS as TOKENIZER_PRESETS
 
     console = Console()
     table = Table(show_header=False, box=None)
@@ -28,8 +29,9 @@ def info() -> None:
     table.add_row("torchvision", torchvision.__version__)
     table.add_row("device", describe_device(pick_device()))
     table.add_row("cuda available", str(torch.cuda.is_available()))
-    for kind, names in list_presets().items():
-        table.add_row(f"{kind} presets", ", ".join(names) or "-")
+    table.add_row("tokenizer presets", ", ".join(sorted(TOKENIZER_PRESETS)) or "-")
+    for family in FAMILIES.values():
+        table.add_row(f"{family.name} presets", ", ".join(family.presets) or "-")
     for kind in ("tokenizer", "ar"):
         table.add_row(f"{kind} recipes", ", ".join(list_recipes(kind)) or "-")
     console.print(table)
