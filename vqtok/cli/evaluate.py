@@ -97,24 +97,7 @@ def eval_tokenizer(
     result = evaluate_tokenizer(tok, opts)
     path = write_report(result, report or tokenizer.with_name(tokenizer.name + ".eval.json"))
 
-    table = Table(title=f"{tokenizer} on {result.num_images} images at {result.resolution}px")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("PSNR (dB)", _fmt(result.psnr, 2))
-    table.add_row("SSIM", _fmt(result.ssim))
-    table.add_row("LPIPS", _fmt(result.lpips) if result.lpips is not None else "skipped")
-    table.add_row("rFID", _fmt(result.rfid, 3) if result.rfid is not None else "skipped")
-    cb = result.codebook
-    table.add_row("codebook usage", f"{cb['usage']:.2%} ({cb['codes_used']}/{cb['vocab_size']})")
-    table.add_row("perplexity", f"{cb['perplexity']:.1f} ({cb['entropy_bits']:.2f} bits)")
-    for scale in cb.get("per_scale", []):
-        table.add_row(f"  scale {scale['scale']}", f"usage {scale['usage']:.2%}, perplexity {scale['perplexity']:.1f}")
-    console.print(table)
-    if result.skipped:
-        console.print(f"skipped: {', '.join(result.skipped)} (the reasons are printed above and kept in the report)")
-    if result.num_skipped:
-        console.print(f"{result.num_skipped} image(s) could not be decoded and were skipped (listed in the report)")
-    console.print(f"report: {path}")
+    _print_tokenizer_eval(result, tokenizer, path)
 
 
 @app.command(name="eval-fid")
@@ -154,3 +137,25 @@ def eval_fid(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}")
+
+
+def _print_tokenizer_eval(result, tokenizer: Path, path: Path) -> None:
+    """The eval-tokenizer summary table, what was skipped, and where the report is."""
+    table = Table(title=f"{tokenizer} on {result.num_images} images at {result.resolution}px")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("PSNR (dB)", _fmt(result.psnr, 2))
+    table.add_row("SSIM", _fmt(result.ssim))
+    table.add_row("LPIPS", _fmt(result.lpips) if result.lpips is not None else "skipped")
+    table.add_row("rFID", _fmt(result.rfid, 3) if result.rfid is not None else "skipped")
+    cb = result.codebook
+    table.add_row("codebook usage", f"{cb['usage']:.2%} ({cb['codes_used']}/{cb['vocab_size']})")
+    table.add_row("perplexity", f"{cb['perplexity']:.1f} ({cb['entropy_bits']:.2f} bits)")
+    for scale in cb.get("per_scale", []):
+        table.add_row(f"  scale {scale['scale']}", f"usage {scale['usage']:.2%}, perplexity {scale['perplexity']:.1f}")
+    console.print(table)
+    if result.skipped:
+        console.print(f"skipped: {', '.join(result.skipped)} (the reasons are printed above and kept in the report)")
+    if result.num_skipped:
+        console.print(f"{result.num_skipped} image(s) could not be decoded and were skipped (listed in the report)")
+    console.print(f"report: {path}")
