@@ -1,6 +1,7 @@
 """Defaults that survive partial configs, steps vs epochs precedence, and `--dry-run` plans (vqtok/train/plan.py)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,57 @@ def test_grad_checkpointing_shrinks_the_activation_estimate_to_block_inputs_plus
     saved = ckpt["memory"]["bytes"]["activations"]
     block_inputs = 24 * 2 * 64 * 258 * 768 * 4  # depth x (x, c) x per-rank batch x sequence x width x fp32
     assert block_inputs + plain / 24 < saved < plain / 4
+
+
+def _family_tokens(root: Path, preset: str, vocab: int, scales: list[list[int]]) -> tuple[Path, Path]:
+    """ImageNet-sized shards of a tokenizer with these scales (manifest and tokenizer identity only)."""
+    from vqtok.tokenizer.config import tokenizer_config_to_dict
+    from vqtok.tokenizer.presets import PRESETS
+
+    tok = root / "ckpt" / preset
+    tok.mkdir(parents=True)
+    per_view = sum(h * w for h, w in scales)
+    identity = {"preset": preset, "vocab_size": vocab, "scales": scales, "tokens_per_image": per_view,
+                "resolution": 256, "downsample": 16, "index_dtype": "uint16", "hash": "cd" * 32}
+    (tok / "tokenizer.json").write_text(json.dumps(identity))
+    (tok / "config.yaml").write_text(yaml.safe_dump(tokenizer_config_to_dict(PRESETS[preset]())))
+    tokens = root / "tokens"
+    tokens.mkdir()
+    manifest = {"format": "wds", "version": 1, "dtype": "uint16",
+                "tokenizer": {"preset": preset, "hash": "cd" * 32, "vocab_size": vocab, "scales": scales,
+                              "tokens_per_view": per_view},
+                "views": [f"crop{i}" for i in range(10)], "classes": [f"n{i:08d}" for i in range(1000)],
+                "num_samples": IMAGENET_TRAIN, "num_skipped": 0,
+                "shards": [{"name": f"tokens-{k:06d}.tar", "count": 10_000} for k in range(129)]}
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    return tokens, tok
+
+
+@pytest.mark.parametrize("recipe,preset,vocab,scales,listing,batch,epochs", [
+    ("var-d16", "var-msvq-f16", 4096, [[p, p] for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)], "var_d16.json", 768, 200),
+    ("llamagen-b", "llamagen-vq-f16", 16384, [[16, 16]], "llamagen_gpt_b_c2i.json", 256, 300),
+])
+def test_var_and_llamagen_dry_run_plans_are_the_official_configs(tmp_path, monkeypatch, recipe, preset, vocab, scales,
+                                                                   listing, batch, epochs):
+    """The plan of each family's full recipe on ImageNet tokens: the released model's parameter count (from
+    the official key listing of the fixtures), the release's global batch and run length."""
+    import math
+
+    fixtures = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+    listing_path = Path(os.environ.get("VQTOK_FIXTURES", fixtures)) / "generators" / "keys" / listing
+    if not listing_path.is_file():
+        if os.environ.get("VQTOK_REQUIRE_FIXTURES") == "1":
+            pytest.fail(f"{listing_path} is missing and VQTOK_REQUIRE_FIXTURES=1 makes that a failure")
+        pytest.skip(f"no key listing at {listing_path}")
+    official = json.loads(listing_path.read_text())["num_parameters"]
+    tokens, tok = _family_tokens(tmp_path, preset, vocab, scales)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train-ar", str(tokens), "--tokenizer", str(tok), "--config", recipe, "--out", str(run),
+                                 "--dry-run", "--device", "cuda"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["parameters"]["total"] == official
+    assert plan["global_batch_size"] == batch and plan["per_rank_batch_size"] == batch // 8
+    assert plan["steps"] == math.ceil(epochs * IMAGENET_TRAIN / batch) or plan["steps"] == epochs * (IMAGENET_TRAIN // batch)
+    assert yaml.safe_load((run / "config.yaml").read_text())["arch"] == recipe.split("-")[0]

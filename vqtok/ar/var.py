@@ -38,6 +38,7 @@ reference the cached path is tested against).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -460,7 +461,9 @@ class VAR(nn.Module):
                             f"(one of {[e - cfg.first_l for _, e in cfg.begin_ends]} tokens), "
                             f"got {tuple(x_BLCv_wo_first_l.shape)}")
         device_type = x_BLCv_wo_first_l.device.type
-        with torch.autocast(device_type, enabled=False):
+        # the embeddings in fp32, as the official forward (autocast off); meta tensors (plans) have no autocast
+        fp32 = contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+        with fp32:
             cond, mods, head_mod = self.conditions(cond_ids)
             sos = cond.unsqueeze(1).expand(-1, cfg.first_l, -1) + self.pos_start.expand(cond.shape[0], -1, -1)
             x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))), dim=1)

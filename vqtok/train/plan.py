@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vqtok.config import save_config
+from vqtok.config import save_config, to_dict
 from vqtok.errors import UserError
 
 GIB = 2**30
@@ -185,6 +185,14 @@ def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "
     with torch.device("meta"):
         model = family.model_cls(model_cfg)
     groups = weight_decay_groups(model, cfg.optim.weight_decay)
+    frozen = []
+    if tokenizer_config is not None:
+        from vqtok.tokenizer.tokenizer import build_tokenizer
+
+        with torch.device("meta"):
+            frozen.append(build_tokenizer(tokenizer_config))
+        if family.bind_tokenizer is not None:  # VAR's loss builds its inputs from the tokenizer's codebook
+            family.bind_tokenizer(model, frozen[0])
     float_bytes, precision = _float_bytes(cfg.train.amp, device)
     b = batches["micro_batch_size"]
     tokens = torch.zeros(b, model_cfg.seq_len, dtype=torch.long, device="meta")
@@ -206,14 +214,9 @@ def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "
         # recompute one block at a time in backward: outside-block activations + depth x inputs + one block
         outside = count(True)
         per_block = (activations - outside) / model_cfg.depth
-        inputs = 2 * b * (model_cfg.seq_len + 2) * model_cfg.hidden_size * 4
+        width = next(getattr(model_cfg, k) for k in ("hidden_size", "embed_dim", "dim") if hasattr(model_cfg, k))
+        inputs = 2 * b * (model_cfg.seq_len + 2) * width * 4
         activations = int(outside + model_cfg.depth * inputs + per_block)
-    frozen = []
-    if tokenizer_config is not None:
-        from vqtok.tokenizer.tokenizer import build_tokenizer
-
-        with torch.device("meta"):
-            frozen.append(build_tokenizer(tokenizer_config))
     spe = schedule.steps_per_epoch
     plan = {
         "command": "train-ar",
@@ -237,8 +240,9 @@ def ar_plan(cfg, manifest: dict, world: int, length_source: str, device: str = "
                                 "decayed_tensors": len(groups[0]["params"]), "not_decayed_tensors": len(groups[1]["params"])},
         "ema": cfg.train.ema,
         "ema_decay": cfg.train.ema_decay if cfg.train.ema else None,
-        "dropout": {"dropout": model_cfg.dropout, "attn_dropout": model_cfg.attn_dropout, "class_dropout": model_cfg.class_dropout},
-        "order": model_cfg.order,
+        # each family's dropout fields as its config names them (RAR: dropout, attn_dropout, class_dropout)
+        "dropout": {k: v for k, v in to_dict(model_cfg).items() if "drop" in k},
+        "order": "next-scale" if family.multiscale_tokens else (getattr(model_cfg, "order", None) or "raster"),
         "seed": cfg.train.seed,
         "ckpt_every": cfg.train.ckpt_every,
         "preview_every": cfg.train.preview_every,
@@ -415,7 +419,7 @@ def format_plan(plan: dict) -> str:
         row("discriminator", f"from step {_n(plan['disc_start_step'])}")
     if "dropout" in plan:
         d = plan["dropout"]
-        row("dropout", f"{d['dropout']:g} (attention {d['attn_dropout']:g}, class label {d['class_dropout']:g}); order {plan['order']}")
+        row("dropout", ", ".join(f"{k} {v:g}" for k, v in d.items()) + f"; order {plan['order']}")
     row("EMA", f"on, decay {plan['ema_decay']:g}" if plan["ema"] else "off")
     row("checkpoints", f"every {_n(plan['ckpt_every'])} steps (previews every {_n(plan['preview_every'])}, log every {plan['log_every']})")
     p = plan["parameters"]
