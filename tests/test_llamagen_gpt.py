@@ -542,3 +542,22 @@ def test_cuda_graph_decoder_matches_the_eager_cache():
         graphed = sample(model, classes, cfg, draw=InverseCDFDraw(uniforms), decoder=decoder, return_probs=True)
         assert torch.equal(graphed.tokens, eager.tokens)
         torch.testing.assert_close(graphed.probs, eager.probs, atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_interval_guides_the_first_steps_then_samples_from_the_conditional_rows():
+    # the official generate: prefill and decode steps i <= cfg_interval are guided, later ones use cond logits
+    model = random_model(tiny())
+    classes = torch.tensor([1, 4])
+    forced = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    guided = sample(model, classes, SamplingConfig(guidance_scale=3.0), forced_tokens=forced, return_probs=True).probs
+    cond = sample(model, classes, SamplingConfig(guidance_scale=0.0), forced_tokens=forced, return_probs=True).probs
+    cut = sample(model, classes, SamplingConfig(guidance_scale=3.0, guidance_interval=4), forced_tokens=forced,
+                 return_probs=True).probs
+    torch.testing.assert_close(cut[:, :6], guided[:, :6])  # steps 0..5 = the first token and decode steps 0..4
+    torch.testing.assert_close(cut[:, 6:], cond[:, 6:], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(guided[:, 6:], cond[:, 6:], atol=1e-3)
+    with pytest.raises(UserError, match="guidance interval"):
+        SamplingConfig(guidance_interval=-2)
+    from vqtok.ar.sampling import describe_sampling
+
+    assert "steps 0..5 only" in describe_sampling(SamplingConfig(guidance_scale=3.0, guidance_interval=4), 16)

@@ -141,7 +141,7 @@ def rank_chunk(total: int, rank: int, world: int) -> tuple[int, int]:
 
 def sampling_config(paper_preset: str | None = None, guidance: float | None = None, schedule: str | None = None,
                     power: float | None = None, temperature: float | None = None, top_k: int | None = None,
-                    top_p: float | None = None) -> SamplingConfig:
+                    top_p: float | None = None, interval: int | None = None) -> SamplingConfig:
     """Resolve the sampling flags. `--cfg 4.0` alone is a constant 4.0; `--cfg-power` alone implies
     power-cosine; with `paper_preset` (a size such as rar-b) the paper's values are the defaults that
     explicit flags override one by one (`--cfg-preset paper --cfg 8` keeps the paper's schedule and power
@@ -169,6 +169,7 @@ def sampling_config(paper_preset: str | None = None, guidance: float | None = No
         temperature=base.temperature if temperature is None else temperature,
         top_k=base.top_k if top_k is None else top_k,
         top_p=base.top_p if top_p is None else top_p,
+        guidance_interval=base.guidance_interval if interval is None else interval,
     )
 
 
@@ -332,6 +333,7 @@ class SamplingRequest:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    interval: int | None = None  # --cfg-interval
 
     def check(self) -> None:
         check_sampling_options(self.guidance, self.temperature, self.top_k, self.top_p, self.power)
@@ -339,7 +341,7 @@ class SamplingRequest:
 
     def resolve(self, paper_preset: str | None) -> SamplingConfig:
         return sampling_config(paper_preset, self.guidance, self.schedule, self.power, self.temperature,
-                               self.top_k, self.top_p)
+                               self.top_k, self.top_p, self.interval)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class SamplingConfig:
     top_k: int = 0  # 0 keeps every token
     top_p: float = 1.0  # 1 keeps every token
     order: str | None = None  # None: the order the model was trained to (its config.order)
+    # LlamaGen's cfg_interval: -1 guides every step; k >= 0 guides steps 0..k+1 (the first token and k+1
+    # decode steps) and then samples from the conditional rows alone
+    guidance_interval: int = -1
 
     def __post_init__(self):
         if self.guidance_schedule not in SCHEDULES:
@@ -60,6 +63,12 @@ class SamplingConfig:
             raise UserError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.guidance_interval < -1:
+            raise UserError(f"the guidance interval must be -1 (every step) or >= 0, got {self.guidance_interval}")
+
+    def guided_at(self, step: int) -> bool:
+        """Whether step `step` mixes in the null rows (see `guidance_interval`)."""
+        return self.uses_cfg and (self.guidance_interval < 0 or step <= self.guidance_interval + 1)
 
     @property
     def uses_cfg(self) -> bool:
@@ -140,6 +149,8 @@ def describe_sampling(cfg: SamplingConfig, num_steps: int) -> str:
     top_k = f"top-k {cfg.top_k}" if cfg.top_k else "top-k off"
     top_p = f"top-p {cfg.top_p:g}" if cfg.top_p < 1 else "top-p off"
     order = f", order {cfg.order}" if cfg.order else ""
+    if cfg.uses_cfg and cfg.guidance_interval >= 0:
+        guidance += f", steps 0..{cfg.guidance_interval + 1} only"
     return f"{guidance}; {temperature}; {top_k}; {top_p}{order}"
 
 
@@ -294,7 +305,9 @@ def sample(
                 logits = decoder.step(torch.cat([tokens, tokens]) if cfg.uses_cfg else tokens, step)
             if logits.shape[1] != n:
                 raise ValueError(f"step {step} should give logits for {n} tokens, the decoder gave {logits.shape[1]}")
-            probs = token_probs(guide(logits, scales[step]) if cfg.uses_cfg else logits, cfg)
+            if cfg.uses_cfg:  # the doubled batch runs at every step; past the interval only its conditional rows count
+                logits = guide(logits, scales[step]) if cfg.guided_at(step) else logits[:B].float()
+            probs = token_probs(logits, cfg)
             if return_probs:
                 if probs_out is None:
                     probs_out = torch.empty(B, N, probs.shape[-1], device=device)
