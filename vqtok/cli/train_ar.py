@@ -20,7 +20,7 @@ def train_ar_command(
     arch: Optional[str] = typer.Option(
         None, "--arch", help="Generator family (the recipe's arch key; default rar). Its recipe types the model section."
     ),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Generator size of the family, e.g. rar-b, rar-l, rar-xl, rar-xxl, rar-tiny."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Generator size of the family: rar-b|l|xl|xxl|tiny, var-d16|d20|d24|d30|tiny, llamagen-b|l|xl|xxl|3b|tiny."),
     anneal: Optional[tuple[float, float]] = typer.Option(
         None, "--anneal", help="START END of permutation annealing: r=1 before START, linear to 0 at END."
     ),
