@@ -118,6 +118,26 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     assert filter_logits(logits, top_p=1.0).isfinite().all()
 
 
+def _top_k_then_top_p_by_full_sort(logits, top_k, top_p):
+    logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+    return logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted), float("-inf"))
+
+
+def test_top_p_after_top_k_equals_sorting_the_whole_row():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 4096, generator=g) * 3
+    for top_k, top_p in [(900, 0.96), (50, 0.5), (4095, 0.9), (1, 0.3)]:
+        want = _top_k_then_top_p_by_full_sort(logits, top_k, top_p)
+        assert torch.equal(filter_logits(logits, top_k, top_p), want)
+    tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -2.0]])  # three logits tie at the k-th value: all stay
+    want = _top_k_then_top_p_by_full_sort(tied, 2, 0.99)
+    assert torch.equal(filter_logits(tied, 2, 0.99), want)
+    assert filter_logits(tied, 2, 0.99).isfinite().sum().item() == 4
+
+
 def test_sampled_tokens_respect_top_k():
     model = make_model()
     out = sample(model, torch.tensor([0, 1, 2, 3]), SamplingConfig(guidance_scale=2.0, top_k=1), return_probs=True)

@@ -211,10 +211,22 @@ def rope_table(cfg: LlamaGenConfig, device=None) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of x (B, T, H, hd) by rope (T, hd/2, 2), in float32."""
+    return rotate_pairs(x, rope_factors(rope))
+
+
+def rope_factors(rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) table (T, hd/2, 2) as the two factors `rotate_pairs` multiplies by, (T, 1, hd/2, 2)
+    each: (cos, cos) for the pair as it is and (-sin, sin) for the pair swapped. Computed once per forward."""
+    cos, sin = rope.unsqueeze(1).unbind(-1)
+    return torch.stack([cos, cos], dim=-1), torch.stack([-sin, sin], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) per pair of x (B, T, H, hd), in float32, as
+    x * (cos, cos) + swap(x) * (-sin, sin): each output is one product plus one (negated) product, the
+    same rounding as the formula."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    r = rope.view(1, xs.shape[1], 1, xs.shape[3], 2)
-    out = torch.stack([xs[..., 0] * r[..., 0] - xs[..., 1] * r[..., 1],
-                       xs[..., 1] * r[..., 0] + xs[..., 0] * r[..., 1]], dim=-1)
+    out = xs * factors[0] + xs.flip(-1) * factors[1]
     return out.flatten(3).type_as(x)
 
 
@@ -281,14 +293,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, layer: int = 0,
                 start: int = 0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         kv = cfg.kv_heads * cfg.head_dim
-        q, k, v = self.wqkv(x).split([cfg.dim, kv, kv], dim=-1)
-        q = apply_rope(q.view(B, T, cfg.n_head, cfg.head_dim), rope).transpose(1, 2)
-        k = apply_rope(k.view(B, T, cfg.kv_heads, cfg.head_dim), rope).transpose(1, 2)
+        qk, v = self.wqkv(x).split([cfg.dim + kv, kv], dim=-1)
+        # q and k heads side by side: one rotation for both (the same per-element arithmetic)
+        qk = rotate_pairs(qk.view(B, T, cfg.n_head + cfg.kv_heads, cfg.head_dim), rope).transpose(1, 2)
+        q, k = qk.split([cfg.n_head, cfg.kv_heads], dim=1)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
@@ -340,7 +353,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None, layer: int = 0,
                 start: int = 0) -> torch.Tensor:
         h = x + drop_path(self.attention(self.attention_norm(x), rope, cache, layer, start), self.drop_path_p, self.training)
         return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_p, self.training)
@@ -442,7 +455,7 @@ class LlamaGen(nn.Module):
         h = torch.cat([self.cls_embedding(cond_ids), self.tok_embeddings(prefix)], dim=1)
         if cfg.token_dropout_p:
             h = F.dropout(h, cfg.token_dropout_p, self.training)
-        rope = self.rope[: h.shape[1]]
+        rope = rope_factors(self.rope[: h.shape[1]])
         for layer in self.layers:
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, rope, use_reentrant=False)
@@ -459,7 +472,7 @@ class LlamaGen(nn.Module):
         return KVCache(self.config, batch, device, dtype)
 
     def _decode(self, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
-        rope = self.rope[start:start + h.shape[1]]
+        rope = rope_factors(self.rope[start:start + h.shape[1]])
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache, i, start)
         return self.output(self.norm(h[:, -1:])).float()

@@ -103,8 +103,12 @@ def guidance_schedule(cfg: SamplingConfig, num_steps: int) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top k and outside the smallest set with probability mass >= top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    V = logits.shape[-1]
+    if top_k and top_k < V:
+        top = logits.topk(top_k, dim=-1)  # sorted, largest first
+        kth = top.values[..., -1:]
+        if top_p < 1.0 and not bool((logits >= kth).sum(dim=-1).gt(top_k).any()):
+            return _top_p_of_top_k(logits, top.values, top.indices, top_p)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
@@ -116,10 +120,27 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def _top_p_of_top_k(logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p after top-k when exactly k logits survive top-k (no tie at the k-th value), with the k survivors
+    `values` / `indices` sorted largest first: the same kept set as sorting the whole top-k-masked row.
+
+    That sort would put the k survivors first, in this order, and the -inf logits after them; the softmax
+    runs over the same full-width row (survivors, then -inf) so its sum adds the same numbers in the same
+    order, and the cumulative mass of the first k sorted entries is a prefix of the full cumulative sum.
+    """
+    k = values.shape[-1]
+    row = torch.full_like(logits, float("-inf"))
+    row[..., :k] = values
+    probs = row.softmax(dim=-1)[..., :k]
+    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it and stays
+    kept = values.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, kept)
+
+
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """(2B, ..., V) logits of [conditional; null] rows -> (B, ..., V) `uncond + (cond - uncond) * scale`, in float32."""
     cond, uncond = logits.float().chunk(2)
-    return uncond + (cond - uncond) * scale
+    return torch.sub(cond, uncond).mul_(scale).add_(uncond)  # one new tensor, the same rounding steps
 
 
 def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -128,7 +149,9 @@ def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     logits = logits.float()
     if cfg.temperature == 0:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    return filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+    if cfg.temperature != 1:  # x / 1 == x exactly
+        logits = logits / cfg.temperature
+    return filter_logits(logits, cfg.top_k, cfg.top_p).softmax(dim=-1)
 
 
 def describe_sampling(cfg: SamplingConfig, num_steps: int) -> str:
