@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+import fixture_files
+
 from vqtok.ar import llamagen
 from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig
 from vqtok.interop import llamagen_gpt as interop
@@ -33,16 +35,7 @@ SAMPLING_CONTENTS = {"returned", "logits_guided", "keep_mask", "exponential_nois
 
 def load_fixture(json_path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(fixture JSON, official state dict merged from its shards in the listed order)."""
-    json_path = Path(json_path)
-    meta = json.loads(json_path.read_text())
-    if meta.get("fixture") != "llamagen_gpt":
-        raise AssertionError(f"{json_path} is a '{meta.get('fixture')}' fixture, not 'llamagen_gpt'")
-    sd: dict[str, torch.Tensor] = {}
-    for shard in meta["weights"]["files"]:
-        sd.update(torch.load(json_path.parent / shard["file"], map_location="cpu", weights_only=True))
-    if list(sd) != list(meta["weights"]["state_dict"]):
-        raise AssertionError("fixture shards do not merge into the listed state-dict keys in order")
-    return meta, sd
+    return fixture_files.load_fixture(json_path, "llamagen_gpt")
 
 
 def config_from_model_args(args: dict[str, Any]) -> LlamaGenConfig:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+import fixture_files
+
 from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.ar.sampling import SamplingConfig, guidance_schedule, sample
 from vqtok.interop import rar as rar_interop
@@ -26,16 +28,7 @@ from vqtok.interop import rar as rar_interop
 
 def load_rar_fixture(json_path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(fixture JSON, official state dict merged from its shards in the listed order)."""
-    json_path = Path(json_path)
-    meta = json.loads(json_path.read_text())
-    if meta.get("fixture") != "rar":
-        raise AssertionError(f"{json_path} is a '{meta.get('fixture')}' fixture, not 'rar'")
-    sd: dict[str, torch.Tensor] = {}
-    for shard in meta["weights"]["files"]:
-        sd.update(torch.load(json_path.parent / shard["file"], map_location="cpu", weights_only=True))
-    if list(sd) != list(meta["weights"]["state_dict"]):
-        raise AssertionError("fixture shards do not merge into the listed state-dict keys in order")
-    return meta, sd
+    return fixture_files.load_fixture(json_path, "rar")
 
 
 def config_from_constructor(constructor_config: dict) -> RARConfig:
