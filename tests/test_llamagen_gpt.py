@@ -386,8 +386,8 @@ def test_official_file_names_set_the_token_count(tmp_path):
     assert interop.load_official(sd, block_size=interop.block_size_from_name(tmp_path / "c2i_B_384.pt"))[0].block_size == 576
     from vqtok.interop import detect
 
-    assert detect(sd).NAME == "llamagen-gpt"
-    assert detect({"model": sd}["model"]).NAME == "llamagen-gpt"
+    assert detect(sd).NAME == "llamagen_gpt"
+    assert detect({"model": sd}["model"]).NAME == "llamagen_gpt"
 
 
 def test_paper_sampling_settings_of_the_releases():

@@ -15,7 +15,7 @@ from vqtok.errors import UserError
 def convert(
     file: Path = typer.Argument(..., help="Official weights: .bin / .pt / .pth / .safetensors, or hf://OWNER/REPO[@REVISION]/FILE on the Hugging Face Hub (through its cache; HF_HUB_OFFLINE=1 reads the cache only)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq, rar or var_gpt (default: detected from the keys)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="maskgit_vqgan, var_vqvae, llamagen_vq, rar, var_gpt or llamagen_gpt (default: detected from the keys)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow files that need full unpickling (only for files you trust)."),
     key: Optional[str] = typer.Option(None, "--key", help="Entry of a checkpoint dict to convert, e.g. ema (LlamaGen); default: model, ema, state_dict, module in that order."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),

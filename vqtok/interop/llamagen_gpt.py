@@ -24,7 +24,7 @@ from vqtok.ar.llamagen import SIZES, LlamaGenConfig
 from vqtok.errors import UserError
 from vqtok.interop.common import check_exact_keys
 
-NAME = "llamagen-gpt"
+NAME = "llamagen_gpt"
 DESCRIPTION = "LlamaGen class-conditional GPT (FoundationVision/LlamaGen c2i_*.pt)"
 
 _SIGNATURE = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "layers.0.attention.wqkv.weight", "output.weight")
