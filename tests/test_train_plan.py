@@ -21,23 +21,28 @@ runner = CliRunner()
 IMAGENET_TRAIN = 1_281_167
 
 
-def write_imagenet_tokens(root: Path, num_samples: int = IMAGENET_TRAIN) -> tuple[Path, Path]:
-    """A manifest as `vqtok encode --ten-crop` writes for ImageNet with the MaskGIT VQGAN, and that tokenizer's
-    tokenizer.json + config.yaml. No shard and no weights exist: a dry run must need neither."""
+def write_imagenet_tokens(root: Path, num_samples: int = IMAGENET_TRAIN, preset: str = "maskgit-vqgan-f16",
+                          vocab: int = 1024, scales: list[list[int]] | None = None,
+                          digest: str = "ab" * 32) -> tuple[Path, Path]:
+    """A manifest as `vqtok encode --ten-crop` writes for ImageNet with a tokenizer (default: the MaskGIT VQGAN,
+    one 16x16 grid), and that tokenizer's tokenizer.json + config.yaml. No shard and no weights exist: a dry run
+    must need neither."""
     from vqtok.tokenizer.config import tokenizer_config_to_dict
     from vqtok.tokenizer.presets import PRESETS
 
-    tok = root / "ckpt" / "maskgit-vqgan"
+    scales = scales or [[16, 16]]
+    per_view = sum(h * w for h, w in scales)
+    tok = root / "ckpt" / preset
     tok.mkdir(parents=True)
-    identity = {"preset": "maskgit-vqgan-f16", "vocab_size": 1024, "scales": [[16, 16]], "tokens_per_image": 256,
-                "resolution": 256, "downsample": 16, "index_dtype": "uint16", "hash": "ab" * 32}
+    identity = {"preset": preset, "vocab_size": vocab, "scales": scales, "tokens_per_image": per_view,
+                "resolution": 256, "downsample": 16, "index_dtype": "uint16", "hash": digest}
     (tok / "tokenizer.json").write_text(json.dumps(identity))
-    (tok / "config.yaml").write_text(yaml.safe_dump(tokenizer_config_to_dict(PRESETS["maskgit-vqgan-f16"]())))
+    (tok / "config.yaml").write_text(yaml.safe_dump(tokenizer_config_to_dict(PRESETS[preset]())))
     tokens = root / "tokens"
     tokens.mkdir()
     manifest = {"format": "wds", "version": 1, "dtype": "uint16",
-                "tokenizer": {"preset": "maskgit-vqgan-f16", "hash": "ab" * 32, "vocab_size": 1024, "scales": [[16, 16]],
-                              "tokens_per_view": 256},
+                "tokenizer": {"preset": preset, "hash": digest, "vocab_size": vocab, "scales": scales,
+                              "tokens_per_view": per_view},
                 "views": [f"crop{i}" for i in range(10)], "classes": [f"n{i:08d}" for i in range(1000)],
                 "num_samples": num_samples, "num_skipped": 0,
                 "shards": [{"name": f"tokens-{k:06d}.tar", "count": 10_000} for k in range(129)]}
@@ -193,30 +198,6 @@ def test_grad_checkpointing_shrinks_the_activation_estimate_to_block_inputs_plus
     assert block_inputs + plain / 24 < saved < plain / 4
 
 
-def _family_tokens(root: Path, preset: str, vocab: int, scales: list[list[int]]) -> tuple[Path, Path]:
-    """ImageNet-sized shards of a tokenizer with these scales (manifest and tokenizer identity only)."""
-    from vqtok.tokenizer.config import tokenizer_config_to_dict
-    from vqtok.tokenizer.presets import PRESETS
-
-    tok = root / "ckpt" / preset
-    tok.mkdir(parents=True)
-    per_view = sum(h * w for h, w in scales)
-    identity = {"preset": preset, "vocab_size": vocab, "scales": scales, "tokens_per_image": per_view,
-                "resolution": 256, "downsample": 16, "index_dtype": "uint16", "hash": "cd" * 32}
-    (tok / "tokenizer.json").write_text(json.dumps(identity))
-    (tok / "config.yaml").write_text(yaml.safe_dump(tokenizer_config_to_dict(PRESETS[preset]())))
-    tokens = root / "tokens"
-    tokens.mkdir()
-    manifest = {"format": "wds", "version": 1, "dtype": "uint16",
-                "tokenizer": {"preset": preset, "hash": "cd" * 32, "vocab_size": vocab, "scales": scales,
-                              "tokens_per_view": per_view},
-                "views": [f"crop{i}" for i in range(10)], "classes": [f"n{i:08d}" for i in range(1000)],
-                "num_samples": IMAGENET_TRAIN, "num_skipped": 0,
-                "shards": [{"name": f"tokens-{k:06d}.tar", "count": 10_000} for k in range(129)]}
-    (tokens / "manifest.json").write_text(json.dumps(manifest))
-    return tokens, tok
-
-
 @pytest.mark.parametrize("recipe,preset,vocab,scales,listing,batch,epochs", [
     ("var-d16", "var-msvq-f16", 4096, [[p, p] for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)], "var_d16.json", 768, 200),
     ("llamagen-b", "llamagen-vq-f16", 16384, [[16, 16]], "llamagen_gpt_b_c2i.json", 256, 300),
@@ -234,7 +215,7 @@ def test_var_and_llamagen_dry_run_plans_are_the_official_configs(tmp_path, monke
             pytest.fail(f"{listing_path} is missing and VQTOK_REQUIRE_FIXTURES=1 makes that a failure")
         pytest.skip(f"no key listing at {listing_path}")
     official = json.loads(listing_path.read_text())["num_parameters"]
-    tokens, tok = _family_tokens(tmp_path, preset, vocab, scales)
+    tokens, tok = write_imagenet_tokens(tmp_path, preset=preset, vocab=vocab, scales=scales, digest="cd" * 32)
     monkeypatch.setenv("WORLD_SIZE", "8")
     run = tmp_path / "run"
     result = runner.invoke(app, ["train-ar", str(tokens), "--tokenizer", str(tok), "--config", recipe, "--out", str(run),

@@ -399,19 +399,27 @@ def _one_error_line(result) -> str:
     return errors[0]
 
 
-def test_convert_cli_needs_the_multiscale_tokenizer(tmp_path):
-    from typer.testing import CliRunner
-
-    from vqtok.ar.checkpoint import load_generator
-    from vqtok.cli import app
+def _saved_tokenizers(tmp_path):
+    """A tiny multi-scale tokenizer saved as tmp_path/msvq and a single-scale one as tmp_path/vqgan; returns the
+    multi-scale one and a small VARConfig on its codebook and scales."""
     from vqtok.tokenizer.tokenizer import build_tokenizer
 
     msvq, single = build_tokenizer("tiny-msvq").eval(), build_tokenizer("tiny-vqgan").eval()
     msvq.save(tmp_path / "msvq")
     single.save(tmp_path / "vqgan")
     q = msvq.quantize
-    cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=q.codebook_size,
-                    codebook_dim=q.dim, patch_nums=[h for h, _ in q.scales])
+    return msvq, VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=q.codebook_size,
+                           codebook_dim=q.dim, patch_nums=[h for h, _ in q.scales])
+
+
+def test_convert_cli_needs_the_multiscale_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from vqtok.ar.checkpoint import load_generator
+    from vqtok.cli import app
+
+    msvq, cfg = _saved_tokenizers(tmp_path)
+    q = msvq.quantize
     official = VAR(cfg)
     torch.save(official.state_dict(), tmp_path / "var_d1.pth")
     runner = CliRunner()
@@ -443,15 +451,10 @@ def test_sample_cli_runs_a_var_generator_and_refuses_a_single_scale_tokenizer(tm
 
     from vqtok.interop.var_gpt import save_converted
     from vqtok.cli import app
-    from vqtok.tokenizer.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
-    msvq, single = build_tokenizer("tiny-msvq").eval(), build_tokenizer("tiny-vqgan").eval()
-    msvq.save(tmp_path / "msvq")
-    single.save(tmp_path / "vqgan")
+    msvq, cfg = _saved_tokenizers(tmp_path)
     q = msvq.quantize
-    cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=q.codebook_size,
-                    codebook_dim=q.dim, patch_nums=[h for h, _ in q.scales])
     save_converted(VAR(cfg).state_dict(), tmp_path / "gen", tokenizer=tmp_path / "msvq")
     runner = CliRunner()
     base = ["sample", "--ckpt", str(tmp_path / "gen"), "--classes", "1,7,3", "--device", "cpu",
