@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-from vqtok.ar import llamagen, var
+from vqtok.ar import llamagen, presets, var
 from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig
-from vqtok.ar.rar import RAR, RARConfig
+from vqtok.ar.rar import RAR, RARConfig, ar_loss
 from vqtok.ar.var import VAR, VARConfig
 from vqtok.errors import UserError
 
@@ -68,20 +68,12 @@ def _rar_token_fields(vocab_size: int, scales: list[list[int]], tokens_per_view:
 
 
 def _rar_train_loss(model: RAR, tokens, cond, orders):
-    from vqtok.ar.rar import ar_loss
-
     return ar_loss(*model.forward_conditions(tokens, cond, orders))
-
-
-def _rar_presets() -> dict[str, Callable[[], Any]]:
-    from vqtok.ar.presets import PRESETS
-
-    return dict(PRESETS)
 
 
 register(Family("rar", RARConfig, RAR, multiscale_tokens=False,
                 summary="randomized autoregressive (RAR): one token per step, permutation annealing",
-                presets=_rar_presets(), token_fields=_rar_token_fields, trains_on_orders=True, train_loss=_rar_train_loss))
+                presets=dict(presets.PRESETS), token_fields=_rar_token_fields, trains_on_orders=True, train_loss=_rar_train_loss))
 
 
 def _var_bind_tokenizer(model: VAR, tokenizer) -> None:
