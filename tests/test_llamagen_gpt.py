@@ -282,6 +282,31 @@ def test_interop_refuses_incomplete_or_foreign_weights():
         interop.convert(wrong)
 
 
+def test_convert_cli_takes_the_head_count_and_token_count_of_a_custom_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from vqtok.ar.checkpoint import load_generator
+    from vqtok.cli import app
+
+    model = random_model(tiny())  # dim 32 / 2 layers: not in the official size table
+    src = tmp_path / "my_llamagen.pt"
+    torch.save({"model": model.state_dict(), "steps": 3}, src)
+    runner = CliRunner()
+    refused = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "gen")])
+    assert refused.exit_code == 2 and "--heads N" in refused.output
+    assert not (tmp_path / "gen").exists()
+    done = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "gen"), "--heads", "4", "--tokens", "16"])
+    assert done.exit_code == 0, done.output
+    loaded, identity = load_generator(tmp_path / "gen")
+    assert (loaded.config.n_head, loaded.config.block_size, identity["token_count"]) == (4, 16, "given")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    for heads in ("3", "64"):
+        wrong = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "g2"), "--heads", heads])
+        assert wrong.exit_code == 2 and f"{heads} heads do not divide the width 32" in wrong.output
+        assert not (tmp_path / "g2").exists()
+
+
 def test_vocabulary_mismatch_is_one_line():
     cfg = size_config("B")
     interop.check_vocabulary(cfg, 16384, 256)

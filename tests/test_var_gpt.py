@@ -426,6 +426,8 @@ def test_convert_cli_needs_the_multiscale_tokenizer(tmp_path):
     base = ["convert", str(tmp_path / "var_d1.pth"), "--out", str(tmp_path / "gen")]
     assert "--tokenizer" in _one_error_line(runner.invoke(app, base))
     assert "single-scale" in _one_error_line(runner.invoke(app, base + ["--tokenizer", str(tmp_path / "vqgan")]))
+    assert "--heads applies to LlamaGen generators only" in _one_error_line(
+        runner.invoke(app, base + ["--tokenizer", str(tmp_path / "msvq"), "--heads", "2"]))
     assert not (tmp_path / "gen").exists(), "nothing written on a refused conversion"
     other = VAR(VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=64, codebook_dim=q.dim,
                           patch_nums=cfg.patch_nums))

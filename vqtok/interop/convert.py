@@ -13,13 +13,15 @@ from vqtok.weights import load_state_dict_file
 
 def convert_checkpoint(
     path: str | Path, out: str | Path, arch: str | None = None, trust_pickle: bool = False, key: str | None = None,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | None = None, n_head: int | None = None, block_size: int | None = None,
 ) -> dict[str, Any]:
     """Load `path` safely, detect (or take) its architecture, write `out` atomically; return a summary.
 
     `key` picks an entry of a checkpoint dict (LlamaGen keeps "model" and, when trained with EMA, "ema");
     without it the usual containers are tried in order: model, ema, state_dict, module. `tokenizer` (a
     vqtok tokenizer checkpoint) is what a VAR generator needs: its codebook and scales are not in the file.
+    `n_head` and `block_size` are the head count and tokens per image of a LlamaGen generator, for files the
+    official size table and file names do not describe.
     """
     state = load_state_dict_file(path, trust_pickle=trust_pickle, key=key)
     module = by_name(arch) if arch else detect(state)
@@ -27,8 +29,13 @@ def convert_checkpoint(
         raise UserError(f"{path} does not look like a {module.NAME} checkpoint (its keys do not match)")
     if tokenizer is not None and module.NAME != "var_gpt":
         raise UserError(f"--tokenizer applies to VAR generators only; {path} is a {module.NAME} checkpoint")
+    for flag, value in (("--heads", n_head), ("--tokens", block_size)):
+        if value is not None and module.NAME != "llamagen_gpt":
+            raise UserError(f"{flag} applies to LlamaGen generators only; {path} is a {module.NAME} checkpoint")
     if hasattr(module, "save_converted"):  # generator formats write their own checkpoint type
         kwargs: dict[str, Any] = {"tokenizer": tokenizer} if module.NAME == "var_gpt" else {}
+        if module.NAME == "llamagen_gpt":
+            kwargs.update(n_head=n_head, block_size=block_size)
         # a format whose file name carries facts the weights do not (LlamaGen: c2i_B_384.pt = 576 tokens) reads it
         if "source" in inspect.signature(module.save_converted).parameters:
             kwargs["source"] = path

@@ -115,8 +115,10 @@ def to_config(sd: Mapping[str, Any], block_size: int | None = None, n_head: int 
         known = {(d, n): h for n, h, d in SIZES.values()}
         if (dim, n_layer) not in known:
             raise UserError(f"a LlamaGen GPT with dim {dim} and {n_layer} layers is not an official size "
-                            f"({', '.join(SIZES)}); its head count cannot be read from the weights")
+                            f"({', '.join(SIZES)}); its head count is not in the weights: pass it with --heads N")
         n_head = known[(dim, n_layer)]
+    if dim % n_head:
+        raise UserError(f"{n_head} heads do not divide the width {dim} of this LlamaGen GPT")
     head_dim = dim // n_head
     qkv_rows = _shape(sd["layers.0.attention.wqkv.weight"])[0]
     n_kv_head = (qkv_rows // head_dim - n_head) // 2
