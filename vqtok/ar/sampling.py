@@ -108,8 +108,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_k and top_k < V:
         top = logits.topk(top_k, dim=-1)  # sorted, largest first
         kth = top.values[..., -1:]
-        if top_p < 1.0 and not bool((logits >= kth).sum(dim=-1).gt(top_k).any()):
-            return _top_p_of_top_k(logits, top.values, top.indices, top_p)
+        if top_p < 1.0:
+            out = _top_p_of_top_k(logits, top.values, top.indices, top_p)
+            tied = (logits >= kth).sum(dim=-1).gt(top_k)  # rows where a tie at the k-th value keeps more than k
+            if bool(tied.any()):  # those rows (and only those) take the general path below, row by row the same
+                rows = tied.nonzero(as_tuple=True)
+                out[rows] = filter_logits(logits[rows].masked_fill(logits[rows] < kth[rows], float("-inf")), 0, top_p)
+            return out
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
