@@ -21,9 +21,10 @@ draws (how tokens are picked from each step's distributions (B, n_t, V); they re
 CFG runs the conditional and the null-class rows as one doubled batch (rows 0..B-1 conditional, B..2B-1
 null), then mixes `uncond + (cond - uncond) * scale(step)` in float32 before the temperature, as the
 official samplers do. VAR's and LlamaGen's cached decoders apply that mix to the input of their linear
-head instead (HeadMix: the same in exact arithmetic, half the head's rows). Temperature 0 turns each distribution into a one-hot of the argmax, which every draw
-returns. The model returns tokens in its output order: RAR scatters its scan order back to raster,
-LlamaGen generates in raster order, VAR's steps concatenated are the multi-scale token layout.
+head instead (HeadMix: the same in exact arithmetic, half the head's rows). Temperature 0 turns each
+distribution into a one-hot of the argmax, which every draw returns. The model returns tokens in its
+output order: RAR scatters its scan order back to raster, LlamaGen generates in raster order, VAR's steps
+concatenated are the multi-scale token layout.
 """
 
 from __future__ import annotations
