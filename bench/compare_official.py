@@ -20,7 +20,8 @@ Cases:
   maskgit_encode   official `PretrainedTokenizer.encode` vs vqtok's converted maskgit-vqgan-f16, 256 px,
                    batch 10; the indices must be identical
   var_sampling     official `VAR.autoregressive_infer_cfg` vs vqtok's sampling loop with VAR's KV-cached decoder,
-                   depth 6 (width 384), batch 8, cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only
+                   depth 6 (width 384), batch 8, cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only;
+                   the codes must be identical with the same seed
   vqgan_train_step LlamaGen's vq_train.py step (VQ-16 VQModel + VQLoss: l2 + LPIPS + PatchGAN hinge, Adam
                    (0.9, 0.95), clipping 1.0, EMA, then the discriminator step) vs one vqtok Engine step of
                    TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
@@ -532,7 +533,8 @@ def case_var_sampling(args) -> dict:
     random weights (loaded through vqtok.interop.var_gpt with the VQVAE's quantizer), batch 8, the README's FID
     setting (cfg 1.5 ramped, top-k 900, top-p 0.96), V 4096, Cvae 32, the 10 released scales (680 tokens).
     Tokens only: the official's final decode (fhat_to_img) is replaced by returning f_hat (a printed stub),
-    and vqtok's side stops at the tokens, as rar_sampling does."""
+    and vqtok's side stops at the tokens, as rar_sampling does. The codes must be identical with the same
+    seed (the official's generator and vqtok's GeneratorDraw)."""
     import torch
     from models.var import VAR as OfficialVAR
     from models.vqvae import VQVAE
@@ -578,6 +580,19 @@ def case_var_sampling(args) -> dict:
         raise RuntimeError(f"the converted VAR does not reproduce the official logits (max difference {err})")
     cfg = SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)
     g = torch.Generator()
+
+    # same weights and seed: vqtok's loop draws the official codes (read where the official sampler embeds them)
+    drawn = []
+    hook = vae.quantize.embedding.register_forward_hook(lambda m, inp, out: drawn.append(inp[0].clone()))
+    with torch.no_grad():
+        official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+    hook.remove()
+    want = torch.cat(drawn, dim=1)
+    got = sample(ours, classes, cfg, generator=g.manual_seed(0)).tokens
+    same = (got == want).float().mean().item() if got.shape == want.shape else 0.0
+    print(f"  same-weights check: {same:.4f} of the {want.numel()} codes equal the official sampler's (same seed)")
+    if same < 1.0:
+        raise RuntimeError("vqtok's VAR does not reproduce the official codes with the same seed")
 
     def run_official():
         out = official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)

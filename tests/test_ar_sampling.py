@@ -136,6 +136,17 @@ def test_top_p_after_top_k_equals_sorting_the_whole_row():
     want = _top_k_then_top_p_by_full_sort(tied, 2, 0.99)
     assert torch.equal(filter_logits(tied, 2, 0.99), want)
     assert filter_logits(tied, 2, 0.99).isfinite().sum().item() == 4
+    # a tie in some rows of a batch: those rows keep every tied logit, the others exactly k, each row as alone
+    batch = logits[0, :4].clone()
+    batch[1, batch[1].topk(901).indices[-2:]] = batch[1].topk(899).values[-1]  # ranks 900 and 901 tie rank 899
+    batch[3, batch[3].topk(900).indices[-1]] = batch[3].topk(901).values[-1]  # rank 900 ties rank 901
+    kth = batch.topk(900).values[:, -1:]
+    assert (batch >= kth).sum(-1).tolist() == [900, 901, 900, 901]
+    got = filter_logits(batch, 900, 0.96)
+    for r in range(4):
+        assert torch.equal(got[r], _top_k_then_top_p_by_full_sort(batch[r:r + 1], 900, 0.96)[0]), r
+    assert torch.equal(got, _top_k_then_top_p_by_full_sort(batch, 900, 0.96))
+    assert (got[[0, 2]].isfinite().sum(-1) <= 900).all()
 
 
 def test_sampled_tokens_respect_top_k():

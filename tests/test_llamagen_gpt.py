@@ -356,6 +356,32 @@ def test_sampling_guidance_is_the_official_mix():
     torch.testing.assert_close(probs, (u + (c - u) * 2.5).softmax(-1), atol=1e-5, rtol=1e-5)
 
 
+def test_cached_decoder_guides_before_the_head_as_the_loop_guides_the_logits():
+    # with a HeadMix the decoder feeds each drawn token to its conditional and null rows and returns the
+    # guided logits of the head run on the mixed rows (no bias: exactly the mix of the logits in exact arithmetic)
+    from vqtok.ar.sampling import HeadMix, guide
+
+    model = random_model(tiny())
+    cond_ids = torch.tensor([1, 4, 10, 10])
+    tokens = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(3))
+    plain, mixed, cond_only = (llamagen.CachedDecoder(model) for _ in range(3))
+    with torch.no_grad():
+        for step in range(16):
+            scale = 1.0 + step / 4
+            if step == 0:
+                ref, got, c = plain.start(cond_ids), mixed.start(cond_ids, mix=HeadMix(scale)), cond_only.start(
+                    cond_ids, mix=HeadMix(None))
+            else:
+                fed = tokens[:, step - 1:step]
+                ref = plain.step(torch.cat([fed, fed]), step)
+                got, c = mixed.step(fed, step, mix=HeadMix(scale)), cond_only.step(fed, step, mix=HeadMix(None))
+            assert got.shape == (2, 1, 40)
+            torch.testing.assert_close(got, guide(ref, scale), atol=1e-5, rtol=1e-5, msg=f"step {step}")
+            torch.testing.assert_close(c, ref[:2], atol=1e-6, rtol=1e-6, msg=f"step {step}")
+        with pytest.raises(ValueError, match="token rows"):
+            mixed.step(torch.zeros(4, 1, dtype=torch.long), 1, mix=HeadMix(2.0))
+
+
 def test_sampling_with_the_global_generator_is_reproducible():
     model = random_model(tiny())
     cfg = SamplingConfig(guidance_scale=2.0, top_k=8)

@@ -173,6 +173,34 @@ def test_cached_decoder_equals_full_recompute_and_teacher_forcing(shared_aln):
     assert cached.cache is cache and torch.equal(again, outs[0][0])
 
 
+def test_cached_decoder_guides_before_the_head_as_the_loop_guides_the_logits():
+    # with a HeadMix the decoder takes the B drawn token rows and returns the guided logits of B rows: the
+    # head over uncond + (cond - uncond) * s of its input equals the same mix of the 2B rows' logits
+    from vqtok.ar.sampling import HeadMix, guide
+
+    model = tiny()
+    per_scale = model.quantizer.split_scales(tokens_for(model, 2))
+    cond_ids = torch.tensor([3, 7, 10, 10])
+    plain, mixed, cond_only = VARCachedDecoder(model), VARCachedDecoder(model), VARCachedDecoder(model)
+    assert VARCachedDecoder.guides_before_head
+    with torch.no_grad():
+        for k in range(len(PATCH)):
+            scale = 1.5 + k
+            if k == 0:
+                ref, got, c = plain.start(cond_ids), mixed.start(cond_ids, mix=HeadMix(scale)), cond_only.start(
+                    cond_ids, mix=HeadMix(None))
+            else:
+                fed = per_scale[k - 1]
+                ref = plain.step(torch.cat([fed, fed]), k)
+                got, c = mixed.step(fed, k, mix=HeadMix(scale)), cond_only.step(fed, k, mix=HeadMix(None))
+            assert got.shape == (2, PATCH[k] ** 2, 16)
+            torch.testing.assert_close(got, guide(ref, scale), atol=1e-5, rtol=1e-5, msg=f"scale {k}")
+            torch.testing.assert_close(c, ref[:2], atol=1e-6, rtol=1e-6, msg=f"scale {k}")
+    torch.testing.assert_close(mixed.f_hat, plain.f_hat[:2], atol=1e-6, rtol=0)  # f_hat kept for the B rows only
+    with pytest.raises(ValueError, match="token rows"):
+        mixed.step(torch.cat([per_scale[0], per_scale[0]]), 1, mix=HeadMix(2.0))
+
+
 def test_loss_is_per_token_cross_entropy_over_L_averaged_over_batch():
     logits, targets = torch.randn(3, 14, 16), torch.randint(0, 16, (3, 14))
     ce = F.cross_entropy(logits.reshape(-1, 16), targets.reshape(-1), reduction="none").view(3, 14)

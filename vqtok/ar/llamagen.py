@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqtok.ar.sampling import HeadMix
 from vqtok.errors import ConfigError, UserError
 
 
@@ -471,21 +472,24 @@ class LlamaGen(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.output.weight.dtype
         return KVCache(self.config, batch, device, dtype)
 
-    def _decode(self, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+    def _decode(self, h: torch.Tensor, start: int, cache: KVCache, mix: HeadMix | None = None) -> torch.Tensor:
         rope = rope_factors(self.rope[start:start + h.shape[1]])
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache, i, start)
-        return self.output(self.norm(h[:, -1:])).float()
+        h = self.norm(h[:, -1:])
+        return self.output(mix(h) if mix is not None else h).float()
 
-    def prefill(self, cond_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Write the class slot (R,) into the cache; logits for token 0, (R, 1, V)."""
-        return self._decode(self.cls_embedding(cond_ids), 0, cache)
+    def prefill(self, cond_ids: torch.Tensor, cache: KVCache, mix: HeadMix | None = None) -> torch.Tensor:
+        """Write the class slot (R,) into the cache; logits for token 0, (R, 1, V) (with `mix`: the guided
+        logits of the R / 2 [conditional; null] row pairs, the head run on the mixed rows)."""
+        return self._decode(self.cls_embedding(cond_ids), 0, cache, mix)
 
-    def decode_step(self, token: torch.Tensor, step: int, cache: KVCache) -> torch.Tensor:
-        """Feed token step-1 (R, 1) at slot cls + step - 1; logits for token `step`, (R, 1, V).
+    def decode_step(self, token: torch.Tensor, step: int, cache: KVCache, mix: HeadMix | None = None) -> torch.Tensor:
+        """Feed token step-1 (R, 1) at slot cls + step - 1; logits for token `step`, (R, 1, V) (with `mix`:
+        (R / 2, 1, V) as `prefill`).
 
         Nothing here synchronises with the host or allocates by data-dependent shape (CUDA-graph safe)."""
-        return self._decode(self.tok_embeddings(token), self.config.cls_token_num + step - 1, cache)
+        return self._decode(self.tok_embeddings(token), self.config.cls_token_num + step - 1, cache, mix)
 
 
 def loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -497,19 +501,31 @@ def loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class CachedDecoder:
-    """Eager KV-cached decoding; the cache is allocated once per row count and reused across batches."""
+    """Eager KV-cached decoding; the cache is allocated once per row count and reused across batches.
+
+    With a HeadMix (CFG, `guides_before_head`) `step` takes the B drawn tokens, feeds each to its
+    conditional and its null row, and returns the guided logits (B, 1, V) of the head run on the mixed rows
+    (on the conditional rows alone past the guidance interval)."""
+
+    guides_before_head = True
 
     def __init__(self, model: LlamaGen):
         self.model = model
         self.cache: KVCache | None = None
 
-    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None
+              ) -> torch.Tensor:
         if self.cache is None or self.cache.batch != cond_ids.shape[0]:
             self.cache = self.model.new_cache(cond_ids.shape[0], device=cond_ids.device)
-        return self.model.prefill(cond_ids, self.cache)
+        return self.model.prefill(cond_ids, self.cache, mix)
 
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        return self.model.decode_step(tokens.view(-1, 1), step, self.cache)
+    def step(self, tokens: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
+        tokens = tokens.reshape(-1, 1)
+        if mix is not None:
+            tokens = torch.cat([tokens, tokens])
+        if tokens.shape[0] != self.cache.batch:
+            raise ValueError(f"{tokens.shape[0]} token rows for a decoder of {self.cache.batch} rows")
+        return self.model.decode_step(tokens, step, self.cache, mix)
 
 
 class FullRecompute:

@@ -20,9 +20,11 @@ draws (how tokens are picked from each step's distributions (B, n_t, V); they re
 
 CFG runs the conditional and the null-class rows as one doubled batch (rows 0..B-1 conditional, B..2B-1
 null), then mixes `uncond + (cond - uncond) * scale(step)` in float32 before the temperature, as the
-official samplers do. Temperature 0 turns each distribution into a one-hot of the argmax, which every draw
-returns. The model returns tokens in its output order: RAR scatters its scan order back to raster,
-LlamaGen generates in raster order, VAR's steps concatenated are the multi-scale token layout.
+official samplers do. VAR's and LlamaGen's cached decoders apply that mix to the input of their linear
+head instead (HeadMix: the same in exact arithmetic, half the head's rows). Temperature 0 turns each
+distribution into a one-hot of the argmax, which every draw returns. The model returns tokens in its
+output order: RAR scatters its scan order back to raster, LlamaGen generates in raster order, VAR's steps
+concatenated are the multi-scale token layout.
 """
 
 from __future__ import annotations
@@ -107,8 +109,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_k and top_k < V:
         top = logits.topk(top_k, dim=-1)  # sorted, largest first
         kth = top.values[..., -1:]
-        if top_p < 1.0 and not bool((logits >= kth).sum(dim=-1).gt(top_k).any()):
-            return _top_p_of_top_k(logits, top.values, top.indices, top_p)
+        if top_p < 1.0:
+            out = _top_p_of_top_k(logits, top.values, top.indices, top_p)
+            tied = (logits >= kth).sum(dim=-1).gt(top_k)  # rows where a tie at the k-th value keeps more than k
+            if bool(tied.any()):  # those rows (and only those) take the general path below, row by row the same
+                rows = tied.nonzero(as_tuple=True)
+                out[rows] = filter_logits(logits[rows].masked_fill(logits[rows] < kth[rows], float("-inf")), 0, top_p)
+            return out
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
@@ -141,6 +148,26 @@ def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """(2B, ..., V) logits of [conditional; null] rows -> (B, ..., V) `uncond + (cond - uncond) * scale`, in float32."""
     cond, uncond = logits.float().chunk(2)
     return torch.sub(cond, uncond).mul_(scale).add_(uncond)  # one new tensor, the same rounding steps
+
+
+@dataclass(frozen=True)
+class HeadMix:
+    """Classifier-free guidance applied to the input of a linear head instead of its logits.
+
+    Logits are `W a + b` of the head input `a`, so `uncond + (cond - uncond) * s` of the logits equals the
+    head of `a_u + (a_c - a_u) * s` (the bias cancels to one bias): the head runs over B rows instead of 2B,
+    the same in exact arithmetic, within float rounding of the logits otherwise. `scale` None takes the
+    conditional rows alone (a step past the guidance interval).
+    """
+
+    scale: float | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(2B, ..., C) head input of [conditional; null] rows -> (B, ..., C), in x's dtype."""
+        cond, uncond = x.chunk(2)
+        if self.scale is None:
+            return cond
+        return torch.sub(cond, uncond).mul_(self.scale).add_(uncond)
 
 
 def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -253,6 +280,11 @@ class Decoder(Protocol):
     def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """Feed the tokens (R, n_{step-1}) drawn at step-1 of every row; logits for step `step` (R, n_step, V)."""
 
+    # A decoder with `guides_before_head = True` also takes `mix` (a HeadMix) under CFG: `start(cond_ids
+    # (2B,), order, mix)` and `step(tokens (B, n), step, mix)` (the drawn tokens, fed to both halves) then
+    # return the guided logits (B, n, V) of the mix applied before the head; without `mix` they behave as
+    # above. The loop guides the logits of every other decoder itself.
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -316,19 +348,27 @@ def sample(
             draw = GeneratorDraw(generator)
     if decoder is None:
         decoder = model.default_decoder(kv_cache)
+    in_head = cfg.uses_cfg and getattr(decoder, "guides_before_head", False)  # the decoder mixes the rows
+
+    def mix(step: int) -> dict:
+        return {"mix": HeadMix(scales[step] if cfg.guided_at(step) else None)} if in_head else {}
+
     generated = torch.empty(B, N, dtype=torch.long, device=device)
     probs_out = None
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
-        logits = decoder.start(cond_ids, order)
+        logits = decoder.start(cond_ids, order, **mix(0))
         offset = 0
         for step, n in enumerate(steps):
             if step:
-                logits = decoder.step(torch.cat([tokens, tokens]) if cfg.uses_cfg else tokens, step)
+                fed = torch.cat([tokens, tokens]) if cfg.uses_cfg and not in_head else tokens
+                logits = decoder.step(fed, step, **mix(step))
             if logits.shape[1] != n:
                 raise ValueError(f"step {step} should give logits for {n} tokens, the decoder gave {logits.shape[1]}")
-            if cfg.uses_cfg:  # the doubled batch runs at every step; past the interval only its conditional rows count
+            if in_head:
+                logits = logits.float()
+            elif cfg.uses_cfg:  # the doubled batch runs at every step; past the interval only its conditional rows count
                 logits = guide(logits, scales[step]) if cfg.guided_at(step) else logits[:B].float()
             probs = token_probs(logits, cfg)
             if return_probs:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqtok.ar.sampling import HeadMix
 from vqtok.errors import UserError
 
 # VAR's schedule for 256 px images with a 16x downsampling tokenizer (10 scales, 680 tokens)
@@ -427,8 +428,11 @@ class VAR(nn.Module):
                 x = block(x, mods[i], attn_bias, cache, i)
         return x
 
-    def _logits(self, x: torch.Tensor, head_mod: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(x.float(), head_mod.float()).float()).float()
+    def _logits(self, x: torch.Tensor, head_mod: torch.Tensor, mix: HeadMix | None = None) -> torch.Tensor:
+        """Logits of the last block's output; with `mix` the guided logits of the doubled batch (the head
+        over the mixed rows)."""
+        a = self.head_nm(x.float(), head_mod.float()).float()
+        return self.head(mix(a) if mix is not None else a).float()
 
     # ------------------------------------------------------------------ teacher-forced forward
 
@@ -553,7 +557,13 @@ class VARCachedDecoder:
     tokenizer's codebook, bicubic upsampling and Phi), builds scale k's input from f_hat area-downsampled
     to its size, and runs scale k's tokens only, attending to themselves and the cached coarser scales.
     `f_hat` (R, Cvae, pn_K, pn_K) after the last `step` holds every scale but the last.
+
+    With a HeadMix (CFG, `guides_before_head`) the rows are [conditional; null] sharing their tokens: `step`
+    takes the B drawn token rows, keeps f_hat for those B rows only and feeds the same scale input to both
+    halves (as the official sampler repeats it), and the logits are the guided ones of the B rows.
     """
+
+    guides_before_head = True
 
     def __init__(self, model: VAR):
         self.model = model
@@ -563,7 +573,8 @@ class VARCachedDecoder:
         cfg = self.model.config
         return VARKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device, dtype)
 
-    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None
+              ) -> torch.Tensor:
         model, cfg = self.model, self.model.config
         quant = model.quantizer
         dtype = model.head.weight.dtype
@@ -572,17 +583,22 @@ class VARCachedDecoder:
         self.cache.length = 0
         cond, self.mods, self.head_mod = model.conditions(cond_ids)
         side = cfg.patch_nums[-1]
-        self.f_hat = torch.zeros(cond_ids.shape[0], quant.dim, side, side, device=cond_ids.device)
-        return self._run(model.first_scale_input(cond))
+        rows = cond_ids.shape[0] // 2 if mix is not None else cond_ids.shape[0]
+        self.f_hat = torch.zeros(rows, quant.dim, side, side, device=cond_ids.device)
+        return self._run(model.first_scale_input(cond), mix)
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, mix: HeadMix | None) -> torch.Tensor:
         x = self.model._blocks(x, self.mods, None, self.cache)
         self.cache.length += x.shape[1]
-        return self.model._logits(x, self.head_mod)
+        return self.model._logits(x, self.head_mod, mix)
 
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
+        if tokens.shape[0] != self.f_hat.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} token rows for a decoder of {self.f_hat.shape[0]} "
+                             f"({'drawn rows under CFG' if mix is not None else 'all rows'})")
         self.f_hat, nxt = self.model.quantizer.next_scale_input(self.f_hat, tokens, step - 1)
-        return self._run(self.model.embed_scale(nxt, step))
+        x = self.model.embed_scale(nxt, step)
+        return self._run(torch.cat([x, x]) if mix is not None else x, mix)
 
 
 class VARFullRecompute:
