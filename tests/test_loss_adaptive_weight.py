@@ -79,3 +79,17 @@ def test_without_the_adaptive_weight_the_loss_is_the_plain_sum():
     assert m["loss"] is total and total.grad_fn is not None
     expected = (x * 2 - 1 - (recon * 2 - 1)).abs().mean() + aux["loss"] + 0.5 * m["g_adv"]
     torch.testing.assert_close(total, expected)
+
+
+def test_a_frozen_decoder_with_the_adaptive_weight_is_a_config_error(tmp_path):
+    from test_train_tokenizer import FAST, make_photos
+    from vqtok.errors import ConfigError
+    from vqtok.train.tokenizer_task import train_tokenizer
+
+    photos = make_photos(tmp_path / "photos")
+    over = FAST + ["train.steps=1", "loss.disc_start=0", "train.freeze=decoder"]
+    with pytest.raises(ConfigError, match="loss.adaptive_weight=false"):
+        train_tokenizer(photos, "tiny-vqgan", tmp_path / "run", over)
+    assert not (tmp_path / "run").exists()
+    result = train_tokenizer(photos, "tiny-vqgan", tmp_path / "fixed", over + ["loss.adaptive_weight=false"])
+    assert result.step == 1
