@@ -48,12 +48,22 @@ def build(cfg: RARConfig, device) -> RAR:
     return model.to(device).eval()
 
 
+CPU_SECONDS: list[float] = []  # this process's CPU time of each `timed` call, in order
+
+
 def timed(fn, device) -> float:
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
+    CPU_SECONDS.append(time.process_time() - c0)
     return time.perf_counter() - t0
+
+
+def timed_cpu(fn, device) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call."""
+    wall = timed(fn, device)
+    return wall, CPU_SECONDS[-1]
 
 
 def median(values: list[float]) -> float:
@@ -61,8 +71,9 @@ def median(values: list[float]) -> float:
 
 
 @torch.no_grad()
-def step_time(model: RAR, rows: int, cache_len: int, device, repeats: int = 5) -> float:
-    """Median time of one decode_step (one new token per row) with `cache_len` slots already filled."""
+def step_time(model: RAR, rows: int, cache_len: int, device, repeats: int = 5, cpu: bool = False):
+    """Median time of one decode_step (one new token per row) with `cache_len` slots already filled
+    (with `cpu`: (median wall, median CPU) seconds)."""
     N = model.config.seq_len
     cond = model.condition_ids(torch.zeros(rows, dtype=torch.long, device=device))
     orders = torch.arange(N, device=device).expand(rows, N)
@@ -70,11 +81,12 @@ def step_time(model: RAR, rows: int, cache_len: int, device, repeats: int = 5) -
     model.prefill(cond, orders, cache)
     token = torch.zeros(rows, dtype=torch.long, device=device)
     step = cache_len - 1  # decode_step(step) feeds slot step+1, so cache_len slots are filled after it
-    times = []
+    times, cpus = [], []
     for _ in range(repeats + 1):
         cache.length = cache_len - 1
         times.append(timed(lambda: model.decode_step(token, step, orders, cache), device))
-    return median(times[1:])
+        cpus.append(CPU_SECONDS[-1])
+    return (median(times[1:]), median(cpus[1:])) if cpu else median(times[1:])
 
 
 @torch.no_grad()
@@ -102,14 +114,27 @@ def case_small(args) -> None:
     print(f"small: hidden 256, depth 8, heads 8, {model.num_parameters() / 1e6:.1f}M params; batch {B}, {N} tokens, CFG (2x rows)")
     noise = sample_noise(0, range(B), N)
     sample_tokens(model, classes[:2], CFG, noise[:2])  # warm-up
-    ours = min(timed(lambda: sample_tokens(model, classes, CFG, noise), device) for _ in range(args.repeats))
-    print(f"  vqtok sample loop (generate.sample_tokens): {ours:.2f} s/batch, {B / ours:.2f} img/s, {ours / N * 1e3:.1f} ms/step")
     gen = torch.Generator().manual_seed(0)
-    rar = min(timed(lambda: sample(model, classes, CFG, generator=gen), device) for _ in range(args.repeats))
-    print(f"  RAR sampler (sampling.sample, kv cache):   {rar:.2f} s/batch, {B / rar:.2f} img/s")
-    floor = step_time(model, 2 * B, N // 2 + 2, device, repeats=9)
-    cached = min(ours, rar)
-    print(f"  one-token forward floor at {2 * B} rows, half-full cache: {floor * 1e3:.1f} ms -> mean step / floor = {cached / N / floor:.2f}")
+    # the floor before and after the sampling runs, the two samplers alternating in between, so load
+    # changes during the case reach both sides of the ratio alike
+    floors = [step_time(model, 2 * B, N // 2 + 2, device, repeats=9, cpu=True)]
+    loop_runs, rar_runs = [], []
+    for r in range(args.repeats):
+        runs = [(loop_runs, lambda: sample_tokens(model, classes, CFG, noise)), (rar_runs, lambda: sample(model, classes, CFG, generator=gen))]
+        for out, fn in (runs if r % 2 == 0 else runs[::-1]):
+            out.append(timed_cpu(fn, device))
+    floors.append(step_time(model, 2 * B, N // 2 + 2, device, repeats=9, cpu=True))
+    ours, ours_cpu = min(w for w, _ in loop_runs), min(c for _, c in loop_runs)
+    rar, rar_cpu = min(w for w, _ in rar_runs), min(c for _, c in rar_runs)
+    print(f"  vqtok sample loop (generate.sample_tokens): {ours:.2f} s/batch, {B / ours:.2f} img/s, {ours / N * 1e3:.1f} ms/step "
+          f"(CPU {ours_cpu:.2f} s)")
+    print(f"  RAR sampler (sampling.sample, kv cache):   {rar:.2f} s/batch, {B / rar:.2f} img/s (CPU {rar_cpu:.2f} s)")
+    floor, floor_cpu = min(f for f, _ in floors), min(c for _, c in floors)
+    cached, cached_cpu = min(ours, rar), min(ours_cpu, rar_cpu)
+    print(f"  one-token forward floor at {2 * B} rows, half-full cache: {floor * 1e3:.1f} ms (before / after the runs: "
+          f"{', '.join(f'{f * 1e3:.1f}' for f, _ in floors)}) -> mean step / floor = {cached / N / floor:.2f}")
+    print(f"  the same in CPU time: floor {floor_cpu * 1e3:.1f} ms, vqtok sample loop step {ours_cpu / N * 1e3:.1f} ms "
+          f"-> {ours_cpu / N / floor_cpu:.2f}; RAR sampler step {rar_cpu / N * 1e3:.1f} ms -> {rar_cpu / N / floor_cpu:.2f}")
     if args.uncached == "full":
         full = timed(lambda: sample(model, classes, CFG, generator=gen, kv_cache=False), device)
         print(f"  without kv cache (full run): {full:.1f} s/batch -> cached is {full / cached:.1f}x faster")

@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,15 @@ def main() -> None:
     device = pick_device(args.device)
     load0 = os.getloadavg()[0]
     step, task, cfg = build_engine_step(args.recipe, args.batch, device, args.overrides, args.lpips, args.resolution)
-    times = time_calls(step, device, args.steps)
+    cpu: list[float] = []
+
+    def timed_step():
+        t = time.process_time()
+        step()
+        cpu.append(time.process_time() - t)
+
+    times = time_calls(timed_step, device, args.steps)
+    cpu = cpu[-len(times):]  # the timed calls, not the warm-up
     med, best = statistics.median(times), min(times)
     params = sum(p.numel() for p in task.tokenizer.parameters()) / 1e6
     phases = [p.name for p in task.phases()]
@@ -87,6 +96,8 @@ def main() -> None:
           f"phases={'+'.join(phases)} perceptual_weight={cfg.loss.perceptual_weight} amp={cfg.train.amp and device.type == 'cuda'}")
     print(f"engine step: median {med * 1e3:.1f} ms, min {best * 1e3:.1f} ms over {len(times)} steps -> "
           f"{args.batch / med:.2f} img/s (best {args.batch / best:.2f})")
+    # this process's CPU seconds per step: on a shared machine steadier than wall time (1 thread: the same work)
+    print(f"engine step CPU time: median {statistics.median(cpu) * 1e3:.1f} ms, min {min(cpu) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

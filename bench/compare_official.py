@@ -7,8 +7,9 @@ Each case runs in its own child process (so one peer's imports and memory never 
 it the official model is built, its state dict is converted to vqtok through vqtok's own interop
 (vqtok.interop.*), both get the same inputs, batch and `torch.set_num_threads`, and the two run ALTERNATELY
 (official, vqtok, vqtok, official, ...) after a warm-up each, so load from other work hits both alike.
-Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok is faster), with the
-1-minute load average before and after.
+Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok is faster), the same
+ratio of the median CPU seconds of this process per run (steadier than wall time when other jobs share
+the cores), and the 1-minute load average before and after.
 
 Cases:
   rar_sampling     official `RAR.generate` vs the `vqtok sample` token loop (vqtok.app.sample.sample_tokens),
@@ -70,6 +71,7 @@ PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf
                  "LlamaGen": {}, "VAR": {}}
 REPO = Path(__file__).resolve().parent.parent
 STUBS: list[str] = []
+CPU_TIMES: dict[str, list[float]] = {}  # CPU seconds of each timed run of the last `alternate`, per side
 
 
 class Missing(Exception):
@@ -158,11 +160,13 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]
         for n in names:
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    CPU_TIMES.clear()
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fns[n]()
             times[n].append(time.perf_counter() - t)
+            CPU_TIMES.setdefault(n, []).append(time.process_time() - c)
     return times
 
 
@@ -172,6 +176,10 @@ def summary(times: dict[str, list[float]]) -> dict:
            "official_min_s": min(off), "vqtok_min_s": min(mine), "repeats": len(off)}
     out["ratio"] = out["official_s"] / out["vqtok_s"]
     out["ratio_min"] = out["official_min_s"] / out["vqtok_min_s"]
+    if len(CPU_TIMES.get("official", [])) == len(off) and len(CPU_TIMES.get("vqtok", [])) == len(mine):
+        # this process's CPU seconds per run (user + system): with other jobs on the cores, steadier than wall time
+        out["official_cpu_s"], out["vqtok_cpu_s"] = statistics.median(CPU_TIMES["official"]), statistics.median(CPU_TIMES["vqtok"])
+        out["ratio_cpu"] = out["official_cpu_s"] / out["vqtok_cpu_s"]
     return out
 
 
@@ -703,7 +711,8 @@ def fmt_case(name: str, r: dict) -> str:
     verdict = "meets" if r["ratio"] >= goal else "MISSES"
     return (f"{name:17s} official {r['official_s']:8.3f} s (min {r['official_min_s']:.3f})  vqtok {r['vqtok_s']:8.3f} s "
             f"(min {r['vqtok_min_s']:.3f})  ratio {r['ratio']:.2f}x (of minima {r['ratio_min']:.2f}x; goal >= {goal}x: "
-            f"{verdict})  load {r['load_before']:.1f}->{r['load_after']:.1f}")
+            f"{verdict})" + (f"  CPU-time ratio {r['ratio_cpu']:.2f}x" if "ratio_cpu" in r else "")
+            + f"  load {r['load_before']:.1f}->{r['load_after']:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,7 +224,8 @@ def test_guards_under_two_process_torchrun_give_the_one_process_codebook(photos,
     r1, r2 = rows(tmp_path / "single"), rows(tmp_path / "ddp")
     # k-means at step 1 re-seeds all 512 codes, then restarts: the same number of codes in both runs
     assert r1[-1]["codes_reseeded"] == r2[-1]["codes_reseeded"] > 512
-    assert [x["code_usage"] for x in r1] == pytest.approx([x["code_usage"] for x in r2])
+    # usage counts codes: float round-off (the ranks' reduction order) may move a vector or two to a neighbour code
+    assert [x["code_usage"] for x in r1] == pytest.approx([x["code_usage"] for x in r2], abs=2 / 512)
     a = load_state_dict_file(single.final_dir / "model.safetensors")
     b = load_state_dict_file(tmp_path / "ddp" / "final" / "model.safetensors")
     for k in ("quantize.embedding.weight", "quantize.ema_cluster_size", "quantize.codebook_updates"):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.losses.gan import (
-    LeCam, adaptive_weight, disc_factor, hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss,
+    LeCam, adaptive_weight, disc_factor, reconstruction_grads, hinge_d_loss, hinge_g_loss, non_saturating_d_loss, non_saturating_g_loss,
     r1_penalty,
 )
 
@@ -45,23 +45,45 @@ def test_adaptive_weight_is_grad_norm_ratio_with_eps_and_clamp():
     y = layer(x)
     nll = y.pow(2).mean()
     g = -(3.0 * y).mean()
-    w = adaptive_weight(nll, g, layer.weight)
-    gn = torch.autograd.grad(nll, layer.weight, retain_graph=True)[0].norm()
-    gg = torch.autograd.grad(g, layer.weight, retain_graph=True)[0].norm()
-    assert w.item() == pytest.approx((gn / (gg + 1e-4)).item(), rel=1e-6)
+    gn = torch.autograd.grad(nll, layer.weight, retain_graph=True)[0]
+    gg = torch.autograd.grad(g, layer.weight, retain_graph=True)[0]
+    w = adaptive_weight(gn, gg)
+    assert w.item() == pytest.approx((gn.norm() / (gg.norm() + 1e-4)).item(), rel=1e-6)
     assert not w.requires_grad
     # a generator loss with no gradient at W: the ratio explodes and is clamped to 1e4
-    g_zero = (y * 0).sum()
-    nll = 100 * nll  # ||grad nll|| / 1e-4 is then far above the clamp
-    assert adaptive_weight(nll, g_zero, layer.weight).item() == pytest.approx(1e4)
-    assert adaptive_weight(nll, g_zero, layer.weight, max_weight=5.0).item() == pytest.approx(5.0)
+    assert adaptive_weight(100 * gn, 0 * gg).item() == pytest.approx(1e4)
+    assert adaptive_weight(100 * gn, 0 * gg, max_weight=5.0).item() == pytest.approx(5.0)
 
 
 def test_adaptive_weight_is_fp32_for_low_precision_grads():
     layer = nn.Linear(3, 2, bias=False).to(torch.bfloat16)
     y = layer(torch.randn(4, 3, dtype=torch.bfloat16))
-    w = adaptive_weight(y.float().pow(2).mean(), -y.float().mean(), layer.weight)
+    gn = torch.autograd.grad(y.float().pow(2).mean(), layer.weight)[0]
+    gg = torch.autograd.grad(layer(torch.ones(1, 3, dtype=torch.bfloat16)).float().mean(), layer.weight)[0]
+    assert gn.dtype == torch.bfloat16
+    w = adaptive_weight(gn, gg)
     assert w.dtype == torch.float32 and math.isfinite(w.item())
+
+
+def test_reconstruction_grads_give_the_last_layer_gradients_of_each_loss():
+    torch.manual_seed(3)
+    first, last = nn.Linear(5, 4), nn.Linear(4, 6)
+    recon = last(torch.tanh(first(torch.randn(3, 5))))
+    head = nn.Linear(6, 1)
+    nll, g = recon.pow(2).mean(), -head(recon).mean()
+    nll_rec, g_rec, nll_w, g_w = reconstruction_grads(nll, g, recon, last.weight)
+    torch.testing.assert_close(nll_rec, torch.autograd.grad(nll, recon, retain_graph=True)[0])
+    torch.testing.assert_close(g_rec, torch.autograd.grad(g, recon, retain_graph=True)[0])
+    torch.testing.assert_close(nll_w, torch.autograd.grad(nll, last.weight, retain_graph=True)[0])
+    torch.testing.assert_close(g_w, torch.autograd.grad(g, last.weight, retain_graph=True)[0])
+    # the graph below the reconstruction is kept for the tokenizer's backward
+    recon.backward(nll_rec)
+    assert first.weight.grad is not None
+    # a loss that does not depend on the reconstruction contributes zeros
+    zero = torch.zeros((), requires_grad=False)
+    recon2 = last(torch.randn(2, 4))
+    z_rec, _, z_w, _ = reconstruction_grads(zero, recon2.sum(), recon2, last.weight)
+    assert not z_rec.any() and not z_w.any()
 
 
 def test_disc_factor_start_and_warmup():

@@ -288,3 +288,39 @@ def test_ar_task_steps_read_nothing_back(tmp_path, monkeypatch, tokenizers, toke
     result = Engine(cfg.train, DistEnv(), tmp_path / "run").run(task)
     assert result.final_dir is not None
     assert reads.calls == [], reads.calls
+
+
+@pytest.mark.parametrize("kind,weight_decay", [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05)])
+def test_cpu_optimizer_is_fused_and_steps_like_the_reference(kind, weight_decay):
+    from vqtok.train.engine import build_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5, requires_grad=True), torch.randn(11, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_(True) for p in params]
+    cfg = OptimizerConfig(kind=kind, lr=3e-3, betas=(0.9, 0.95), weight_decay=weight_decay, eps=1e-8)
+    opt = build_optimizer(cfg, params, torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    reference = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind](
+        ref, lr=3e-3, betas=(0.9, 0.95), weight_decay=weight_decay, eps=1e-8, foreach=False)
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_falls_back_to_foreach_where_fused_is_refused(monkeypatch):
+    from vqtok.train import engine
+
+    class NoFusedAdam(torch.optim.Adam):
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFusedAdam)
+    opt = engine.build_optimizer(OptimizerConfig(kind="adam"), [torch.zeros(3, requires_grad=True)], torch.device("cpu"))
+    assert isinstance(opt, NoFusedAdam) and opt.defaults["foreach"] is True and not opt.defaults["fused"]

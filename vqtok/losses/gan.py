@@ -57,20 +57,38 @@ def disc_factor(step: int, start: int, warmup: int = 0) -> float:
     return min(1.0, (step - start + 1) / warmup)
 
 
-def adaptive_weight(
-    nll: torch.Tensor, g: torch.Tensor, last_layer: nn.Parameter, max_weight: float = 1e4
-) -> torch.Tensor:
+def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
     """taming: ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped to [0, max_weight], detached.
 
-    W is the decoder's final conv weight. Norms are taken in fp32 (in fp16 they overflow to NaN).
-    Under DDP the gradients are averaged over ranks first, so the weight is that of the global batch
-    (and every rank applies the same one).
+    `nll_grad` and `g_grad` are the gradients of the reconstruction loss and of the generator's GAN loss
+    at W, the decoder's final conv weight (`reconstruction_grads` computes them). Norms are taken in fp32
+    (in fp16 they overflow to NaN). Under DDP the gradients are averaged over ranks first, so the weight is
+    that of the global batch (and every rank applies the same one).
     """
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
-    g_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0].float()
-    nll_grad, g_grad = mean_over_ranks(nll_grad), mean_over_ranks(g_grad)
+    nll_grad, g_grad = mean_over_ranks(nll_grad.detach().float()), mean_over_ranks(g_grad.detach().float())
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def reconstruction_grads(
+    nll: torch.Tensor, g: torch.Tensor, recon: torch.Tensor, last_layer: nn.Parameter
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d nll / d recon, d g / d recon, d nll / dW, d g / dW) for the adaptive GAN weight.
+
+    Each loss is back-propagated once to the reconstruction - nll through LPIPS (when on), g through the
+    discriminator - and the two gradients at the last layer W come from those by a backward through the
+    last layer alone. The caller then drives the tokenizer's backward with the combined reconstruction
+    gradient, so neither LPIPS nor D is back-propagated a second time. The graph below `recon` is kept
+    for that backward. A loss that does not depend on the reconstruction has zero gradients.
+    """
+    at_recon = []
+    for loss in (nll, g):
+        if loss.requires_grad:
+            at_recon.append(torch.autograd.grad(loss, recon, retain_graph=True)[0])
+        else:
+            at_recon.append(torch.zeros_like(recon))
+    at_w = [torch.autograd.grad(recon, last_layer, grad_outputs=r, retain_graph=True)[0] for r in at_recon]
+    return at_recon[0], at_recon[1], at_w[0], at_w[1]
 
 
 class LeCam(nn.Module):

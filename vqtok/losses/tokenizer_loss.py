@@ -3,7 +3,10 @@
 Generator:  l1_weight*|x-x̂| + l2_weight*(x-x̂)^2 + perceptual_weight*LPIPS(x,x̂)            (= nll)
             + quantizer_weight*aux["loss"] + factor(step)*w_adv*G_loss(D(x̂))
 with w_adv = disc_weight * ||∇nll|| / (||∇G|| + 1e-4) on the decoder's last layer (taming) when
-`adaptive_weight` is on, else disc_weight (LlamaGen / Open-MAGVIT2 / 1d-tokenizer).
+`adaptive_weight` is on, else disc_weight (LlamaGen / Open-MAGVIT2 / 1d-tokenizer). The adaptive weight
+costs no second pass through LPIPS or D: nll and G are each back-propagated once to the reconstruction,
+their gradients at the last layer come from those, and the loss returned for the backward carries the
+combined reconstruction gradient (its value is the true loss).
 Discriminator: factor(step) * (d_loss_weight*D_loss(D(x), D(x̂)) + lecam_weight*LeCam + lazy R1 every `r1_every`
 steps): the regularisers follow the same start/warm-up ramp as the loss they regularise. LlamaGen multiplies
 D's loss by its disc_weight too (vq_loss.py: `disc_weight * self.disc_loss(...)`), hence `d_loss_weight`.
@@ -23,7 +26,7 @@ from torch import nn
 
 from vqtok.errors import ConfigError
 from vqtok.losses.discriminators import DiscriminatorConfig, build_discriminator
-from vqtok.losses.gan import D_LOSSES, LeCam, adaptive_weight, disc_factor, g_loss, r1_penalty
+from vqtok.losses.gan import D_LOSSES, LeCam, adaptive_weight, disc_factor, g_loss, r1_penalty, reconstruction_grads
 from vqtok.losses.lpips import build_lpips
 
 
@@ -122,17 +125,29 @@ class TokenizerLoss(nn.Module):
             finally:
                 for p, r in zip(self.discriminator.parameters(), requires):
                     p.requires_grad_(r)
-            if cfg.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
-                w = adaptive_weight(nll, g, last_layer, cfg.adaptive_weight_max) * cfg.disc_weight
+            upstream = None
+            if cfg.adaptive_weight and last_layer is not None and torch.is_grad_enabled() and recon.requires_grad:
+                nll_rec, g_rec, nll_w, g_w = reconstruction_grads(nll, g, recon, last_layer)
+                w = adaptive_weight(nll_w, g_w, cfg.adaptive_weight_max) * cfg.disc_weight
+                upstream = nll_rec + (factor * w) * g_rec  # d(nll + factor * w * g) / d recon, w a constant
             else:
                 w = torch.tensor(cfg.disc_weight, device=g.device)
             metrics["g_adv"] = g
             metrics["adv_weight"] = w * factor
             total = total + factor * w * g
+            if upstream is not None:
+                # LPIPS and D were back-propagated above: the tokenizer's backward starts from their combined
+                # gradient at the reconstruction (plus the quantizer term, which does not pass through it).
+                # Its value stays the true loss; the metrics are detached so LPIPS's and D's graphs go now.
+                surrogate = (recon * upstream).sum() + cfg.quantizer_weight * quant
+                metrics = {k: v.detach() for k, v in metrics.items()}
+                true_total = total.detach()
+                total = surrogate + (true_total - surrogate.detach())
+                metrics["loss"] = true_total
         for name, value in aux.items():
             if name != "loss" and torch.is_tensor(value) and value.numel() == 1:
                 metrics[f"q_{name}"] = value.detach().float().reshape(())
-        metrics["loss"] = total
+        metrics.setdefault("loss", total)
         return total, metrics
 
     def discriminator_loss(

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqtok.tokenizer.small_map_conv import Conv3x3
+
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
 
@@ -36,7 +38,8 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 def conv3x3(cin: int, cout: int, bias: bool = True, stride: int = 1, padding: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=padding, bias=bias)
+    # an nn.Conv2d; on small, wide CPU maps its weight gradient is one GEMM (vqtok/tokenizer/small_map_conv.py)
+    return Conv3x3(cin, cout, kernel_size=3, stride=stride, padding=padding, bias=bias)
 
 
 def conv1x1(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:

@@ -92,9 +92,15 @@ def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
     if cfg.kind not in kinds:
         raise UserError(f"unknown optimizer '{cfg.kind}'; use adam or adamw")
-    # fused kernels on GPU; multi-tensor (foreach) on CPU, where torch's default is one tensor at a time
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return kinds[cfg.kind](list(params), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, **fast)
+    params = list(params)
+    settings = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay, "eps": cfg.eps}
+    # The fused kernel (one pass over each parameter, its gradient and both moments) on CUDA and on CPU,
+    # where torch's default is one tensor at a time and its multi-tensor (foreach) form writes every
+    # intermediate out; a torch whose fused kernel refuses the device or the dtypes gets the foreach form.
+    try:
+        return kinds[cfg.kind](params, fused=True, **settings)
+    except (RuntimeError, ValueError, TypeError):
+        return kinds[cfg.kind](params, foreach=True, **settings)
 
 
 @dataclass

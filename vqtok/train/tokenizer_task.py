@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vqtok.config import to_dict
-from vqtok.errors import UserError
+from vqtok.errors import ConfigError, UserError
 from vqtok.losses.tokenizer_loss import LossConfig, TokenizerLoss
 from vqtok.signals import loader_worker_init
 from vqtok.tokenizer.config import TokenizerConfig
@@ -137,6 +137,12 @@ class TokenizerTrainTask:
             notes = tokenizer_init.load_into_tokenizer(self.tokenizer, source, init)
         self.tokenizer.to(device)
         n_frozen = tokenizer_init.freeze_parts(self.tokenizer, frozen_parts)
+        if cfg.loss.adaptive_weight and cfg.loss.disc_weight > 0 and not self.tokenizer.last_layer_weight().requires_grad:
+            raise ConfigError(
+                f"train.freeze={cfg.train.freeze} freezes the decoder's last layer, where loss.adaptive_weight measures "
+                "the gradients that set the adversarial weight; set loss.adaptive_weight=false (the adversarial term "
+                "is then weighted by loss.disc_weight alone) or leave the decoder trainable"
+            )
         self.loss_fn = TokenizerLoss(cfg.loss, res).to(device)
         if self.loss_fn.uses_random_lpips and env.is_main:
             print("warning: LPIPS uses a RANDOM VGG16 trunk (lpips_weights: random-for-tests): not a perceptual metric", flush=True)
