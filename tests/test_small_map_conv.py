@@ -62,6 +62,17 @@ def test_the_gemm_form_is_taken_only_where_it_was_measured_faster():
     assert small_map_conv.MAX_PIXELS >= 4 * 4 * 4
 
 
+def test_bf16_autocast_takes_the_plain_conv_and_trains():
+    wide = conv3x3(512, 512)
+    x = torch.randn(4, 512, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not takes_gemm_weight_grad(wide, x)
+        y = wide(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert wide.weight.grad is not None and x.grad is not None
+
+
 def test_gemm_weight_grad_matches_the_definition():
     torch.manual_seed(2)
     x, g = torch.randn(3, 5, 3, 4, dtype=torch.float64), torch.randn(3, 7, 3, 4, dtype=torch.float64)

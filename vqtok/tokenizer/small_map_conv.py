@@ -5,7 +5,7 @@ The deepest levels of an f16 autoencoder trained at low resolution (64 px: 4 x 4
 convolution backward uses, costs several times the multiply-adds it does (it reorders the 9 MB weight
 gradient out of its blocked layout on every call; bench/README.md has the times). The same gradient is
 one GEMM: grad_out as a (C_out, B*H*W) matrix times the unfolded input (B*H*W, C_in*9), the same sums in
-a different order. `Conv3x3` takes that form only where it was measured to be faster - CPU, fp32, autograd
+a different order. `Conv3x3` takes that form only where it was measured to be faster - CPU, fp32 (no autocast), autograd
 recording, stride 1, padding 1, at least `MIN_CHANNELS` in and out and at most `MAX_PIXELS` output pixels
 per batch - and is a plain nn.Conv2d everywhere else (same parameters, same state-dict keys, same forward).
 """
@@ -53,6 +53,7 @@ class _SmallMapConv3x3(torch.autograd.Function):
 def takes_gemm_weight_grad(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+        and not torch.is_autocast_enabled("cpu")  # under bf16 autocast the conv (and its gradient) is bf16
         and torch.is_grad_enabled() and conv.weight.requires_grad
         and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
         and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
