@@ -188,12 +188,12 @@ def run_all(work: Path, device: str | None) -> dict[str, str]:
     inspect_text = r.run("inspect", tokens, name="inspect", device=False)
     out["encode"] = f"```\n{shell(args)}\n{encode_text}\n{shell(['inspect', tokens])}\n{inspect_text}\n```"
 
-    args = ["train-ar", tokens, "--tokenizer", f"{tok}/final", "--config", demo.AR_RECIPE, "--anneal", *demo.ANNEAL,
-            "--out", rar]
+    args = ["train-ar", tokens, "--tokenizer", f"{tok}/final", "--config", demo.AR_RECIPE, "--epochs", demo.AR_EPOCHS,
+            "--anneal", *demo.ANNEAL, "--out", rar, *demo.AR_OVERRIDES]
     log = r.run(*args, name="train-ar")
     out["train-ar"] = f"```\n{shell(args)}\n{abbreviate(log, [0, len(log.splitlines()) // 2, -2, -1])}\n```"
 
-    args = ["sample", "--ckpt", f"{rar}/final", "--tokenizer", f"{tok}/final", "--cfg", demo.CFG, "--per-class", "4",
+    args = ["sample", "--ckpt", f"{rar}/final", "--tokenizer", f"{tok}/final", *demo.SAMPLE_ARGS, "--per-class", "4",
             "--png", "--npz", "--out", samples]
     out["sample"] = f"```\n{shell(args)}\n{r.run(*args, name='sample')}\n```"
     total = time.perf_counter() - start
@@ -225,13 +225,13 @@ def run_all(work: Path, device: str | None) -> dict[str, str]:
                           f"change these times severalfold).\n\n| command | wall time |\n|---|---|\n{rows}\n"
                           f"| all of the above | {total:.0f} s |")
 
-    out.update(troubleshooting(r, data, tok, tokens, rar, samples))
+    out.update(troubleshooting(r, demo, data, tok, tokens, rar, samples))
     if set(out) != REGIONS:
         raise SystemExit(f"the run produced {sorted(set(out) ^ REGIONS)} unlike REGIONS; update one of them")
     return out
 
 
-def troubleshooting(r: Runner, data: str, tok: str, tokens: str, rar: str, samples: str) -> dict[str, str]:
+def troubleshooting(r: Runner, demo, data: str, tok: str, tokens: str, rar: str, samples: str) -> dict[str, str]:
     """Trigger each listed mistake and take its real message."""
     w = r.work
     other = "demo_out/runs/other-tok"
@@ -251,8 +251,8 @@ def troubleshooting(r: Runner, data: str, tok: str, tokens: str, rar: str, sampl
                                  "demo_out/x"),
         "err-pickle": ("convert", "pickled.pt", "--out", "demo_out/x"),
         "err-missing-input": ("encode", "nonexistent", "--tokenizer", f"{tok}/final", "--out", "demo_out/x"),
-        "err-resume-past-end": ("train-ar", tokens, "--tokenizer", f"{tok}/final", "--config", "rar-tiny",
-                                "--out", rar, "--resume", "auto", "--epochs", "1"),
+        "err-resume-past-end": ("train-ar", tokens, "--tokenizer", f"{tok}/final", "--config", demo.AR_RECIPE,
+                                "--out", rar, "--resume", "auto", "--epochs", "1", *demo.AR_OVERRIDES),
         "err-grid": ("encode", data, "--tokenizer", f"{tok}/final", "--out", "demo_out/x", "--size", "256"),
     }
     found = {name: f"`{r.error_line(*args)}`" for name, args in cases.items()}

@@ -56,3 +56,21 @@ def test_held_out_tiles_come_from_photos_outside_the_demo_dataset(tmp_path):
     files = list((tmp_path / "held").glob("*.png"))
     assert n == len(files) >= 64
     assert all(Image.open(f).size == (64, 64) for f in files[:5])
+
+
+def test_demo_settings_are_valid_overrides_of_their_recipes():
+    """A renamed config key or a bad value in the demo's settings fails here, not minutes into `make demo`."""
+    from vqtok.config import load_config
+    from vqtok.train.ar_task import load_run_config, run_length_source
+    from vqtok.train.tokenizer_task import TrainTokenizerConfig
+
+    demo = _demo()
+    tok = load_config(TrainTokenizerConfig, demo.TOKENIZER_RECIPE, demo.TOKENIZER_OVERRIDES, kind="tokenizer")
+    assert tok.train.steps == 200
+    overrides = [*demo.AR_OVERRIDES, f"epochs={demo.AR_EPOCHS}"]  # what `--epochs N` adds
+    ar = load_run_config(demo.AR_RECIPE, overrides)
+    assert run_length_source({}, overrides) == "command-line epochs"
+    assert (ar.model.hidden_size, ar.model.depth, ar.train.batch_size, ar.epochs) == (128, 3, 32, 400.0)
+    assert ar.optim.weight_decay == 0.0
+    assert float(demo.CFG) > 1.0  # guided: a scale of 1 would be plain conditional sampling
+    assert demo.SAMPLE_ARGS == ["--cfg", demo.CFG, "--temperature", demo.TEMPERATURE]
