@@ -66,7 +66,7 @@ def test_demo_settings_are_valid_overrides_of_their_recipes():
 
     demo = _demo()
     tok = load_config(TrainTokenizerConfig, demo.TOKENIZER_RECIPE, demo.TOKENIZER_OVERRIDES, kind="tokenizer")
-    assert tok.train.steps == 200
+    assert tok.train.steps == 600
     overrides = [*demo.AR_OVERRIDES, f"epochs={demo.AR_EPOCHS}"]  # what `--epochs N` adds
     ar = load_run_config(demo.AR_RECIPE, overrides)
     assert run_length_source({}, overrides) == "command-line epochs"
