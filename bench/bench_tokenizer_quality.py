@@ -15,7 +15,8 @@ outside the venv, e.g.
     python bench/bench_tokenizer_quality.py --steps 600 --vqp-path /work/benchdeps
 
 Rows: tiny-vqgan tiny-fsq tiny-lfq tiny-msvq vqp (pick with --rows). Results: --out DIR/results.json and a
-markdown table on stdout (paste it into bench/README.md with date, machine and command).
+markdown table on stdout (paste it into bench/README.md with date, machine and command). Rows run as
+separate processes (one --out each) are joined with `--table DIR1/results.json DIR2/results.json ...`.
 """
 
 from __future__ import annotations
@@ -178,7 +179,15 @@ def main() -> int:
     ap.add_argument("--vqp-path", default=None, help="folder holding vector_quantize_pytorch (installed with --target)")
     ap.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth (default: the torch hub cache, if present)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
+                    help="only print the table of these results files (rows run as separate processes), in order")
     args = ap.parse_args()
+    if args.table:
+        merged: dict[str, dict] = {}
+        for path in args.table:
+            merged.update(json.loads(path.read_text()))
+        print(table(merged))
+        return 0
     torch.set_num_threads(args.threads)
 
     from vqtok.data.default_dataset import skimage_data_dir
