@@ -179,6 +179,8 @@ def main() -> int:
     ap.add_argument("--vqp-path", default=None, help="folder holding vector_quantize_pytorch (installed with --target)")
     ap.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth (default: the torch hub cache, if present)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every row (repeatable), e.g. model.quantizer.params.using_znorm=false")
     ap.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
                     help="only print the table of these results files (rows run as separate processes), in order")
     args = ap.parse_args()
@@ -218,12 +220,12 @@ def main() -> int:
             shutil.rmtree(run_dir)
         print(f"\n== {name}: {args.steps} steps of {recipe}", flush=True)
         try:
-            tok, seconds = train_row(recipe, data, run_dir, args.steps, [])
+            tok, seconds = train_row(recipe, data, run_dir, args.steps, args.set)
         finally:
             if restore is not None:
                 restore()
         row = evaluate(tok, tiles, lpips_model)
-        row.update(steps=args.steps, train_seconds=seconds, recipe=recipe)
+        row.update(steps=args.steps, train_seconds=seconds, recipe=recipe, overrides=args.set)
         rows[name] = row
         results_file.write_text(json.dumps(rows, indent=2) + "\n")
         print(json.dumps(row), flush=True)
