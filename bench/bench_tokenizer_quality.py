@@ -125,8 +125,10 @@ def train_row(recipe: str, data: Path, run_dir: Path, steps: int, extra: list[st
     task = TokenizerTrainTask(cfg, env, data, run_dir)
     engine = Engine(cfg.train, env, run_dir, resolved_config=cfg)
     t0 = time.perf_counter()
-    engine.run(task)
+    result = engine.run(task)
     seconds = time.perf_counter() - t0
+    if result.interrupted:  # a stopped run is not the budget: record nothing for this row
+        raise SystemExit(f"{recipe} stopped at step {result.step} of {steps}; no row recorded")
     task.tokenizer.load_state_dict(engine._ema_weights(task.phases())["generator"])  # what final/ exports
     return task.tokenizer.eval(), seconds
 
