@@ -15,7 +15,8 @@ outside the venv, e.g.
     python bench/bench_tokenizer_quality.py --steps 600 --vqp-path /work/benchdeps
 
 Rows: tiny-vqgan tiny-fsq tiny-lfq tiny-msvq vqp (pick with --rows). Results: --out DIR/results.json and a
-markdown table on stdout (paste it into bench/README.md with date, machine and command).
+markdown table on stdout (paste it into bench/README.md with date, machine and command). Rows run as
+separate processes (one --out each) are joined with `--table DIR1/results.json DIR2/results.json ...`.
 """
 
 from __future__ import annotations
@@ -124,8 +125,10 @@ def train_row(recipe: str, data: Path, run_dir: Path, steps: int, extra: list[st
     task = TokenizerTrainTask(cfg, env, data, run_dir)
     engine = Engine(cfg.train, env, run_dir, resolved_config=cfg)
     t0 = time.perf_counter()
-    engine.run(task)
+    result = engine.run(task)
     seconds = time.perf_counter() - t0
+    if result.interrupted:  # a stopped run is not the budget: record nothing for this row
+        raise SystemExit(f"{recipe} stopped at step {result.step} of {steps}; no row recorded")
     task.tokenizer.load_state_dict(engine._ema_weights(task.phases())["generator"])  # what final/ exports
     return task.tokenizer.eval(), seconds
 
@@ -178,7 +181,17 @@ def main() -> int:
     ap.add_argument("--vqp-path", default=None, help="folder holding vector_quantize_pytorch (installed with --target)")
     ap.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth (default: the torch hub cache, if present)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every row (repeatable), e.g. model.quantizer.params.using_znorm=false")
+    ap.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
+                    help="only print the table of these results files (rows run as separate processes), in order")
     args = ap.parse_args()
+    if args.table:
+        merged: dict[str, dict] = {}
+        for path in args.table:
+            merged.update(json.loads(path.read_text()))
+        print(table(merged))
+        return 0
     torch.set_num_threads(args.threads)
 
     from vqtok.data.default_dataset import skimage_data_dir
@@ -209,12 +222,12 @@ def main() -> int:
             shutil.rmtree(run_dir)
         print(f"\n== {name}: {args.steps} steps of {recipe}", flush=True)
         try:
-            tok, seconds = train_row(recipe, data, run_dir, args.steps, [])
+            tok, seconds = train_row(recipe, data, run_dir, args.steps, args.set)
         finally:
             if restore is not None:
                 restore()
         row = evaluate(tok, tiles, lpips_model)
-        row.update(steps=args.steps, train_seconds=seconds, recipe=recipe)
+        row.update(steps=args.steps, train_seconds=seconds, recipe=recipe, overrides=args.set)
         rows[name] = row
         results_file.write_text(json.dumps(rows, indent=2) + "\n")
         print(json.dumps(row), flush=True)

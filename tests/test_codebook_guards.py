@@ -146,6 +146,59 @@ def test_multiscale_restarts_draw_from_every_scale_and_the_entropy_term_is_per_s
     assert update.counts.shape == (3, 32) and int(update.counts[0].sum()) == 8 and int(update.counts[2].sum()) == 128
 
 
+
+def _two_scale_latents(seed: int, n: int = 64) -> torch.Tensor:
+    """(n, 4, 4, 4) latents whose 2x2 content is one of 16 far-apart vectors (norm ~8) and whose 4x4
+    detail is small (norm ~0.4): the coarse scale's residuals are large, the fine scale's small."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(16, 4, generator=torch.Generator().manual_seed(99)) * 4.0
+    coarse = centers[torch.randint(0, 16, (n, 2, 2), generator=g)].permute(0, 3, 1, 2)
+    return torch.nn.functional.interpolate(coarse, size=(4, 4), mode="nearest") + 0.2 * torch.randn(n, 4, 4, 4, generator=g)
+
+
+def _per_scale_usage_after_training(**kw) -> list[float]:
+    torch.manual_seed(0)
+    q = MultiScaleResidualVQ(codebook_size=32, dim=4, patch_nums=(2, 4), quant_resi=0.0, kmeans_init=True, **kw).train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for step in range(40):
+        _, _, aux = q(_two_scale_latents(step))
+        opt.zero_grad()
+        aux["loss"].backward()
+        opt.step()
+        q.update_codebook(step)
+    q.eval()
+    with torch.no_grad():  # held-out latents: 1024 tokens at 2x2 and 4096 at 4x4 for 32 codes
+        return [s.unique().numel() / q.codebook_size for s in q.encode_scales(_two_scale_latents(1000, 256))]
+
+
+def test_multiscale_cosine_search_lets_the_small_residual_scale_use_the_whole_codebook():
+    # k-means sees the first step's residuals, which at every scale are still the large raw latents, and
+    # squared-L2 search then sends the fine scale's small residuals to the few codes near the origin
+    euclid = _per_scale_usage_after_training()
+    cosine = _per_scale_usage_after_training(using_znorm=True)
+    # measured: squared L2 [0.88, 0.56], cosine [0.81, 1.0]
+    assert euclid[1] <= 0.7, euclid
+    assert cosine[1] >= 0.95 and cosine[0] >= 0.7, cosine
+
+
+def test_multiscale_entropy_term_under_cosine_search_ignores_code_norms():
+    z = torch.randn(4, 4, 4, 4)
+
+    def entropy(scale_codes: float, **kw) -> float:
+        torch.manual_seed(0)
+        # one scale: later scales' residuals depend on the code norms, the search at the first does not
+        q = MultiScaleResidualVQ(codebook_size=16, dim=4, patch_nums=(4,), entropy_weight=1.0,
+                                 entropy_temperature=0.1, **kw).train()
+        with torch.no_grad():
+            q.embedding.weight.normal_()
+            q.embedding.weight.mul_(scale_codes)
+        return float(q(z).aux["entropy_loss"])
+
+    # cosine search ranks codes by direction only; its entropy term sees the same affinities
+    assert entropy(1.0, using_znorm=True) == pytest.approx(entropy(5.0, using_znorm=True), rel=1e-5)
+    assert entropy(1.0) != pytest.approx(entropy(5.0), rel=1e-2)
+
+
 def test_monitor_windows_usage_counts_dead_codes_and_warns_once():
     mon = CodebookMonitor(8, [(2, 2)], window=2, warn_below=0.5, patience=2)
     one_code = torch.zeros(1, 8, dtype=torch.long)

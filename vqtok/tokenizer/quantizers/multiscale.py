@@ -239,8 +239,10 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 if cfg.entropy_weight > 0:
                     # the same residual with the encoder's gradient: f minus what earlier scales explain
                     rest_grad = self._downsample(f - f_hat.detach(), k).permute(0, 2, 3, 1).reshape(-1, C)
-                    entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, self.embedding.weight),
-                                                            cfg.entropy_temperature)
+                    codes = self.embedding.weight
+                    if cfg.using_znorm:  # the affinity of the search itself: distances between directions
+                        rest_grad, codes = F.normalize(rest_grad, dim=-1), F.normalize(codes, dim=-1)
+                    entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, codes), cfg.entropy_temperature)
                 r = self._residual_of(idx, k, (H, W))
                 f_hat = f_hat + r
                 f_rest = f_rest - r.detach()  # only feeds the next argmin
