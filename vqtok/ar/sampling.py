@@ -146,8 +146,7 @@ def _top_p_of_top_k(logits: torch.Tensor, values: torch.Tensor, indices: torch.T
 
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """(2B, ..., V) logits of [conditional; null] rows -> (B, ..., V) `uncond + (cond - uncond) * scale`, in float32."""
-    cond, uncond = logits.float().chunk(2)
-    return torch.sub(cond, uncond).mul_(scale).add_(uncond)  # one new tensor, the same rounding steps
+    return HeadMix(scale)(logits.float())  # the same mix, on the logits
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class HeadMix:
         cond, uncond = x.chunk(2)
         if self.scale is None:
             return cond
-        return torch.sub(cond, uncond).mul_(self.scale).add_(uncond)
+        return torch.sub(cond, uncond).mul_(self.scale).add_(uncond)  # one new tensor, the same rounding steps
 
 
 def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
