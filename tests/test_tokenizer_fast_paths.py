@@ -131,3 +131,33 @@ def test_channels_last_training_gradients_match_nchw(monkeypatch):
         enc(x).square().mean().backward()
         grads.append(enc.conv_in.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("style", ["var", "llamagen"])
+def test_below_the_threshold_every_conv_runs_nchw_through_attention(style, monkeypatch):
+    """The layout is the autoencoder's decision: attention must not hand a channels-last view onwards (with
+    more than one thread the 1x1 convs run through oneDNN and keep it, so every later conv and norm would run
+    channels-last and each conv re-lay its weight), and a channels-last latent is decoded in NCHW too."""
+    torch.manual_seed(0)
+    enc, dec = Encoder(_tiny_ae(style)), Decoder(_tiny_ae(style))
+    x = torch.rand(2, 3, 32, 32)
+    assert x.shape[0] * x.shape[2] * x.shape[3] < autoencoder.CHANNELS_LAST_MIN_PIXELS
+    seen = []
+    conv_forward = torch.nn.Conv2d.forward
+
+    def recording_forward(self, t):
+        seen.append(t.is_contiguous() or t.shape[-1] * t.shape[-2] == 1)
+        return conv_forward(self, t)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = enc(x)
+        latent_cl = z.detach().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # how a quantizer hands it over
+        assert not latent_cl.is_contiguous()
+        img = dec(latent_cl)
+        img.square().mean().backward()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) > 10 and all(seen)

@@ -41,10 +41,11 @@ CHANNELS_LAST_MIN_PIXELS = 32768
 
 
 def _to_internal_layout(x: torch.Tensor, image_pixels: int) -> torch.Tensor:
-    """x in channels-last when on CPU and the batch covers at least CHANNELS_LAST_MIN_PIXELS image pixels."""
+    """x in channels-last when on CPU and the batch covers at least CHANNELS_LAST_MIN_PIXELS image pixels, else
+    plain NCHW (a latent may arrive as a permuted, channels-last view from the quantizer)."""
     if x.device.type == "cpu" and image_pixels >= CHANNELS_LAST_MIN_PIXELS:
         return x.contiguous(memory_format=torch.channels_last)
-    return x
+    return x.contiguous()
 
 
 class _Level(nn.Module):

@@ -46,6 +46,11 @@ def conv1x1(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, bias=bias)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor laid out channels-last (and not also plain contiguous, as 1x1 maps are)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def in_place_ok() -> bool:
     """True when no autograd graph is being recorded, so activations may be overwritten in place."""
     return not torch.is_grad_enabled()
@@ -120,8 +125,12 @@ class AttnBlock(nn.Module):
         # (B, 1, HW, C): one head of width C; SDPA's default scale is C^-0.5 like the references.
         q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, hh, ww)
-        return add_residual(self.proj_out(out), x)
+        # (B, HW, C) -> (B, C, H, W) in the layout x came in: the plain transposed view is channels-last, which
+        # for an NCHW input would spread through every later conv and norm (each conv re-laying its weight)
+        out = out.squeeze(1).transpose(1, 2)
+        if not is_channels_last(x):
+            out = out.contiguous()
+        return add_residual(self.proj_out(out.reshape(b, c, hh, ww)), x)
 
 
 class Downsample(nn.Module):
@@ -179,8 +188,7 @@ def upsample2x_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     kernels = [kr for kr_row in _phase_taps(weight, 2) for kr in _phase_taps(kr_row, 3)]  # phases 00, 01, 10, 11
     phases = F.conv2d(x, torch.cat(kernels, 0), None if bias is None else bias.repeat(4), padding=1)
     b, _, h, w = x.shape
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    fmt = torch.channels_last if nhwc else torch.contiguous_format  # keep the caller's layout
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format  # keep the caller's layout
     out = torch.empty((b, c_out, 2 * h, 2 * w), dtype=phases.dtype, device=phases.device, memory_format=fmt)
     for p, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         out[:, :, a::2, c::2] = phases[:, p * c_out:(p + 1) * c_out, a:a + h, c:c + w]
