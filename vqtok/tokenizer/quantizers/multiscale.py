@@ -57,6 +57,13 @@ class MultiScaleVQConfig:
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     straight_through: str = "identity"   # "identity" or "rotation" (Fifty et al. 2024)
+    # Per-scale gain of the code search (not in VAR; off by default). Area-downsampled residuals of the
+    # middle scales are smaller than the last scale's, so squared-L2 search sends them to the few codes
+    # near the origin. With `scale_gain` each scale k keeps a running RMS s_k of the residual it quantizes
+    # (all ranks); with g_k = s_k / RMS(codebook) the search is argmin |r_k / g_k - e| and the scale adds
+    # g_k * e, so every scale's residual meets the whole codebook at the codebook's own magnitude.
+    scale_gain: bool = False
+    scale_gain_decay: float = 0.9        # EMA decay of the per-scale residual RMS
 
     def __post_init__(self) -> None:
         if self.codebook_size < 1 or self.dim < 1:
@@ -72,6 +79,8 @@ class MultiScaleVQConfig:
             raise ConfigError(f"multiscale dead_code_decay must lie strictly between 0 and 1, got {self.dead_code_decay}")
         if self.dead_code_threshold < 0 or self.kmeans_iters < 0 or self.kmeans_init_steps < 1:
             raise ConfigError("multiscale dead_code_threshold and kmeans_iters must not be negative, kmeans_init_steps >= 1")
+        if not 0.0 <= self.scale_gain_decay < 1.0:
+            raise ConfigError(f"multiscale scale_gain_decay must lie in [0, 1), got {self.scale_gain_decay}")
         if self.straight_through not in ("identity", "rotation"):
             raise ConfigError(f"multiscale straight_through must be 'identity' or 'rotation', got '{self.straight_through}'")
 
@@ -161,6 +170,10 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             self.register_buffer("codebook_updates", torch.tensor(0, dtype=torch.long))
         if cfg.dead_code_threshold > 0:
             self.register_buffer("ema_cluster_size", torch.ones(cfg.codebook_size))
+        if cfg.scale_gain:
+            # per-scale residual RMS (0 = not measured yet: gain 1) and this step's sums of squares / counts
+            self.register_buffer("scale_rms", torch.zeros(K))
+            self._gain_stats: torch.Tensor | None = None
         self._pool = RowPool()  # rows (N, C + 1): a scale's residual vector and the scale index
         self._kmeans_rows: list[torch.Tensor] = []
 
@@ -182,15 +195,32 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 f"patch size), got {z.shape[2]}x{z.shape[3]}; use images of the tokenizer's resolution"
             )
 
-    def _nearest(self, rest: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) residual -> (B, h, w) code indices."""
+    @torch.no_grad()
+    def gains(self) -> torch.Tensor:
+        """(K,) per-scale search gains g_k = residual RMS / codebook RMS (detached); ones without `scale_gain`,
+        for scales not measured yet and while the k-means init is pending."""
+        K = len(self.scales)
+        weight = self.embedding.weight
+        if not self.config.scale_gain or ("initialized" in self._buffers and not bool(self.initialized)):
+            return torch.ones(K, device=weight.device)
+        rms = self.scale_rms.to(weight.device).float()
+        code_rms = weight.detach().float().square().mean().sqrt().clamp_min(1e-12)
+        return torch.where(rms > 0, rms / code_rms, torch.ones_like(rms))
+
+    def _nearest(self, rest: torch.Tensor, gain: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """(B, C, h, w) residual -> (B, h, w) code indices of the nearest code to rest / gain."""
         B, C, h, w = rest.shape
         flat = rest.detach().permute(0, 2, 3, 1).reshape(-1, C)
+        if self.config.scale_gain:
+            flat = flat / gain
         return nearest_code(flat, self.embedding.weight.detach(), l2_norm=self.config.using_znorm).view(B, h, w)
 
-    def _residual_of(self, idx: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
-        """Phi_k(bicubic_upsample(E[idx])) for (B, h, w) indices of scale k; the last scale is not resampled."""
+    def _residual_of(self, idx: torch.Tensor, scale: int, size: tuple[int, int],
+                     gains: torch.Tensor | None = None) -> torch.Tensor:
+        """Phi_k(bicubic_upsample(g_k E[idx])) for (B, h, w) indices of scale k; the last scale is not resampled."""
         h = self.embedding(idx).permute(0, 3, 1, 2)
+        if self.config.scale_gain:
+            h = h * (self.gains() if gains is None else gains)[scale]
         if scale != len(self.scales) - 1:
             h = F.interpolate(h, size=size, mode="bicubic", align_corners=False)
         return self.phi(scale)(h.contiguous())
@@ -207,9 +237,10 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         with fp32_no_autocast(z.device.type):
             f_rest = z.detach().float().clone()
             f_hat = torch.zeros_like(f_rest)
+            gains = self.gains()
             for k in range(len(self.scales)):
-                idx = self._nearest(self._downsample(f_rest, k))
-                r = self._residual_of(idx, k, f_rest.shape[2:])
+                idx = self._nearest(self._downsample(f_rest, k), gains[k])
+                r = self._residual_of(idx, k, f_rest.shape[2:], gains)
                 f_hat.add_(r)
                 f_rest.sub_(r)
                 yield idx, f_hat.clone()
@@ -230,20 +261,24 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             entropy = f.new_zeros(())
             all_idx, scale_idx, scale_usage = [], [], []
             want_rows = self.training and self._wants_rows
+            gains = self.gains()
             for k in range(len(self.scales)):
                 rest_k = self._downsample(f_rest, k)
-                idx = self._nearest(rest_k)
+                idx = self._nearest(rest_k, gains[k])
+                if cfg.scale_gain and self.training and not self.codebook_frozen:
+                    self._add_gain_stats(k, rest_k)
                 if want_rows:
                     rows = rest_k.permute(0, 2, 3, 1).reshape(-1, C)
                     self._pool.add(torch.cat([rows, rows.new_full((rows.shape[0], 1), float(k))], 1))
                 if cfg.entropy_weight > 0:
                     # the same residual with the encoder's gradient: f minus what earlier scales explain
                     rest_grad = self._downsample(f - f_hat.detach(), k).permute(0, 2, 3, 1).reshape(-1, C)
+                    rest_grad = rest_grad / gains[k]  # the space the search compares in
                     codes = self.embedding.weight
                     if cfg.using_znorm:  # the affinity of the search itself: distances between directions
                         rest_grad, codes = F.normalize(rest_grad, dim=-1), F.normalize(codes, dim=-1)
                     entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, codes), cfg.entropy_temperature)
-                r = self._residual_of(idx, k, (H, W))
+                r = self._residual_of(idx, k, (H, W), gains)
                 f_hat = f_hat + r
                 f_rest = f_rest - r.detach()  # only feeds the next argmin
                 # beta pulls the encoder toward sg(f_hat); the second term trains codebook and Phi
@@ -271,6 +306,28 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
     # ------------------------------------------------------------------ training-time codebook care
 
     @torch.no_grad()
+    def _add_gain_stats(self, scale: int, rest: torch.Tensor) -> None:
+        if self._gain_stats is None or self._gain_stats.device != rest.device:
+            self._gain_stats = torch.zeros(len(self.scales), 2, dtype=torch.float64, device=rest.device)
+        self._gain_stats[scale, 0] += rest.double().square().sum()
+        self._gain_stats[scale, 1] += rest.numel()
+
+    @torch.no_grad()
+    def _update_scale_rms(self) -> None:
+        """Fold this step's residual sums of squares (all ranks) into the per-scale RMS EMA; a scale's first
+        measurement is copied. Collective: every rank calls it once per step."""
+        stats = self._gain_stats
+        self._gain_stats = None
+        device = self.scale_rms.device
+        stats = torch.zeros(len(self.scales), 2, dtype=torch.float64, device=device) if stats is None else stats.to(device)
+        stats = all_reduce_sum_(stats)
+        seen = stats[:, 1] > 0
+        rms = (stats[:, 0] / stats[:, 1].clamp_min(1)).sqrt().float()
+        fresh = seen & (self.scale_rms <= 0)
+        blended = self.scale_rms.lerp(rms, 1 - self.config.scale_gain_decay)
+        self.scale_rms.copy_(torch.where(fresh, rms, torch.where(seen, blended, self.scale_rms)))
+
+    @torch.no_grad()
     def update_codebook(self, step: int = 0) -> CodebookUpdate:
         """VAR's per-scale hit EMA, k-means init and dead-code restarts from this step's training forwards.
 
@@ -281,6 +338,8 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         update = CodebookUpdate(counts, row_params=[self.embedding.weight])
         if self.codebook_frozen:
             self._pool.clear()
+            if cfg.scale_gain:
+                self._gain_stats = None
             return CodebookUpdate(counts)
         if "codebook_updates" in self._buffers:
             self.codebook_updates += 1
@@ -290,18 +349,23 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 self._record_hits(hits[k], k)
             if "ema_cluster_size" in self._buffers:
                 self.ema_cluster_size.lerp_(hits.sum(0), 1 - cfg.dead_code_decay)
+        if cfg.scale_gain:
+            self._update_scale_rms()
         if cfg.kmeans_init and not bool(self.initialized):
             rows = self._pool.gather().cpu()
             if rows.shape[0]:  # a step without training forwards (anywhere) does not count
                 self._kmeans_rows.append(rows)
             if len(self._kmeans_rows) >= cfg.kmeans_init_steps:
-                rows = torch.cat(self._kmeans_rows)[:, :-1]
+                rows = torch.cat(self._kmeans_rows)
+                rows = self._equalize_scales(rows[:, :-1], rows[:, -1].long()) if cfg.scale_gain else rows[:, :-1]
                 n_steps = len(self._kmeans_rows)
                 self._kmeans_rows = []
                 gen = seeded_generator(int(self.codebook_updates))
                 means, bins = kmeans(rows, self.codebook_size, cfg.kmeans_iters, cosine=cfg.using_znorm, generator=gen)
                 self.embedding.weight.data.copy_(broadcast_(means.to(self.embedding.weight.device)))
                 self.initialized.fill_(True)
+                if cfg.scale_gain:  # residuals after the init are not those before it: measure them afresh
+                    self.scale_rms.zero_()
                 if "ema_cluster_size" in self._buffers:  # hits per step expected from the k-means clusters
                     self.ema_cluster_size.copy_(broadcast_(bins.to(self.embedding.weight.device)) / max(1, n_steps))
                 update.replaced = torch.ones(self.codebook_size, dtype=torch.bool, device=self.embedding.weight.device)
@@ -310,6 +374,16 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             update.replaced = self._restart_dead_codes()
         self._pool.clear()
         return update
+
+    @staticmethod
+    def _equalize_scales(rows: torch.Tensor, scale_of: torch.Tensor) -> torch.Tensor:
+        """Each scale's rows rescaled to the RMS of all rows: the space the gained search compares in."""
+        target = rows.square().mean().sqrt()
+        out = rows.clone()
+        for k in scale_of.unique().tolist():
+            sel = scale_of == k
+            out[sel] = rows[sel] * (target / rows[sel].square().mean().sqrt().clamp_min(1e-12))
+        return out
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> torch.Tensor | None:
@@ -322,15 +396,18 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         gen = seeded_generator(int(self.codebook_updates))
         scale_of = pool[:, -1].long()
         # dead code i takes a residual of scale i mod K: every scale, coarse ones included, gets new codes
-        new = torch.empty(n_dead, self.dim, device=pool.device)
+        new = torch.empty(n_dead, self.dim + 1, device=pool.device)
         targets = torch.arange(n_dead) % K
         for k in range(K):
             want = int((targets == k).sum())
-            rows = pool[scale_of == k, :-1]
+            rows = pool[scale_of == k]
             if want and rows.shape[0]:
                 new[targets == k] = pick_rows(rows, want, gen)
             elif want:
-                new[targets == k] = pick_rows(pool[:, :-1], want, gen)
+                new[targets == k] = pick_rows(pool, want, gen)
+        new, new_scale = new[:, :-1], new[:, -1].long()
+        if self.config.scale_gain:  # a restarted code sits where its residual meets the search: r_k / g_k
+            new = new / self.gains().to(new.device)[new_scale][:, None]
         weight = self.embedding.weight.data
         weight[dead] = new.to(weight.device, weight.dtype)
         self.ema_cluster_size[dead] = threshold
