@@ -62,7 +62,8 @@ def test_scale_gain_lets_the_small_residual_scale_use_the_whole_codebook_without
     g = gained.gains()
     code_rms = gained.embedding.weight.square().mean().sqrt()
     torch.testing.assert_close(g, gained.scale_rms / code_rms)
-    assert float(g[1]) < 0.5 * float(g[0])
+    assert float(g[1, 0]) < 0.5 * float(g[0, 0])
+    assert torch.equal(g, g[:, :1].expand_as(g))  # one gain for all channels without scale_center
 
 
 def test_gained_search_decode_and_gradients():
@@ -70,10 +71,10 @@ def test_gained_search_decode_and_gradients():
     q = MultiScaleResidualVQ(codebook_size=16, dim=4, patch_nums=(1, 2, 4), quant_resi=0.0, scale_gain=True).train()
     with torch.no_grad():
         q.embedding.weight.normal_()
-        q.scale_rms.copy_(torch.tensor([2.0, 0.5, 0.1]))
+        q.scale_rms.copy_(torch.tensor([2.0, 0.5, 0.1])[:, None].expand(3, 4))
     g = q.gains()
     code_rms = q.embedding.weight.detach().square().mean().sqrt()
-    torch.testing.assert_close(g, torch.tensor([2.0, 0.5, 0.1]) / code_rms)
+    torch.testing.assert_close(g, torch.tensor([2.0, 0.5, 0.1])[:, None].expand(3, 4) / code_rms)
     z = torch.randn(3, 4, 4, 4).requires_grad_(True)
     z_q, idx, aux = q(z)
     # by hand: nearest code to r_k / g_k, residual g_k * E[idx] upsampled
@@ -81,8 +82,8 @@ def test_gained_search_decode_and_gradients():
     f_rest, f_hat, parts = z.detach().clone(), torch.zeros_like(z), []
     for k, (h, w) in enumerate(q.scales):
         r = f_rest if k == 2 else F.interpolate(f_rest, size=(h, w), mode="area")
-        i = nearest_code(r.permute(0, 2, 3, 1).reshape(-1, 4) / g[k], E).view(3, h, w)
-        add = (g[k] * E[i]).permute(0, 3, 1, 2)
+        i = nearest_code(r.permute(0, 2, 3, 1).reshape(-1, 4) / g[k, 0], E).view(3, h, w)
+        add = (g[k, 0] * E[i]).permute(0, 3, 1, 2)
         if k != 2:
             add = F.interpolate(add, size=(4, 4), mode="bicubic", align_corners=False)
         f_hat, f_rest = f_hat + add, f_rest - add
@@ -105,7 +106,7 @@ def test_gained_search_decode_and_gradients():
     x = torch.randn(2, 4, 4, 4)
     _, i, aux = one(x)
     aux["loss"].backward()
-    gk = float(one.gains()[0])
+    gk = float(one.gains()[0, 0])
     rows = x.permute(0, 2, 3, 1).reshape(-1, 4)
     # d/dE of mse(g E[i], x) (the codebook term; beta's term has no codebook gradient)
     want = torch.zeros_like(E).index_add_(0, i.reshape(-1), 2 * gk * (gk * E[i.reshape(-1)] - rows) / rows.numel())
@@ -129,7 +130,7 @@ def test_restarts_and_kmeans_live_in_the_gained_space():
     # first thing the forward quantizes, the latent's mean
     coarse = F.interpolate(z, size=(1, 1), mode="area").flatten(1)
     for i in range(0, 30, 3):
-        assert any(torch.allclose(codes[i] * g[0], c, atol=1e-5) for c in coarse), i
+        assert any(torch.allclose(codes[i] * g[0, 0], c, atol=1e-5) for c in coarse), i
     # restarted codes keep the codebook's magnitude, so the gains hardly move
     torch.testing.assert_close(q.gains(), g, rtol=0.3, atol=0)
     # the EMA blends from the second measurement on
@@ -213,3 +214,43 @@ def test_two_gloo_ranks_measure_the_gains_of_the_whole_batch_and_agree(tmp_path)
     (rms0, gains0, codes0), (rms1, gains1, codes1) = out[0][1], out[1][1]
     assert torch.equal(rms0, rms1) and torch.equal(gains0, gains1) and torch.equal(codes0, codes1)
     assert bool((rms0 > 0).all())
+
+
+def test_scale_center_lets_an_offset_scale_reach_the_whole_codebook_and_decodes_with_its_offset():
+    def usage_on_offset_residuals(**kw):
+        torch.manual_seed(0)
+        q = MultiScaleResidualVQ(codebook_size=32, dim=4, patch_nums=(4,), quant_resi=0.0, scale_gain=True, **kw).train()
+        with torch.no_grad():
+            q.embedding.weight.normal_()  # a codebook centred on the origin (as one shared with other scales is)
+        z = 2.0 + 0.5 * torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+        for step in range(3):  # measure the scale's statistics; no optimizer, the codebook stays as it is
+            q(z)
+            q.update_codebook(step)
+        q.eval()
+        with torch.no_grad():
+            z_q, idx, _ = q(z)
+            torch.testing.assert_close(q.indices_to_codes(idx), z_q, atol=1e-6, rtol=1e-5)
+        return idx.unique().numel() / 32, q
+
+    # one gain only rescales: the offset residuals stay on one side of the codebook
+    plain, _ = usage_on_offset_residuals()
+    centred, q = usage_on_offset_residuals(scale_center=True)
+    assert plain <= 0.5 and centred >= 0.9, (plain, centred)
+    torch.testing.assert_close(q.offsets()[0], torch.full((4,), 2.0), atol=0.05, rtol=0)
+    torch.testing.assert_close(q.gains()[0] * q.embedding.weight.square().mean().sqrt(), torch.full((4,), 0.5),
+                               atol=0.03, rtol=0)
+    with pytest.raises(ConfigError, match="scale_center needs scale_gain"):
+        MultiScaleResidualVQ(codebook_size=8, dim=4, patch_nums=(1, 2), scale_center=True)
+
+
+def test_scale_center_trains_and_resumes():
+    _, plain_err = _held_out(_train())
+    q = _train(scale_gain=True, scale_center=True)
+    usage, err = _held_out(q)
+    assert usage[1] >= 0.95 and err < 0.5 * plain_err, (usage, err, plain_err)
+    b = MultiScaleResidualVQ(codebook_size=32, dim=4, patch_nums=(2, 4), quant_resi=0.0, kmeans_init=True,
+                             scale_gain=True, scale_center=True)
+    b.load_state_dict(q.state_dict(), strict=True)
+    b.eval()
+    z = _small_middle_latents(7, 4)
+    assert torch.equal(b(z).indices, q(z).indices)
