@@ -254,3 +254,23 @@ def test_scale_center_trains_and_resumes():
     b.eval()
     z = _small_middle_latents(7, 4)
     assert torch.equal(b(z).indices, q(z).indices)
+
+
+def test_init_from_weights_without_the_gain_statistics_starts_them_fresh_and_the_reverse_is_refused():
+    import dataclasses
+
+    from vqtok.errors import UserError
+    from vqtok.tokenizer.presets import tiny_msvq
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+    from vqtok.train.tokenizer_init import InitSource, load_into_tokenizer
+
+    plain_cfg = tiny_msvq()
+    q = plain_cfg.quantizer
+    gained_cfg = dataclasses.replace(plain_cfg, quantizer=dataclasses.replace(
+        q, params={**q.params, "scale_gain": True, "scale_center": True}))
+    plain, gained = build_tokenizer(plain_cfg), build_tokenizer(gained_cfg)
+    notes = load_into_tokenizer(gained, InitSource("plain", plain.state_dict()), "plain")
+    assert notes == ["started fresh: scale_mean, scale_rms"]
+    torch.testing.assert_close(gained.quantize.embedding.weight, plain.quantize.embedding.weight, rtol=0, atol=0)
+    with pytest.raises(UserError, match="scale_rms, which this model lacks"):
+        load_into_tokenizer(build_tokenizer(plain_cfg), InitSource("gained", gained.state_dict()), "gained")
