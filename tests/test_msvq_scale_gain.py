@@ -179,10 +179,14 @@ def _gloo_worker(rank, world, init_file, zs, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        out[rank] = (_codebook_care(zs[rank], kmeans_init=False, dead_code_threshold=0.0),
-                     _codebook_care(zs[rank], kmeans_init=True, dead_code_threshold=3.0))
+        out[rank] = [_codebook_care(zs[rank], **kw) for kw in _CARE]
     finally:
         dist.destroy_process_group()
+
+
+_CARE = [dict(kmeans_init=False, dead_code_threshold=0.0),
+         dict(kmeans_init=False, dead_code_threshold=0.0, scale_center=True),
+         dict(kmeans_init=True, dead_code_threshold=3.0, scale_center=True)]
 
 
 def _codebook_care(z_steps, **kw):
@@ -192,7 +196,7 @@ def _codebook_care(z_steps, **kw):
     for s, z in enumerate(z_steps):
         q(z)
         q.update_codebook(s)
-    return q.scale_rms.clone(), q.gains().clone(), q.embedding.weight.detach().clone()
+    return q.scale_rms.clone(), q.offsets().clone(), q.embedding.weight.detach().clone()
 
 
 def test_two_gloo_ranks_measure_the_gains_of_the_whole_batch_and_agree(tmp_path):
@@ -205,14 +209,16 @@ def test_two_gloo_ranks_measure_the_gains_of_the_whole_batch_and_agree(tmp_path)
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), halves, out), nprocs=2, join=True)
     # without k-means and restarts (whose pooled rows come in rank order, not batch order) the two ranks
     # measure the residual RMS of the whole global batch, as one process over both halves does
-    rms_single, gains_single, codes_single = _codebook_care(steps, kmeans_init=False, dead_code_threshold=0.0)
-    for rank in range(2):
-        rms, gains, codes = out[rank][0]
-        torch.testing.assert_close(rms, rms_single, rtol=1e-6, atol=0)
-        torch.testing.assert_close(gains, gains_single, rtol=1e-6, atol=0)
+    for i in (0, 1):  # one gain per scale; per-channel means and RMS (scale_center)
+        rms_single, mean_single, _ = _codebook_care(steps, **_CARE[i])
+        for rank in range(2):
+            rms, mean, codes = out[rank][i]
+            torch.testing.assert_close(rms, rms_single, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(mean, mean_single, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(out[0][1][1], torch.zeros_like(out[0][1][1]))
     # with k-means and restarts every rank ends with the same statistics and codebook
-    (rms0, gains0, codes0), (rms1, gains1, codes1) = out[0][1], out[1][1]
-    assert torch.equal(rms0, rms1) and torch.equal(gains0, gains1) and torch.equal(codes0, codes1)
+    (rms0, mean0, codes0), (rms1, mean1, codes1) = out[0][2], out[1][2]
+    assert torch.equal(rms0, rms1) and torch.equal(mean0, mean1) and torch.equal(codes0, codes1)
     assert bool((rms0 > 0).all())
 
 
