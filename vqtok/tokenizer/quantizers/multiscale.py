@@ -333,9 +333,10 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
     def _add_gain_stats(self, scale: int, rest: torch.Tensor) -> None:
         """This step's per-channel sums, sums of squares and vector count of scale k's residuals."""
         C = self.dim
+        dtype = torch.float32 if rest.device.type == "mps" else torch.float64  # MPS has no float64
         if self._gain_stats is None or self._gain_stats.device != rest.device:
-            self._gain_stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=torch.float64, device=rest.device)
-        rows = rest.detach().double().transpose(0, 1).reshape(C, -1)
+            self._gain_stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=dtype, device=rest.device)
+        rows = rest.detach().to(dtype).transpose(0, 1).reshape(C, -1)
         self._gain_stats[scale, :C] += rows.sum(1)
         self._gain_stats[scale, C:2 * C] += rows.square().sum(1)
         self._gain_stats[scale, 2 * C] += rows.shape[1]
@@ -349,7 +350,8 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         self._gain_stats = None
         device = self.scale_rms.device
         if stats is None:
-            stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=torch.float64, device=device)
+            stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=torch.float32 if device.type == "mps" else torch.float64,
+                                device=device)
         stats = all_reduce_sum_(stats.to(device))
         n = stats[:, 2 * C:].clamp_min(1)
         mean, ex2 = stats[:, :C] / n, stats[:, C:2 * C] / n
