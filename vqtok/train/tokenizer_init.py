@@ -9,7 +9,7 @@ SOURCE may be
 
 The run's config must build the same architecture (for official weights: model.preset=maskgit-vqgan-f16,
 var-msvq-f16 or llamagen-vq-f16). Anti-collapse buffers the source lacks (k-means flag, cluster sizes,
-update count) start fresh, and a source codebook is never re-seeded by k-means.
+update count, multi-scale search statistics) start fresh, and a source codebook is never re-seeded by k-means.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from vqtok.errors import UserError
 
 # Buffers of the anti-collapse guards: absent from official checkpoints and from runs without guards.
 GUARD_BUFFERS = ("initialized", "codebook_updates", "ema_cluster_size", "ema_embed_sum")
+# The multi-scale search statistics (scale_gain) may start fresh when the source lacks them; a source that
+# has them needs a model that uses them (its codes mean something else without the gains).
+FRESH_IF_MISSING = GUARD_BUFFERS + ("scale_rms", "scale_mean")
 
 
 @dataclass
@@ -82,7 +85,7 @@ def load_into_tokenizer(tokenizer, source: InitSource, path: str | Path) -> list
     hint = (f"; the source is a {source.preset} tokenizer: add model.preset={source.preset}"
             if source.preset and source.preset != preset else "")
     unexpected = [k for k in source.tokenizer if k not in expected and k.rsplit(".", 1)[-1] not in GUARD_BUFFERS]
-    missing = [k for k in expected if k not in source.tokenizer and k.rsplit(".", 1)[-1] not in GUARD_BUFFERS]
+    missing = [k for k in expected if k not in source.tokenizer and k.rsplit(".", 1)[-1] not in FRESH_IF_MISSING]
     if unexpected or missing:
         what = f"has {unexpected[0]}, which this model lacks" if unexpected else f"lacks {missing[0]}"
         raise UserError(f"--init {path} does not fit the configured model: the source {what}{hint}")

@@ -57,6 +57,17 @@ class MultiScaleVQConfig:
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     straight_through: str = "identity"   # "identity" or "rotation" (Fifty et al. 2024)
+    # Per-scale gain of the code search (not in VAR; off by default). Area-downsampled residuals of the
+    # middle scales are smaller than the last scale's, so squared-L2 search sends them to the few codes
+    # near the origin. With `scale_gain` each scale k keeps a running RMS s_k of the residual it quantizes
+    # (all ranks); with g_k = s_k / RMS(codebook) the search is argmin |r_k / g_k - e| and the scale adds
+    # g_k * e, so every scale's residual meets the whole codebook at the codebook's own magnitude.
+    # `scale_center` also keeps each scale's running mean m_k per channel and its per-channel RMS around it:
+    # the search is argmin |(r_k - m_k) / g_k - e| and the scale adds g_k * e + m_k (a scale whose residuals
+    # are offset from the origin would otherwise reach only the codes on its side).
+    scale_gain: bool = False
+    scale_center: bool = False
+    scale_gain_decay: float = 0.9        # EMA decay of the per-scale residual statistics
 
     def __post_init__(self) -> None:
         if self.codebook_size < 1 or self.dim < 1:
@@ -72,6 +83,10 @@ class MultiScaleVQConfig:
             raise ConfigError(f"multiscale dead_code_decay must lie strictly between 0 and 1, got {self.dead_code_decay}")
         if self.dead_code_threshold < 0 or self.kmeans_iters < 0 or self.kmeans_init_steps < 1:
             raise ConfigError("multiscale dead_code_threshold and kmeans_iters must not be negative, kmeans_init_steps >= 1")
+        if self.scale_center and not self.scale_gain:
+            raise ConfigError("multiscale scale_center needs scale_gain: true")
+        if not 0.0 <= self.scale_gain_decay < 1.0:
+            raise ConfigError(f"multiscale scale_gain_decay must lie in [0, 1), got {self.scale_gain_decay}")
         if self.straight_through not in ("identity", "rotation"):
             raise ConfigError(f"multiscale straight_through must be 'identity' or 'rotation', got '{self.straight_through}'")
 
@@ -161,6 +176,13 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             self.register_buffer("codebook_updates", torch.tensor(0, dtype=torch.long))
         if cfg.dead_code_threshold > 0:
             self.register_buffer("ema_cluster_size", torch.ones(cfg.codebook_size))
+        if cfg.scale_gain:
+            # per-scale, per-channel residual RMS (around the mean with scale_center; 0 = not measured yet:
+            # gain 1), the mean itself, and this step's sums, sums of squares and counts
+            self.register_buffer("scale_rms", torch.zeros(K, cfg.dim))
+            if cfg.scale_center:
+                self.register_buffer("scale_mean", torch.zeros(K, cfg.dim))
+            self._gain_stats: torch.Tensor | None = None
         self._pool = RowPool()  # rows (N, C + 1): a scale's residual vector and the scale index
         self._kmeans_rows: list[torch.Tensor] = []
 
@@ -182,15 +204,47 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 f"patch size), got {z.shape[2]}x{z.shape[3]}; use images of the tokenizer's resolution"
             )
 
-    def _nearest(self, rest: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) residual -> (B, h, w) code indices."""
+    def _gained(self) -> bool:
+        """Whether the per-scale gains apply now (not while the k-means init is pending)."""
+        return self.config.scale_gain and not ("initialized" in self._buffers and not bool(self.initialized))
+
+    @torch.no_grad()
+    def gains(self) -> torch.Tensor:
+        """(K, C) per-scale search gains g_k = residual RMS / codebook RMS (detached); ones without `scale_gain`,
+        for scales not measured yet and while the k-means init is pending."""
+        K, weight = len(self.scales), self.embedding.weight
+        if not self._gained():
+            return torch.ones(K, self.dim, device=weight.device)
+        rms = self.scale_rms.to(weight.device).float()
+        code_rms = weight.detach().float().square().mean().sqrt().clamp_min(1e-12)
+        return torch.where(rms > 0, rms / code_rms, torch.ones_like(rms))
+
+    @torch.no_grad()
+    def offsets(self) -> torch.Tensor:
+        """(K, C) per-scale offsets m_k (the running residual mean with `scale_center`, else zeros)."""
+        weight = self.embedding.weight
+        if not (self._gained() and self.config.scale_center):
+            return torch.zeros(len(self.scales), self.dim, device=weight.device)
+        return self.scale_mean.to(weight.device).float()
+
+    def _nearest(self, rest: torch.Tensor, gain: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) residual -> (B, h, w) code indices of the nearest code to (rest - offset) / gain."""
         B, C, h, w = rest.shape
         flat = rest.detach().permute(0, 2, 3, 1).reshape(-1, C)
+        if self.config.scale_gain:
+            flat = (flat - offset) / gain
         return nearest_code(flat, self.embedding.weight.detach(), l2_norm=self.config.using_znorm).view(B, h, w)
 
-    def _residual_of(self, idx: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
-        """Phi_k(bicubic_upsample(E[idx])) for (B, h, w) indices of scale k; the last scale is not resampled."""
-        h = self.embedding(idx).permute(0, 3, 1, 2)
+    def _residual_of(self, idx: torch.Tensor, scale: int, size: tuple[int, int],
+                     affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Phi_k(bicubic_upsample(g_k E[idx] + m_k)) for (B, h, w) indices of scale k (gain and offset only
+        with `scale_gain`; `affine` = (gains, offsets) of all scales); the last scale is not resampled."""
+        h = self.embedding(idx)
+        if self.config.scale_gain:
+            gains, offsets = (self.gains(), self.offsets()) if affine is None else affine
+            h = h * gains[scale] + offsets[scale]
+        h = h.permute(0, 3, 1, 2)
         if scale != len(self.scales) - 1:
             h = F.interpolate(h, size=size, mode="bicubic", align_corners=False)
         return self.phi(scale)(h.contiguous())
@@ -207,9 +261,10 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         with fp32_no_autocast(z.device.type):
             f_rest = z.detach().float().clone()
             f_hat = torch.zeros_like(f_rest)
+            gains, offsets = self.gains(), self.offsets()
             for k in range(len(self.scales)):
-                idx = self._nearest(self._downsample(f_rest, k))
-                r = self._residual_of(idx, k, f_rest.shape[2:])
+                idx = self._nearest(self._downsample(f_rest, k), gains[k], offsets[k])
+                r = self._residual_of(idx, k, f_rest.shape[2:], (gains, offsets))
                 f_hat.add_(r)
                 f_rest.sub_(r)
                 yield idx, f_hat.clone()
@@ -230,20 +285,24 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             entropy = f.new_zeros(())
             all_idx, scale_idx, scale_usage = [], [], []
             want_rows = self.training and self._wants_rows
+            gains, offsets = self.gains(), self.offsets()
             for k in range(len(self.scales)):
                 rest_k = self._downsample(f_rest, k)
-                idx = self._nearest(rest_k)
+                idx = self._nearest(rest_k, gains[k], offsets[k])
+                if cfg.scale_gain and self.training and not self.codebook_frozen:
+                    self._add_gain_stats(k, rest_k)
                 if want_rows:
                     rows = rest_k.permute(0, 2, 3, 1).reshape(-1, C)
                     self._pool.add(torch.cat([rows, rows.new_full((rows.shape[0], 1), float(k))], 1))
                 if cfg.entropy_weight > 0:
                     # the same residual with the encoder's gradient: f minus what earlier scales explain
                     rest_grad = self._downsample(f - f_hat.detach(), k).permute(0, 2, 3, 1).reshape(-1, C)
+                    rest_grad = (rest_grad - offsets[k]) / gains[k]  # the space the search compares in
                     codes = self.embedding.weight
                     if cfg.using_znorm:  # the affinity of the search itself: distances between directions
                         rest_grad, codes = F.normalize(rest_grad, dim=-1), F.normalize(codes, dim=-1)
                     entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, codes), cfg.entropy_temperature)
-                r = self._residual_of(idx, k, (H, W))
+                r = self._residual_of(idx, k, (H, W), (gains, offsets))
                 f_hat = f_hat + r
                 f_rest = f_rest - r.detach()  # only feeds the next argmin
                 # beta pulls the encoder toward sg(f_hat); the second term trains codebook and Phi
@@ -271,6 +330,44 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
     # ------------------------------------------------------------------ training-time codebook care
 
     @torch.no_grad()
+    def _add_gain_stats(self, scale: int, rest: torch.Tensor) -> None:
+        """This step's per-channel sums, sums of squares and vector count of scale k's residuals."""
+        C = self.dim
+        dtype = torch.float32 if rest.device.type == "mps" else torch.float64  # MPS has no float64
+        if self._gain_stats is None or self._gain_stats.device != rest.device:
+            self._gain_stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=dtype, device=rest.device)
+        rows = rest.detach().to(dtype).transpose(0, 1).reshape(C, -1)
+        self._gain_stats[scale, :C] += rows.sum(1)
+        self._gain_stats[scale, C:2 * C] += rows.square().sum(1)
+        self._gain_stats[scale, 2 * C] += rows.shape[1]
+
+    @torch.no_grad()
+    def _update_scale_stats(self) -> None:
+        """Fold this step's residual statistics (all ranks) into the per-scale EMAs; a scale's first
+        measurement is copied. Collective: every rank calls it once per step."""
+        C, cfg = self.dim, self.config
+        stats = self._gain_stats
+        self._gain_stats = None
+        device = self.scale_rms.device
+        if stats is None:
+            stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=torch.float32 if device.type == "mps" else torch.float64,
+                                device=device)
+        stats = all_reduce_sum_(stats.to(device))
+        n = stats[:, 2 * C:].clamp_min(1)
+        mean, ex2 = stats[:, :C] / n, stats[:, C:2 * C] / n
+        if cfg.scale_center:
+            rms = (ex2 - mean.square()).clamp_min(0).sqrt().float()
+        else:  # one gain for all channels: the RMS over channels
+            rms = ex2.mean(1, keepdim=True).sqrt().float().expand(-1, C)
+        seen = (stats[:, 2 * C] > 0)[:, None]
+        fresh = seen & (self.scale_rms <= 0).all(1, keepdim=True)
+        w = 1 - cfg.scale_gain_decay
+        self.scale_rms.copy_(torch.where(fresh, rms, torch.where(seen, self.scale_rms.lerp(rms, w), self.scale_rms)))
+        if cfg.scale_center:
+            mean = mean.float()
+            self.scale_mean.copy_(torch.where(fresh, mean, torch.where(seen, self.scale_mean.lerp(mean, w), self.scale_mean)))
+
+    @torch.no_grad()
     def update_codebook(self, step: int = 0) -> CodebookUpdate:
         """VAR's per-scale hit EMA, k-means init and dead-code restarts from this step's training forwards.
 
@@ -281,6 +378,8 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         update = CodebookUpdate(counts, row_params=[self.embedding.weight])
         if self.codebook_frozen:
             self._pool.clear()
+            if cfg.scale_gain:
+                self._gain_stats = None
             return CodebookUpdate(counts)
         if "codebook_updates" in self._buffers:
             self.codebook_updates += 1
@@ -290,18 +389,25 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 self._record_hits(hits[k], k)
             if "ema_cluster_size" in self._buffers:
                 self.ema_cluster_size.lerp_(hits.sum(0), 1 - cfg.dead_code_decay)
+        if cfg.scale_gain:
+            self._update_scale_stats()
         if cfg.kmeans_init and not bool(self.initialized):
             rows = self._pool.gather().cpu()
             if rows.shape[0]:  # a step without training forwards (anywhere) does not count
                 self._kmeans_rows.append(rows)
             if len(self._kmeans_rows) >= cfg.kmeans_init_steps:
-                rows = torch.cat(self._kmeans_rows)[:, :-1]
+                rows = torch.cat(self._kmeans_rows)
+                rows = self._equalize_scales(rows[:, :-1], rows[:, -1].long()) if cfg.scale_gain else rows[:, :-1]
                 n_steps = len(self._kmeans_rows)
                 self._kmeans_rows = []
                 gen = seeded_generator(int(self.codebook_updates))
                 means, bins = kmeans(rows, self.codebook_size, cfg.kmeans_iters, cosine=cfg.using_znorm, generator=gen)
                 self.embedding.weight.data.copy_(broadcast_(means.to(self.embedding.weight.device)))
                 self.initialized.fill_(True)
+                if cfg.scale_gain:  # residuals after the init are not those before it: measure them afresh
+                    self.scale_rms.zero_()
+                    if cfg.scale_center:
+                        self.scale_mean.zero_()
                 if "ema_cluster_size" in self._buffers:  # hits per step expected from the k-means clusters
                     self.ema_cluster_size.copy_(broadcast_(bins.to(self.embedding.weight.device)) / max(1, n_steps))
                 update.replaced = torch.ones(self.codebook_size, dtype=torch.bool, device=self.embedding.weight.device)
@@ -310,6 +416,21 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             update.replaced = self._restart_dead_codes()
         self._pool.clear()
         return update
+
+    def _equalize_scales(self, rows: torch.Tensor, scale_of: torch.Tensor) -> torch.Tensor:
+        """Each scale's rows brought to the RMS of all rows (and, with `scale_center`, centred per channel
+        with the per-channel RMS around the mean made equal): the space the gained search compares in."""
+        target = rows.square().mean().sqrt()
+        out = rows.clone()
+        for k in scale_of.unique().tolist():
+            x = rows[scale_of == k]
+            if self.config.scale_center:
+                x = x - x.mean(0)
+                x = x / x.square().mean(0).sqrt().clamp_min(1e-12)
+                out[scale_of == k] = x * target
+            else:
+                out[scale_of == k] = x * (target / x.square().mean().sqrt().clamp_min(1e-12))
+        return out
 
     @torch.no_grad()
     def _restart_dead_codes(self) -> torch.Tensor | None:
@@ -322,15 +443,18 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         gen = seeded_generator(int(self.codebook_updates))
         scale_of = pool[:, -1].long()
         # dead code i takes a residual of scale i mod K: every scale, coarse ones included, gets new codes
-        new = torch.empty(n_dead, self.dim, device=pool.device)
+        new = torch.empty(n_dead, self.dim + 1, device=pool.device)
         targets = torch.arange(n_dead) % K
         for k in range(K):
             want = int((targets == k).sum())
-            rows = pool[scale_of == k, :-1]
+            rows = pool[scale_of == k]
             if want and rows.shape[0]:
                 new[targets == k] = pick_rows(rows, want, gen)
             elif want:
-                new[targets == k] = pick_rows(pool[:, :-1], want, gen)
+                new[targets == k] = pick_rows(pool, want, gen)
+        new, new_scale = new[:, :-1], new[:, -1].long()
+        if self.config.scale_gain:  # a restarted code sits where its residual meets the search
+            new = (new - self.offsets().to(new.device)[new_scale]) / self.gains().to(new.device)[new_scale]
         weight = self.embedding.weight.data
         weight[dead] = new.to(weight.device, weight.dtype)
         self.ema_cluster_size[dead] = threshold
