@@ -244,9 +244,7 @@ def test_collapse_warning_and_window_metrics_in_a_real_run(photos, tmp_path, cap
 def test_restarted_codes_get_fresh_adam_moments_and_ema_rows(photos, tmp_path):
     # every code is dead at every step (threshold 1e9), so at the last step all rows were just re-seeded:
     # their Adam moments must be zero and the weight EMA (what final/ exports) must hold the new rows
-    # (a codebook learned by gradient: the recipe's EMA codebook has no Adam moments)
     over = FAST + ["train.steps=3", "train.ckpt_every=3", "train.ema_decay=0.999", "loss.disc_start=100",
-                   "model.quantizer.params.ema=false",
                    "model.quantizer.params.kmeans_init=false", "model.quantizer.params.dead_code_threshold=1e9"]
     result = train_tokenizer(photos, "tiny-vqgan", tmp_path / "run", over)
     state = torch.load(result.last_checkpoint / "state.pt", weights_only=True)
