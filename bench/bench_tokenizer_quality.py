@@ -162,19 +162,27 @@ def evaluate(tok, tiles: torch.Tensor, lpips_model=None) -> dict:
     return row
 
 
-def row_key(name: str, seed: int | None) -> str:
-    return name if seed is None else f"{name} seed {seed}"
+def row_key(name: str, seed: int | None, sets: list[str]) -> str:
+    """The row's key in results.json: its name, plus (with --seed) its --set overrides and its seed, so runs of
+    several seeds and settings join with --table without overwriting each other."""
+    if seed is None:
+        return name
+    return f"{name} [{' '.join(sets)}] seed {seed}" if sets else f"{name} seed {seed}"
 
 
 def seed_summary(rows: dict[str, dict]) -> str:
     """Mean and spread (min..max, sample standard deviation) of usage, perplexity, PSNR and SSIM over the
-    seeds of each row run with --seed; empty when no row has two seeds."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    seeds of each row run with --seed (rows with the same name, steps and other --set overrides); empty when
+    no row has two seeds."""
+    groups: dict[tuple[str, int, tuple[str, ...]], list[dict]] = {}
     for r in rows.values():
         if r.get("seed") is not None:
-            groups.setdefault((r.get("name", "?"), r["steps"]), []).append(r)
+            other = tuple(o for o in r.get("overrides", []) if not o.startswith("train.seed="))
+            groups.setdefault((r.get("name", "?"), r["steps"], other), []).append(r)
     lines = []
-    for (name, steps), rs in groups.items():
+    for (name, steps, other), rs in groups.items():
+        if other:
+            name = f"{name} ({' '.join(other)})"
         if len(rs) < 2:
             continue
         cells = []
@@ -216,7 +224,7 @@ def main() -> int:
                     help="a config override for every row (repeatable), e.g. model.quantizer.params.using_znorm=false")
     ap.add_argument("--seed", type=int, default=None,
                     help="train.seed for every row (weights, k-means draws and training crops all follow it); "
-                         "the row is recorded as 'NAME seed N' so several seeds can be joined with --table")
+                         "the row is recorded as 'NAME [--set overrides] seed N' so several seeds and settings join with --table")
     ap.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
                     help="only print the table of these results files (rows run as separate processes), in order")
     args = ap.parse_args()
@@ -266,7 +274,7 @@ def main() -> int:
                 restore()
         row = evaluate(tok, tiles, lpips_model)
         row.update(name=name, seed=args.seed, steps=args.steps, train_seconds=seconds, recipe=recipe, overrides=overrides)
-        rows[row_key(name, args.seed)] = row
+        rows[row_key(name, args.seed, args.set)] = row
         results_file.write_text(json.dumps(rows, indent=2) + "\n")
         print(json.dumps(row), flush=True)
     print("\n" + table(rows))
