@@ -17,6 +17,9 @@ outside the venv, e.g.
 Rows: tiny-vqgan tiny-fsq tiny-lfq tiny-msvq vqp (pick with --rows). Results: --out DIR/results.json and a
 markdown table on stdout (paste it into bench/README.md with date, machine and command). Rows run as
 separate processes (one --out each) are joined with `--table DIR1/results.json DIR2/results.json ...`.
+Run-to-run noise: `--seed N` sets train.seed for every row (initial weights, the quantizer's k-means and
+restart draws, and the training crops); `--table` over several seeds' results also prints each row's mean
+and spread.
 """
 
 from __future__ import annotations
@@ -159,6 +162,42 @@ def evaluate(tok, tiles: torch.Tensor, lpips_model=None) -> dict:
     return row
 
 
+def row_key(name: str, seed: int | None, sets: list[str]) -> str:
+    """The row's key in results.json: its name, plus (with --seed) its --set overrides and its seed, so runs of
+    several seeds and settings join with --table without overwriting each other."""
+    if seed is None:
+        return name
+    return f"{name} [{' '.join(sets)}] seed {seed}" if sets else f"{name} seed {seed}"
+
+
+def seed_summary(rows: dict[str, dict]) -> str:
+    """Mean and spread (min..max, sample standard deviation) of usage, perplexity, PSNR and SSIM over the
+    seeds of each row run with --seed (rows with the same name, steps and other --set overrides); empty when
+    no row has two seeds."""
+    groups: dict[tuple[str, int, tuple[str, ...]], list[dict]] = {}
+    for r in rows.values():
+        if r.get("seed") is not None:
+            other = tuple(o for o in r.get("overrides", []) if not o.startswith("train.seed="))
+            groups.setdefault((r.get("name", "?"), r["steps"], other), []).append(r)
+    lines = []
+    for (name, steps, other), rs in groups.items():
+        if other:
+            name = f"{name} ({' '.join(other)})"
+        if len(rs) < 2:
+            continue
+        cells = []
+        for key, fmt in (("usage", "{:.1%}"), ("perplexity", "{:.0f}"), ("psnr", "{:.2f}"), ("ssim", "{:.3f}")):
+            v = np.array([r[key] for r in rs], dtype=float)
+            cells.append(f"{fmt.format(v.mean())} ({fmt.format(v.min())}..{fmt.format(v.max())}, sd {fmt.format(v.std(ddof=1))})")
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {name} | {steps} | {seeds} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["| row (each cell: mean (min..max, sd)) | steps | seeds | usage | perplexity | PSNR dB | SSIM |",
+            "|---|---:|---|---:|---:|---:|---:|"]
+    return "\n".join(head + lines)
+
+
 def table(rows: dict[str, dict]) -> str:
     lines = ["| row | steps | train s | usage | codes | perplexity | dead | PSNR dB | SSIM | LPIPS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -183,6 +222,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every row (repeatable), e.g. model.quantizer.params.using_znorm=false")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="train.seed for every row (weights, k-means draws and training crops all follow it); "
+                         "the row is recorded as 'NAME [--set overrides] seed N' so several seeds and settings join with --table")
     ap.add_argument("--table", nargs="+", type=Path, metavar="RESULTS_JSON",
                     help="only print the table of these results files (rows run as separate processes), in order")
     args = ap.parse_args()
@@ -191,6 +233,9 @@ def main() -> int:
         for path in args.table:
             merged.update(json.loads(path.read_text()))
         print(table(merged))
+        summary = seed_summary(merged)
+        if summary:
+            print("\n" + summary)
         return 0
     torch.set_num_threads(args.threads)
 
@@ -211,6 +256,7 @@ def main() -> int:
     except UserError:
         print("LPIPS off: no VGG16 file (vgg16-397923af.pth) in the torch hub cache or --lpips-weights", flush=True)
 
+    overrides = [*args.set, *([f"train.seed={args.seed}"] if args.seed is not None else [])]
     results_file = args.out / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for name in [r.strip() for r in args.rows.split(",") if r.strip()]:
@@ -222,16 +268,19 @@ def main() -> int:
             shutil.rmtree(run_dir)
         print(f"\n== {name}: {args.steps} steps of {recipe}", flush=True)
         try:
-            tok, seconds = train_row(recipe, data, run_dir, args.steps, args.set)
+            tok, seconds = train_row(recipe, data, run_dir, args.steps, overrides)
         finally:
             if restore is not None:
                 restore()
         row = evaluate(tok, tiles, lpips_model)
-        row.update(steps=args.steps, train_seconds=seconds, recipe=recipe, overrides=args.set)
-        rows[name] = row
+        row.update(name=name, seed=args.seed, steps=args.steps, train_seconds=seconds, recipe=recipe, overrides=overrides)
+        rows[row_key(name, args.seed, args.set)] = row
         results_file.write_text(json.dumps(rows, indent=2) + "\n")
         print(json.dumps(row), flush=True)
     print("\n" + table(rows))
+    summary = seed_summary(rows)
+    if summary:
+        print("\n" + summary)
     return 0
 
 

@@ -181,6 +181,19 @@ class VectorQuantizer(CodebookGuards, Quantizer):
         self._kmeans_rows: list[torch.Tensor] = []
         self._pending_sums: torch.Tensor | None = None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A codebook loaded without its EMA sums (official weights, a run without the EMA codebook) gets
+        sums that reproduce it: sum = code x cluster size. Left at their init, the first EMA step would
+        pull every code toward the random init rows."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        weight = state_dict.get(prefix + "embedding.weight")
+        if self.config.ema and weight is not None and prefix + "ema_embed_sum" not in state_dict:
+            with torch.no_grad():
+                size = self.ema_cluster_size.to(self.ema_embed_sum.dtype)
+                self.ema_embed_sum.copy_(weight.to(self.ema_embed_sum) * size[:, None])
+
     # ------------------------------------------------------------------ lookups
 
     def codebook(self) -> torch.Tensor:
