@@ -329,14 +329,18 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
 
     # ------------------------------------------------------------------ training-time codebook care
 
+    def _empty_gain_stats(self, device: torch.device) -> torch.Tensor:
+        """(K, 2C + 1) zeros for one step's per-scale sums, sums of squares and counts (float64; MPS has none)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        return torch.zeros(len(self.scales), 2 * self.dim + 1, dtype=dtype, device=device)
+
     @torch.no_grad()
     def _add_gain_stats(self, scale: int, rest: torch.Tensor) -> None:
         """This step's per-channel sums, sums of squares and vector count of scale k's residuals."""
         C = self.dim
-        dtype = torch.float32 if rest.device.type == "mps" else torch.float64  # MPS has no float64
         if self._gain_stats is None or self._gain_stats.device != rest.device:
-            self._gain_stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=dtype, device=rest.device)
-        rows = rest.detach().to(dtype).transpose(0, 1).reshape(C, -1)
+            self._gain_stats = self._empty_gain_stats(rest.device)
+        rows = rest.detach().to(self._gain_stats.dtype).transpose(0, 1).reshape(C, -1)
         self._gain_stats[scale, :C] += rows.sum(1)
         self._gain_stats[scale, C:2 * C] += rows.square().sum(1)
         self._gain_stats[scale, 2 * C] += rows.shape[1]
@@ -350,8 +354,7 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         self._gain_stats = None
         device = self.scale_rms.device
         if stats is None:
-            stats = torch.zeros(len(self.scales), 2 * C + 1, dtype=torch.float32 if device.type == "mps" else torch.float64,
-                                device=device)
+            stats = self._empty_gain_stats(device)
         stats = all_reduce_sum_(stats.to(device))
         n = stats[:, 2 * C:].clamp_min(1)
         mean, ex2 = stats[:, :C] / n, stats[:, C:2 * C] / n
@@ -362,10 +365,13 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         seen = (stats[:, 2 * C] > 0)[:, None]
         fresh = seen & (self.scale_rms <= 0).all(1, keepdim=True)
         w = 1 - cfg.scale_gain_decay
-        self.scale_rms.copy_(torch.where(fresh, rms, torch.where(seen, self.scale_rms.lerp(rms, w), self.scale_rms)))
+
+        def fold(ema: torch.Tensor, value: torch.Tensor) -> None:  # copy when fresh, EMA when seen, else keep
+            ema.copy_(torch.where(fresh, value, torch.where(seen, ema.lerp(value, w), ema)))
+
+        fold(self.scale_rms, rms)
         if cfg.scale_center:
-            mean = mean.float()
-            self.scale_mean.copy_(torch.where(fresh, mean, torch.where(seen, self.scale_mean.lerp(mean, w), self.scale_mean)))
+            fold(self.scale_mean, mean.float())
 
     @torch.no_grad()
     def update_codebook(self, step: int = 0) -> CodebookUpdate:
