@@ -16,7 +16,7 @@ import torch
 from conformance_llamagen_gpt import check, check_keys
 from vqtok.ar import llamagen
 from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig, apply_rope, rope_table, size_config
-from vqtok.ar.sampling import GeneratorDraw, InverseCDFDraw, SamplingConfig, sample
+from vqtok.ar.sampling import GeneratorDraw, HeadMix, InverseCDFDraw, SamplingConfig, sample
 from vqtok.errors import ConfigError, UserError
 from vqtok.interop import llamagen_gpt as interop
 
@@ -148,13 +148,39 @@ def test_static_decoder_keeps_its_addresses():
     model = random_model(tiny())
     decoder = llamagen.StaticDecoder(model, 1, guided=True)
     ptrs = (decoder.logits.data_ptr(), decoder.token.data_ptr(), decoder.cond_ids.data_ptr(), decoder.cache.k[0].data_ptr())
+    mix_ptrs = (decoder.mix.scale.data_ptr(), decoder.mix.guided.data_ptr())
     with torch.no_grad():
-        out = decoder.start(torch.tensor([0, 10]))
-        out2 = decoder.step(torch.tensor([[3], [4]]), 1)
-    assert out.data_ptr() == out2.data_ptr() == ptrs[0]
+        out = decoder.start(torch.tensor([0, 10]), mix=HeadMix(2.0))
+        out2 = decoder.step(torch.tensor([[3]]), 1, mix=HeadMix(None))
+    assert out.data_ptr() == out2.data_ptr() == ptrs[0] and out2.shape == (1, 1, 40)
     assert (decoder.logits.data_ptr(), decoder.token.data_ptr(), decoder.cond_ids.data_ptr(), decoder.cache.k[0].data_ptr()) == ptrs
+    assert (decoder.mix.scale.data_ptr(), decoder.mix.guided.data_ptr()) == mix_ptrs
+    assert decoder.token.flatten().tolist() == [3, 3]  # the drawn token feeds its conditional and its null row
     with pytest.raises(ValueError, match="2 rows"):
-        decoder.start(torch.tensor([0, 1, 2]))
+        decoder.start(torch.tensor([0, 1, 2]), mix=HeadMix(2.0))
+    with pytest.raises(ValueError, match="built with CFG, got no guidance mix"):
+        decoder.step(torch.tensor([[3]]), 2)
+    with pytest.raises(ValueError, match="2 tokens for a static decoder of batch 1"):
+        decoder.step(torch.tensor([[3], [4]]), 2, mix=HeadMix(2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decoder_guides_before_the_head_as_the_cached_decoder(dtype):
+    # both mix [conditional; null] rows before the head, the static one with its scale in a buffer: the same
+    # logits bitwise, guided steps and the steps past the guidance interval (conditional rows alone) alike
+    model = random_model(tiny()).to(dtype)
+    cond = torch.tensor([1, 2, 3, model.config.null_class_id, model.config.null_class_id, model.config.null_class_id])
+    tokens = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(4))
+    mixes = [HeadMix(1.0 + 0.37 * s) if s % 4 else HeadMix(None) for s in range(16)]
+    cached, static = llamagen.CachedDecoder(model), llamagen.StaticDecoder(model, 3, guided=True)
+    with torch.no_grad():
+        for _ in range(2):  # a second batch refills the static buffers
+            a, b = cached.start(cond, mix=mixes[0]), static.start(cond, mix=mixes[0]).clone()
+            assert a.shape == b.shape == (3, 1, 40) and torch.equal(a, b)
+            for step in range(1, 16):
+                a = cached.step(tokens[:, step - 1], step, mix=mixes[step])
+                b = static.step(tokens[:, step - 1], step, mix=mixes[step]).clone()
+                assert torch.equal(a, b), step
 
 
 def test_gradients_reach_every_parameter():
@@ -587,8 +613,8 @@ def test_cuda_graph_decoder_matches_the_eager_cache():
     cfg = SamplingConfig(guidance_scale=2.0, top_k=8)
     uniforms = torch.rand(3, 16, generator=torch.Generator().manual_seed(9))
     classes = torch.tensor([1, 2, 3])
-    # the graphs replay the static decoder's arithmetic (CFG mixed on the logits), so that is the reference; the
-    # eager cached decoder mixes before the head, equal to it only up to rounding (tested on CPU)
+    # the graphs replay the static decoder's arithmetic (CFG mixed before the head, its scale in a buffer), which
+    # equals the eager cached decoder's (tested on CPU); the static decoder run eagerly is the reference here
     eager = sample(model, classes, cfg, draw=InverseCDFDraw(uniforms), decoder=llamagen.StaticDecoder(model, 3, True),
                    return_probs=True)
     decoder = model.graph_decoder(3, True)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqtok.ar.sampling import HeadMix
+from vqtok.ar.sampling import HeadMix, StaticHeadMix
 from vqtok.errors import ConfigError, UserError
 
 
@@ -546,33 +546,57 @@ class FullRecompute:
 
 class StaticDecoder:
     """KV-cached decoding of a fixed batch in which every tensor a decode step reads or writes lives at a
-    fixed address: the condition ids, the fed-back token, the cache and the logits. `start` refills the
-    conditions and prefills eagerly; `step` copies the token in and runs `_run(step)`, whose work a CUDA graph
-    can record per step. On its own (any device) it runs eagerly, so the static layout is tested on CPU.
-    With CFG (`guided`) it runs 2 * batch rows (conditional, then null)."""
+    fixed address: the condition ids, the fed-back token, the cache, the guidance setting and the logits.
+    `start` refills the conditions and prefills eagerly; `step` copies the token in and runs `_run(step)`,
+    whose work a CUDA graph can record per step. On its own (any device) it runs eagerly, so the static
+    layout is tested on CPU. With CFG (`guided`) it runs 2 * batch rows (conditional, then null) and, like
+    the eager CachedDecoder, mixes them before the head (a StaticHeadMix: the scale of each step is a buffer
+    value), so `step` takes the batch's B drawn tokens and both give the same guided logits (B, 1, V)."""
 
     def __init__(self, model: LlamaGen, batch: int, guided: bool):
         self.model, self.batch, self.guided = model, batch, guided
+        self.guides_before_head = guided
         rows = self.rows = 2 * batch if guided else batch
         device = model.output.weight.device
         self.cond_ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.cache = model.new_cache(rows, device=device)
-        self.logits = torch.zeros(rows, 1, model.config.vocab_size, device=device)
+        self.mix = StaticHeadMix(device) if guided else None
+        self.logits = torch.zeros(batch, 1, model.config.vocab_size, device=device)
 
-    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    def _set_mix(self, mix: HeadMix | None) -> None:
+        if (mix is not None) != self.guided:
+            raise ValueError(f"this static decoder was built {'with' if self.guided else 'without'} CFG, "
+                             f"got {'a' if mix is not None else 'no'} guidance mix")
+        if mix is not None:
+            self.mix.set(mix)
+
+    def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None) -> torch.Tensor:
         if cond_ids.shape != (self.rows,):
             raise ValueError(f"this static decoder runs {self.rows} rows, got conditions {tuple(cond_ids.shape)}")
+        self._set_mix(mix)
         self.cond_ids.copy_(cond_ids)
-        self.logits.copy_(self.model.prefill(self.cond_ids, self.cache))
+        self.logits.copy_(self.model.prefill(self.cond_ids, self.cache, self.mix))
         return self.logits
 
     def _run(self, step: int) -> torch.Tensor:
-        self.logits.copy_(self.model.decode_step(self.token, step, self.cache))
+        self.logits.copy_(self.model.decode_step(self.token, step, self.cache, self.mix))
         return self.logits
 
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        self.token.copy_(tokens.view(-1, 1))
+    def _feed(self, tokens: torch.Tensor, mix: HeadMix | None) -> None:
+        """Copy the B drawn tokens into the token buffer (into both halves under CFG) and the mix setting."""
+        if tokens.numel() != self.batch:
+            raise ValueError(f"{tokens.numel()} tokens for a static decoder of batch {self.batch}")
+        self._set_mix(mix)
+        tokens = tokens.reshape(-1, 1)
+        if self.guided:
+            self.token[:self.batch].copy_(tokens)
+            self.token[self.batch:].copy_(tokens)
+        else:
+            self.token.copy_(tokens)
+
+    def step(self, tokens: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
+        self._feed(tokens, mix)
         return self._run(step)
 
 
@@ -595,11 +619,12 @@ class CUDAGraphDecoder(StaticDecoder):
         super().__init__(model, batch, guided)
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        warm_mix = HeadMix(1.0) if guided else None  # the warm-up decodes with any valid setting
         with capturing(model, device):
-            self.graphs = capture_decode_steps(device, lambda: StaticDecoder.start(self, self.cond_ids.clone()),
+            self.graphs = capture_decode_steps(device, lambda: StaticDecoder.start(self, self.cond_ids.clone(), mix=warm_mix),
                                                self._run, model.config.block_size, self.pool)
 
-    def step(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        self.token.copy_(tokens.view(-1, 1))
-        self.graphs[step - 1].replay()  # decode step `step`: reads token and cache, writes cache and logits
+    def step(self, tokens: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
+        self._feed(tokens, mix)
+        self.graphs[step - 1].replay()  # decode step `step`: reads token, mix and cache, writes cache and logits
         return self.logits

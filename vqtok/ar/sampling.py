@@ -159,14 +159,36 @@ class HeadMix:
     conditional rows alone (a step past the guidance interval).
     """
 
-    scale: float | None
+    scale: float | torch.Tensor | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(2B, ..., C) head input of [conditional; null] rows -> (B, ..., C), in x's dtype."""
+        """(2B, ..., C) head input of [conditional; null] rows -> (B, ..., C), in x's dtype.
+
+        The mix is computed in float32 (under bf16 autocast too), so a float32 0-dim tensor holding the scale
+        (a static decoder's buffer) gives bitwise the result of the Python float."""
         cond, uncond = x.chunk(2)
         if self.scale is None:
             return cond
-        return torch.sub(cond, uncond).mul_(self.scale).add_(uncond)  # one new tensor, the same rounding steps
+        u = uncond.float()
+        return torch.sub(cond.float(), u).mul_(self.scale).add_(u).to(x.dtype)
+
+
+class StaticHeadMix:
+    """HeadMix whose scale and guided/unguided switch live in 0-dim buffers at fixed addresses (a CUDA
+    graph records them once and reads the values of each replay): `set(mix)` loads a HeadMix's setting,
+    and the call gives what that HeadMix gives, bitwise."""
+
+    def __init__(self, device) -> None:
+        self.scale = torch.ones((), dtype=torch.float32, device=device)
+        self.guided = torch.ones((), dtype=torch.bool, device=device)
+
+    def set(self, mix: HeadMix) -> None:
+        self.guided.fill_(mix.scale is not None)
+        if mix.scale is not None:
+            self.scale.fill_(float(mix.scale))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.guided, HeadMix(self.scale)(x), x.chunk(2)[0])
 
 
 def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
