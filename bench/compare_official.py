@@ -9,7 +9,9 @@ it the official model is built, its state dict is converted to vqtok through vqt
 (official, vqtok, vqtok, official, ...) after a warm-up each, so load from other work hits both alike.
 Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok is faster), the same
 ratio of the median CPU seconds of this process per run (steadier than wall time when other jobs share
-the cores), and the 1-minute load average before and after.
+the cores), and the 1-minute load average before and after. `--budget-min` (default 14) keeps the whole script
+under that wall time on slower machines: each case gets an equal share of what is left when it starts and runs
+fewer timed rounds (never fewer than 2 per side) when the next one would pass its share; the cut is printed.
 
 Cases:
   rar_sampling     official `RAR.generate` vs the `vqtok sample` token loop (vqtok.app.sample.sample_tokens),
@@ -72,6 +74,8 @@ PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf
 REPO = Path(__file__).resolve().parent.parent
 STUBS: list[str] = []
 CPU_TIMES: dict[str, list[float]] = {}  # CPU seconds of each timed run of the last `alternate`, per side
+MIN_REPEATS = 2  # timed runs per side that the time budget never cuts (one A B and one B A round)
+BUDGET = {"case_s": float("inf"), "t0": time.perf_counter()}  # this case's share of --budget-min, from its start
 
 
 class Missing(Exception):
@@ -162,11 +166,17 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]
     times: dict[str, list[float]] = {n: [] for n in names}
     CPU_TIMES.clear()
     for r in range(repeats):
+        round_t = time.perf_counter()
         for n in (names if r % 2 == 0 else names[::-1]):
             t, c = time.perf_counter(), time.process_time()
             fns[n]()
             times[n].append(time.perf_counter() - t)
             CPU_TIMES.setdefault(n, []).append(time.process_time() - c)
+        spent, last_round = time.perf_counter() - BUDGET["t0"], time.perf_counter() - round_t
+        if r + 1 >= MIN_REPEATS and r + 1 < repeats and spent + last_round > BUDGET["case_s"]:
+            print(f"  timed runs cut to {r + 1} per side (of {repeats}): another round would pass this case's "
+                  f"{BUDGET['case_s']:.0f} s share of --budget-min", flush=True)
+            break
     return times
 
 
@@ -696,6 +706,7 @@ def run_case(name: str, args) -> dict:
 
 def child_main(args) -> int:
     load0 = load_avg()
+    BUDGET["case_s"], BUDGET["t0"] = args.case_budget_s, time.perf_counter()
     try:
         result = run_case(args.case, args)
     except Missing as exc:
@@ -728,7 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side for rar_sampling")
     p.add_argument("--train-repeats", type=int, default=4, help="timed steps per side for the training cases")
     p.add_argument("--encode-repeats", type=int, default=3, help="timed batches per side for maskgit_encode")
+    p.add_argument("--budget-min", type=float, default=14.0, help="wall-time budget of the whole script: each case gets "
+                   "an equal share of what is left when it starts and runs fewer timed rounds (never under "
+                   f"{MIN_REPEATS} per side) when the next round would pass its share; 0 = no budget (default 14)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
+    p.add_argument("--case-budget-s", type=float, default=float("inf"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     if args.case:
         return child_main(args)
@@ -757,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--case", name, "--peers", args.peers, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--train-repeats", str(args.train_repeats),
                "--encode-repeats", str(args.encode_repeats)]
+        if args.budget_min > 0:
+            left = args.budget_min * 60 - (time.perf_counter() - t_all)
+            cmd += ["--case-budget-s", f"{max(0.0, left) / (len(cases) - len(results) - len(failed)):.1f}"]
         for d in args.deps:
             cmd += ["--deps", d]
         t0 = time.perf_counter()
@@ -780,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = time.perf_counter() - t0
         results[name] = result
         print("  " + fmt_case(name, result), flush=True)
-    print(f"\nsummary ({time.perf_counter() - t_all:.0f} s in all; ratio = official / vqtok median time, > 1 = vqtok faster)")
+    total = time.perf_counter() - t_all
+    budget = f", budget {args.budget_min * 60:.0f} s" if args.budget_min > 0 else ""
+    print(f"\nsummary ({total:.0f} s in all{budget}; ratio = official / vqtok median time, > 1 = vqtok faster)")
     for name, r in results.items():
         print("  " + fmt_case(name, r))
     if args.json:

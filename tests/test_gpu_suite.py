@@ -56,3 +56,31 @@ def test_compare_official_names_a_missing_peers_path(tmp_path):
     proc = subprocess.run([sys.executable, str(script), "--peers", str(tmp_path / "peers"), "--only", "rar_sampling",
                            "--deps", str(tmp_path / "nodeps")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--deps" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_compare_official_time_budget_cuts_rounds_but_keeps_two_per_side(monkeypatch):
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("compare_official_under_test", REPO / "bench" / "compare_official.py")
+    co = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(co)
+    calls = []
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            time.sleep(0.02)
+        return run
+
+    fns = {"official": fn("official"), "vqtok": fn("vqtok")}
+    co.BUDGET.update(case_s=float("inf"), t0=time.perf_counter())
+    assert [len(v) for v in co.alternate(fns, 5, warmup=0).values()] == [5, 5]
+    calls.clear()
+    co.BUDGET.update(case_s=0.0, t0=time.perf_counter())  # spent at once: the budget cuts to the minimum
+    times = co.alternate(fns, 5, warmup=1)
+    assert [len(v) for v in times.values()] == [co.MIN_REPEATS, co.MIN_REPEATS] == [2, 2]
+    assert calls == ["official", "vqtok", "official", "vqtok", "vqtok", "official"]  # warm-up, then A B, B A
+    co.BUDGET.update(case_s=0.2, t0=time.perf_counter())  # room for a few rounds of ~0.04 s, not all 20
+    n = len(co.alternate(fns, 20, warmup=0)["vqtok"])
+    assert 2 <= n < 20
