@@ -21,6 +21,9 @@ Part 2, the measurements (library calls, median of the timed runs):
   phases, LPIPS on the random VGG16 trunk since no weights file is present, adaptive weight, clipping, EMA):
   img/s.
 - MaskGIT-VQGAN encode, 256 px, batch 64, bf16 autocast, inference mode: img/s.
+- VAR-d16 (on the var-msvq-f16 codebook; cfg 1.5 ramped, top-k 900, top-p 0.96) and LlamaGen-B (CFG 2.0)
+  guided sampling, batch 64, bf16, tokens only: the eager KV cache and the family's CUDA-graph decoder
+  (one graph per scale / per token step), img/s, and the fraction of codes they agree on with the same noise.
 Random weights throughout: speed does not depend on them.
 
 Writes OUT/gpu_results.json and OUT/gpu_results.md (a table for bench/README.md). Exit code 1 when a part
@@ -75,13 +78,15 @@ def sizes(check: bool) -> dict:
                 "sample_tokenizer": "tiny-vqgan", "sample_batch": 2, "sample_repeats": 1, "warmup": 0,
                 "train_model": (64, 2, 4), "train_batch": 2, "train_steps": 1,
                 "tok_recipe": "tiny-vqgan", "tok_res": 32, "tok_batch": 2, "tok_steps": 1,
-                "encode_tokenizer": "tiny-vqgan", "encode_res": 64, "encode_batch": 2, "encode_repeats": 1}
+                "encode_tokenizer": "tiny-vqgan", "encode_res": 64, "encode_batch": 2, "encode_repeats": 1,
+                "var_preset": None, "var_tokenizer": "tiny-msvq", "llamagen_preset": "llamagen-tiny", "gen_batch": 2}
     return {"cli_tok_steps": 20, "cli_ar_epochs": 10, "cli_sample_num": 16,
             "sample_model": "rar-b", "sample_tokenizer": "maskgit-vqgan-f16", "sample_batch": 128, "sample_repeats": 3,
             "warmup": 1,
             "train_model": (768, 24, 16), "train_batch": 64, "train_steps": 10,
             "tok_recipe": "vqgan-f16", "tok_res": 256, "tok_batch": 16, "tok_steps": 10,
-            "encode_tokenizer": "maskgit-vqgan-f16", "encode_res": 256, "encode_batch": 64, "encode_repeats": 5}
+            "encode_tokenizer": "maskgit-vqgan-f16", "encode_res": 256, "encode_batch": 64, "encode_repeats": 5,
+            "var_preset": "var-d16", "var_tokenizer": "var-msvq-f16", "llamagen_preset": "llamagen-b", "gen_batch": 64}
 
 
 # ------------------------------------------------------------------------------------------ part 1: commands
@@ -269,6 +274,66 @@ def part_sampling(device: torch.device, sz: dict) -> dict:
     return out
 
 
+def build_generators(device: torch.device, sz: dict) -> list[tuple[str, torch.nn.Module, object]]:
+    """[(name, model, SamplingConfig)]: VAR (its preset on the multi-scale tokenizer's codebook; --check: a
+    2-block VAR on tiny-msvq) and LlamaGen, random weights, each with its release's FID sampling setting."""
+    from vqtok.ar import llamagen, var
+    from vqtok.ar.sampling import SamplingConfig
+    from vqtok.tokenizer.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    quant = build_tokenizer(sz["var_tokenizer"]).quantize.to(device).eval()
+    if sz["var_preset"]:
+        var_cfg = var.PRESETS[sz["var_preset"]]()
+    else:
+        var_cfg = var.VARConfig(depth=2, embed_dim=64, num_heads=2, num_classes=10, vocab_size=quant.codebook_size,
+                                codebook_dim=quant.dim, patch_nums=[h for h, _ in quant.scales])
+    var_model = var.VAR(var_cfg, quantizer=quant).to(device).eval()
+    llama = llamagen.LlamaGen(llamagen.PRESETS[sz["llamagen_preset"]]()).to(device).eval()
+    with torch.no_grad():  # the zero-initialised output layer would make every logit equal
+        llama.output.weight.normal_(0, 0.02)
+    return [(sz["var_preset"] or "var (2 blocks)", var_model,  # VAR's README: cfg 1.5 ramped, top-k 900, top-p 0.96
+             SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)),
+            (sz["llamagen_preset"], llama, SamplingConfig(guidance_scale=2.0))]  # LlamaGen B: CFG 2.0, no filters
+
+
+def part_generators(device: torch.device, sz: dict) -> dict:
+    """VAR and LlamaGen guided sampling through the one sampling loop, tokens only, bf16 on CUDA: the eager KV
+    cache and the family's CUDA-graph decoder (on CPU its static-buffer decoder, run eagerly), img/s, and the
+    fraction of codes the two agree on (the same noise)."""
+    from vqtok.app.sample import sample_noise
+    from vqtok.ar.llamagen import StaticDecoder
+    from vqtok.ar.sampling import InverseCDFDraw, sample
+    from vqtok.ar.var_graphs import VARStaticDecoder
+
+    B, reps, warm = sz["gen_batch"], sz["sample_repeats"], sz["warmup"]
+    out: dict = {"batch": B, "dtype": "bf16" if device.type == "cuda" else "fp32"}
+    for name, model, cfg in build_generators(device, sz):
+        N = sum(model.generation_steps())
+        classes = (torch.arange(B) * 7 % model.config.num_classes).to(device)
+        noise = sample_noise(0, range(B), N).to(device)
+        with autocast_bf16(device):
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                graphed = model.graph_decoder(B, True)
+            else:
+                graphed = (VARStaticDecoder if hasattr(model, "quantizer") else StaticDecoder)(model, B, True)
+            capture_s = time.perf_counter() - t0
+        runs = {}
+        for kind, decoder in (("eager", None), ("graphed", graphed)):
+            def run(decoder=decoder):
+                with torch.no_grad(), autocast_bf16(device):
+                    return sample(model, classes, cfg, draw=InverseCDFDraw(noise), decoder=decoder).tokens
+            runs[kind] = run
+            out[f"{name}_{kind}_img_s"] = B / statistics.median(time_calls(run, device, reps, warm))
+        out[f"{name}_graphed_equal_eager"] = float((runs["eager"]() == runs["graphed"]()).float().mean())
+        out[f"{name}_capture_s"] = capture_s if device.type == "cuda" else "n/a (CPU: static buffers, no capture)"
+        out[f"{name}_params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        out.setdefault("generators", []).append(name)
+        del graphed
+    return out
+
+
 # ------------------------------------------------------------------------------------------ part 2: training, encode
 
 
@@ -333,7 +398,7 @@ def markdown(results: dict) -> str:
     def row(name, text):
         lines.append(f"| {name} | {text} |")
 
-    for part in ("commands", "sampling", "rar_train", "tokenizer_train", "encode"):
+    for part in ("commands", "sampling", "rar_train", "tokenizer_train", "encode", "generators"):
         r = results.get(part)
         if r is None:
             continue
@@ -360,6 +425,11 @@ def markdown(results: dict) -> str:
                 f"{r['img_s']:.2f} img/s ({r['step_s'] * 1e3:.0f} ms/step, {'+'.join(r['phases'])}, LPIPS {r['lpips']})")
         elif part == "encode":
             row(f"encode ({r['tokenizer']}, {r['resolution']} px, batch {r['batch']})", f"{r['img_s']:.1f} img/s")
+        elif part == "generators":
+            for name in r["generators"]:
+                row(f"{name} sampling ({r[name + '_params_M']:.0f}M), batch {r['batch']}, CFG, {r['dtype']}, tokens",
+                    f"eager {r[name + '_eager_img_s']:.1f} img/s, CUDA graphs {r[name + '_graphed_img_s']:.1f} img/s "
+                    f"(codes equal eager: {r[name + '_graphed_equal_eager']:.3f})")
     lines.append("")
     lines.append(f"total {results['total_s']:.0f} s")
     return "\n".join(lines) + "\n"
@@ -371,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu_results", help="folder for gpu_results.json and gpu_results.md")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --check)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: commands,sampling,rar_train,"
-                   "tokenizer_train,encode")
+                   "tokenizer_train,encode,generators")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.check else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -395,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                  ("sampling", lambda: part_sampling(device, sz)),
                  ("rar_train", lambda: part_rar_train(device, sz)),
                  ("tokenizer_train", lambda: part_tokenizer_train(device, sz)),
-                 ("encode", lambda: part_encode(device, sz))]
+                 ("encode", lambda: part_encode(device, sz)),
+                 ("generators", lambda: part_generators(device, sz))]
         for name, fn in parts:
             if name in skip:
                 continue

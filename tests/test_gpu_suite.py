@@ -24,7 +24,7 @@ def test_gpu_suite_check_runs_every_part_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_results.json").read_text())
     assert results["check"] is True
-    for part in ("commands", "sampling", "rar_train", "tokenizer_train", "encode"):
+    for part in ("commands", "sampling", "rar_train", "tokenizer_train", "encode", "generators"):
         assert part in results and "error" not in results[part], (part, results.get(part))
     commands = results["commands"]["commands"]
     assert [c["cmd"].split()[1] for c in commands] == ["train-tokenizer", "encode", "train-ar", "sample"]
@@ -39,6 +39,11 @@ def test_gpu_suite_check_runs_every_part_on_cpu(tmp_path):
     assert results["rar_train"]["tok_per_s"] > 0 and 0 < results["rar_train"]["mfu_vs_measured_gemm"]
     assert results["tokenizer_train"]["phases"] == ["generator", "discriminator"]
     assert results["tokenizer_train"]["img_s"] > 0 and results["encode"]["img_s"] > 0
+    generators = results["generators"]
+    assert len(generators["generators"]) == 2 and generators["generators"][1] == "llamagen-tiny"
+    for name in generators["generators"]:  # the static-buffer decoders give the eager codes, VAR's and LlamaGen's
+        assert generators[f"{name}_graphed_equal_eager"] == 1.0, name
+        assert generators[f"{name}_eager_img_s"] > 0 and generators[f"{name}_graphed_img_s"] > 0
     table = (tmp_path / "gpu_results.md").read_text()
     assert "--check: toy sizes on CPU, not a measurement" in table and "FAILED" not in table
 

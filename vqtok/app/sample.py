@@ -426,7 +426,7 @@ def use_cuda_graphs(setting: str, device: torch.device, model: torch.nn.Module |
         raise UserError(f"--cuda-graphs on needs a CUDA device, but sampling runs on {device}; use --cuda-graphs off")
     capturable = model is None or hasattr(model, "graph_decoder")
     if setting == "on" and not capturable:
-        raise UserError(f"{type(model).__name__} generators have no CUDA-graph decoder (their steps change shape); "
+        raise UserError(f"{type(model).__name__} generators have no CUDA-graph decoder; "
                         "use --cuda-graphs off or auto")
     return capturable and (setting == "on" or (setting == "auto" and device.type == "cuda"))
 

@@ -396,6 +396,12 @@ class VAR(nn.Module):
     def default_decoder(self, kv_cache: bool = True):
         return VARCachedDecoder(self) if kv_cache else VARFullRecompute(self)
 
+    def graph_decoder(self, batch: int, guided: bool):
+        """The CUDA-graph decoder of a run of `batch` samples per call (one graph per scale after the first)."""
+        from vqtok.ar.var_graphs import VARCUDAGraphDecoder
+
+        return VARCUDAGraphDecoder(self, batch, guided)
+
     # ------------------------------------------------------------------ pieces shared by all paths
 
     def conditions(self, cond_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:

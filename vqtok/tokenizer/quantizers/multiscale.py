@@ -514,13 +514,18 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 f_hat = r if f_hat is None else f_hat + r
         return f_hat
 
-    def next_scale_input(self, f_hat: torch.Tensor, idx: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_scale_input(self, f_hat: torch.Tensor, idx: torch.Tensor, scale: int, check: bool = True,
+                         affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """VAR's sampling step: add scale k's residual Phi_k(bicubic_up(E[idx])) to f_hat (B, C, H, W) in place;
-        return (f_hat, the input of scale k + 1: f_hat area-downsampled to its size, or f_hat after the last)."""
+        return (f_hat, the input of scale k + 1: f_hat area-downsampled to its size, or f_hat after the last).
+
+        A CUDA-graph step may not wait on the device: it passes `check=False` (its sampler's codes are in range)
+        and `affine`, this quantizer's (gains(), offsets()) read once before the step."""
         grid = self._as_grid(idx.long(), scale)
-        self.check_indices(grid)
+        if check:
+            self.check_indices(grid)
         with fp32_no_autocast(grid.device.type):
-            f_hat.add_(self._residual_of(grid, scale, self.scales[-1]))
+            f_hat.add_(self._residual_of(grid, scale, self.scales[-1], affine))
         if scale == len(self.scales) - 1:
             return f_hat, f_hat
         return f_hat, F.interpolate(f_hat, size=self.scales[scale + 1], mode="area")
