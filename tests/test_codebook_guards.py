@@ -281,5 +281,11 @@ def test_guards_under_two_process_torchrun_give_the_one_process_codebook(photos,
     assert [x["code_usage"] for x in r1] == pytest.approx([x["code_usage"] for x in r2], abs=2 / 512)
     a = load_state_dict_file(single.final_dir / "model.safetensors")
     b = load_state_dict_file(tmp_path / "ddp" / "final" / "model.safetensors")
-    for k in ("quantize.embedding.weight", "quantize.ema_cluster_size", "quantize.codebook_updates"):
-        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), (k, (a[k].float() - b[k].float()).abs().max())
+    # The ranks reduce gradients in another order than one process: round-off that Adam's first steps (update ~ lr
+    # sign(g) where g is near 0) amplify to a few 1e-4 on some CPUs (4.4e-4 on an AVX2 Zen 3; < 1e-5 on an AVX-512
+    # Zen 4). A guard that diverged - k-means or a restart fed other vectors - moves whole codes by ~0.1 or more.
+    emb = (a["quantize.embedding.weight"].float() - b["quantize.embedding.weight"].float()).abs()
+    assert emb.max() < 1e-3, emb.max()
+    counts = (a["quantize.ema_cluster_size"].float() - b["quantize.ema_cluster_size"].float()).abs()
+    assert int((counts > 1e-4).sum()) <= 4 and counts.max() <= 1.0, counts.max()  # a vector or two at a neighbour code
+    assert torch.equal(a["quantize.codebook_updates"], b["quantize.codebook_updates"])

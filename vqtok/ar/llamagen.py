@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqtok.ar.few_rows import linear_few_rows
 from vqtok.ar.sampling import HeadMix, StaticHeadMix
 from vqtok.errors import ConfigError, UserError
 
@@ -477,7 +478,7 @@ class LlamaGen(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache, i, start)
         h = self.norm(h[:, -1:])
-        return self.output(mix(h) if mix is not None else h).float()
+        return linear_few_rows(mix(h) if mix is not None else h, self.output).float()
 
     def prefill(self, cond_ids: torch.Tensor, cache: KVCache, mix: HeadMix | None = None) -> torch.Tensor:
         """Write the class slot (R,) into the cache; logits for token 0, (R, 1, V) (with `mix`: the guided
