@@ -127,6 +127,9 @@ def test_ar_task_trains_the_same_with_ddp_and_explicit_all_reduce(tmp_path, toke
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     for name in ("ddp", "explicit"):
         b = load_file(tmp_path / name / "final" / "model.safetensors")
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+        # the ranks sum gradients in another order than one process; Adam's first steps (lr 2e-3, update ~ lr
+        # sign(g) where g is near 0) amplify that round-off to ~1e-5 on some CPUs (1.2e-5 on an AVX2 Zen 3),
+        # while a wrong accumulation or averaging moves weights by a sizeable fraction of lr per step
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, name
     d, e = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ddp", "explicit"))
     assert max((d[k] - e[k]).abs().max().item() for k in d) < 1e-6
