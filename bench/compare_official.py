@@ -22,9 +22,9 @@ Cases:
                    measured in the same process
   maskgit_encode   official `PretrainedTokenizer.encode` vs vqtok's converted maskgit-vqgan-f16, 256 px,
                    batch 10; the indices must be identical
-  var_sampling     official `VAR.autoregressive_infer_cfg` vs vqtok's sampling loop with VAR's KV-cached decoder,
-                   depth 6 (width 384), batch 8, cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only;
-                   the codes must be identical with the same seed
+  var_sampling     official `VAR.autoregressive_infer_cfg` vs the `vqtok sample` token loop (per-sample noise, VAR's
+                   KV-cached decoder), depth 6 (width 384), batch 8, cfg 1.5 ramp, top-k 900, top-p 0.96, 680
+                   tokens, tokens only; the codes must be identical when vqtok draws from the official's seed
   vqgan_train_step LlamaGen's vq_train.py step (VQ-16 VQModel + VQLoss: l2 + LPIPS + PatchGAN hinge, Adam
                    (0.9, 0.95), clipping 1.0, EMA, then the discriminator step) vs one vqtok Engine step of
                    TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
@@ -552,11 +552,14 @@ def case_var_sampling(args) -> dict:
     setting (cfg 1.5 ramped, top-k 900, top-p 0.96), V 4096, Cvae 32, the 10 released scales (680 tokens).
     Tokens only: the official's final decode (fhat_to_img) is replaced by returning f_hat (a printed stub),
     and vqtok's side stops at the tokens, as rar_sampling does. The codes must be identical with the same
-    seed (the official's generator and vqtok's GeneratorDraw)."""
+    seed (the official's generator and vqtok's GeneratorDraw, checked first); the timed vqtok runs are what
+    `vqtok sample` runs per batch (per-sample noise streams, the cached decoder kept across batches), as in
+    llamagen_sampling."""
     import torch
     from models.var import VAR as OfficialVAR
     from models.vqvae import VQVAE
 
+    from vqtok.app.sample import batch_draw
     from vqtok.ar.sampling import SamplingConfig, sample
     from vqtok.interop import var_gpt
     from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ, MultiScaleVQConfig
@@ -616,8 +619,10 @@ def case_var_sampling(args) -> dict:
         out = official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
         assert out.shape == (batch, 32, 16, 16)
 
-    def run_vqtok():
-        out = sample(ours, classes, cfg, generator=g.manual_seed(0))
+    decoder = ours.default_decoder(True)
+
+    def run_vqtok():  # what `vqtok sample` runs per batch: per-sample noise, the cached decoder kept across batches
+        out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, 680, batch), decoder=decoder)
         assert out.tokens.shape == (batch, 680)
 
     times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=1)
