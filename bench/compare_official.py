@@ -9,7 +9,7 @@ it the official model is built, its state dict is converted to vqtok through vqt
 (official, vqtok, vqtok, official, ...) after a warm-up each, so load from other work hits both alike.
 Printed per case: median and minimum of both, and official / vqtok (> 1: vqtok is faster), the same
 ratio of the median CPU seconds of this process per run (steadier than wall time when other jobs share
-the cores), and the 1-minute load average before and after. `--budget-min` (default 14) keeps the whole script
+the cores), and the 1-minute load average before and after. `--budget-min` (default 13) keeps the whole script
 under that wall time on slower machines: each case gets an equal share of what is left when it starts and runs
 fewer timed rounds (never fewer than 2 per side) when the next one would pass its share; the cut is printed.
 
@@ -744,9 +744,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side for rar_sampling")
     p.add_argument("--train-repeats", type=int, default=4, help="timed steps per side for the training cases")
     p.add_argument("--encode-repeats", type=int, default=3, help="timed batches per side for maskgit_encode")
-    p.add_argument("--budget-min", type=float, default=14.0, help="wall-time budget of the whole script: each case gets "
+    p.add_argument("--budget-min", type=float, default=13.0, help="wall-time budget of the whole script: each case gets "
                    "an equal share of what is left when it starts and runs fewer timed rounds (never under "
-                   f"{MIN_REPEATS} per side) when the next round would pass its share; 0 = no budget (default 14)")
+                   f"{MIN_REPEATS} per side) when the next round would pass its share; 0 = no budget (default 13; setup and the same-computation checks come on top, ~1 minute)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     p.add_argument("--case-budget-s", type=float, default=float("inf"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
