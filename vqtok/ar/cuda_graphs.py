@@ -61,6 +61,19 @@ def capture_decode_steps(device: torch.device, start, run, num_steps: int, pool)
     return graphs
 
 
+def capture_static_steps(decoder, device: torch.device, start, num_steps: int) -> None:
+    """Capture a static decoder's steps 1..num_steps-1 (its `_run(step)`) in one new memory pool, warmed up
+    by `start(mix)`: the decoder class's eager start from its own buffers, given a valid guidance setting
+    when the decoder is guided (LlamaGen's and VAR's static decoders mix CFG before the head). Sets
+    `decoder.device`, `.pool` and `.graphs`."""
+    from vqtok.ar.sampling import HeadMix
+
+    decoder.device, decoder.pool = device, torch.cuda.graph_pool_handle()
+    warm_mix = HeadMix(1.0) if decoder.guided else None
+    with capturing(decoder.model, device):
+        decoder.graphs = capture_decode_steps(device, lambda: start(warm_mix), decoder._run, num_steps, decoder.pool)
+
+
 @contextlib.contextmanager
 def capturing(model: torch.nn.Module, device: torch.device):
     """eval mode (the graphs keep the kernels they were captured with: no dropout), no_grad, on the model's GPU."""

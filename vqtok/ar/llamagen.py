@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqtok.ar.few_rows import linear_few_rows
-from vqtok.ar.sampling import HeadMix, StaticHeadMix
+from vqtok.ar.sampling import HeadMix, StaticHeadMix, load_mix
 from vqtok.errors import ConfigError, UserError
 
 
@@ -565,17 +565,10 @@ class StaticDecoder:
         self.mix = StaticHeadMix(device) if guided else None
         self.logits = torch.zeros(batch, 1, model.config.vocab_size, device=device)
 
-    def _set_mix(self, mix: HeadMix | None) -> None:
-        if (mix is not None) != self.guided:
-            raise ValueError(f"this static decoder was built {'with' if self.guided else 'without'} CFG, "
-                             f"got {'a' if mix is not None else 'no'} guidance mix")
-        if mix is not None:
-            self.mix.set(mix)
-
     def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None) -> torch.Tensor:
         if cond_ids.shape != (self.rows,):
             raise ValueError(f"this static decoder runs {self.rows} rows, got conditions {tuple(cond_ids.shape)}")
-        self._set_mix(mix)
+        load_mix(self.mix, mix)
         self.cond_ids.copy_(cond_ids)
         self.logits.copy_(self.model.prefill(self.cond_ids, self.cache, self.mix))
         return self.logits
@@ -588,7 +581,7 @@ class StaticDecoder:
         """Copy the B drawn tokens into the token buffer (into both halves under CFG) and the mix setting."""
         if tokens.numel() != self.batch:
             raise ValueError(f"{tokens.numel()} tokens for a static decoder of batch {self.batch}")
-        self._set_mix(mix)
+        load_mix(self.mix, mix)
         tokens = tokens.reshape(-1, 1)
         if self.guided:
             self.token[:self.batch].copy_(tokens)
@@ -613,17 +606,13 @@ class CUDAGraphDecoder(StaticDecoder):
     """
 
     def __init__(self, model: LlamaGen, batch: int, guided: bool):
-        from vqtok.ar.cuda_graphs import capture_decode_steps, capturing, require_cuda
+        from vqtok.ar.cuda_graphs import capture_static_steps, require_cuda
 
         device = model.output.weight.device
         require_cuda(device)
         super().__init__(model, batch, guided)
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        warm_mix = HeadMix(1.0) if guided else None  # the warm-up decodes with any valid setting
-        with capturing(model, device):
-            self.graphs = capture_decode_steps(device, lambda: StaticDecoder.start(self, self.cond_ids.clone(), mix=warm_mix),
-                                               self._run, model.config.block_size, self.pool)
+        capture_static_steps(self, device, lambda mix: StaticDecoder.start(self, self.cond_ids.clone(), mix=mix),
+                             model.config.block_size)
 
     def step(self, tokens: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
         self._feed(tokens, mix)

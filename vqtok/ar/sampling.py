@@ -191,6 +191,16 @@ class StaticHeadMix:
         return torch.where(self.guided, HeadMix(self.scale)(x), x.chunk(2)[0])
 
 
+def load_mix(static: StaticHeadMix | None, mix: HeadMix | None) -> None:
+    """Load a step's HeadMix into a static decoder's StaticHeadMix (None: a decoder built without CFG); a
+    ValueError when the decoder and the step disagree about guidance."""
+    if (mix is not None) != (static is not None):
+        raise ValueError(f"this static decoder was built {'with' if static is not None else 'without'} CFG, "
+                         f"got {'a' if mix is not None else 'no'} guidance mix")
+    if mix is not None:
+        static.set(mix)
+
+
 def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """(..., V) guided logits -> the distributions tokens are drawn from: temperature, then top-k and top-p;
     at temperature 0 a one-hot of the argmax."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vqtok.ar.sampling import HeadMix, StaticHeadMix
+from vqtok.ar.sampling import HeadMix, StaticHeadMix, load_mix
 from vqtok.ar.var import VAR, VARKVCache
 
 
@@ -52,18 +52,11 @@ class VARStaticDecoder:
         self.conditions: list[torch.Tensor] | None = None  # [head modulation, block modulations...] once started
         self.affine: list[torch.Tensor] | None = None  # the quantizer's per-scale gains and offsets
 
-    def _set_mix(self, mix: HeadMix | None) -> None:
-        if (mix is not None) != self.guided:
-            raise ValueError(f"this static decoder was built {'with' if self.guided else 'without'} CFG, "
-                             f"got {'a' if mix is not None else 'no'} guidance mix")
-        if mix is not None:
-            self.mix.set(mix)
-
     def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None) -> torch.Tensor:
         if cond_ids.shape != (self.rows,):
             raise ValueError(f"this static decoder runs {self.rows} rows, got conditions {tuple(cond_ids.shape)}")
         model, quant = self.model, self.model.quantizer
-        self._set_mix(mix)
+        load_mix(self.mix, mix)
         self.cond_ids.copy_(cond_ids)
         cond, mods, head_mod = model.conditions(self.cond_ids)
         self.conditions = _keep(self.conditions, [head_mod, *mods])
@@ -95,7 +88,7 @@ class VARStaticDecoder:
         if codes.shape != (self.batch, prev):
             raise ValueError(f"scale {step - 1} of a static decoder of batch {self.batch} takes ({self.batch}, {prev}) "
                              f"codes, got {tuple(codes.shape)}")
-        self._set_mix(mix)
+        load_mix(self.mix, mix)
         self.codes[:, :prev].copy_(codes)
 
     def step(self, codes: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
@@ -109,18 +102,13 @@ class VARCUDAGraphDecoder(VARStaticDecoder):
     sampling will use; the prefill (scale 0) runs eagerly into the same static buffers."""
 
     def __init__(self, model: VAR, batch: int, guided: bool):
-        from vqtok.ar.cuda_graphs import capture_decode_steps, capturing, require_cuda
+        from vqtok.ar.cuda_graphs import capture_static_steps, require_cuda
 
         device = model.head.weight.device
         require_cuda(device)
         super().__init__(model, batch, guided)
-        self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
-        warm_mix = HeadMix(1.0) if guided else None  # the warm-up decodes with any valid setting
-        with capturing(model, device):
-            self.graphs = capture_decode_steps(
-                device, lambda: VARStaticDecoder.start(self, self.cond_ids.clone(), mix=warm_mix), self._run,
-                len(self.sides), self.pool)
+        capture_static_steps(self, device, lambda mix: VARStaticDecoder.start(self, self.cond_ids.clone(), mix=mix),
+                             len(self.sides))
 
     def step(self, codes: torch.Tensor, step: int, mix: HeadMix | None = None) -> torch.Tensor:
         self._feed(codes, step, mix)
