@@ -27,7 +27,7 @@ from vqtok.errors import UserError
 GUARD_BUFFERS = ("initialized", "codebook_updates", "ema_cluster_size", "ema_embed_sum")
 # The multi-scale search statistics (scale_gain) may start fresh when the source lacks them; a source that
 # has them needs a model that uses them (its codes mean something else without the gains).
-FRESH_IF_MISSING = GUARD_BUFFERS + ("scale_rms", "scale_mean")
+FRESH_IF_MISSING = GUARD_BUFFERS + ("scale_rms", "scale_mean", "scale_code_hits")
 
 
 @dataclass

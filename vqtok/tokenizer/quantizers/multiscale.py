@@ -56,6 +56,7 @@ class MultiScaleVQConfig:
     dead_code_decay: float = 0.9         # EMA decay of the summed hits per step that find dead codes
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
+    entropy_sample_term: bool = True     # False: only the batch (marginal) entropy of each scale's codes
     straight_through: str = "identity"   # "identity" or "rotation" (Fifty et al. 2024)
     # Per-scale gain of the code search (not in VAR; off by default). Area-downsampled residuals of the
     # middle scales are smaller than the last scale's, so squared-L2 search sends them to the few codes
@@ -68,6 +69,17 @@ class MultiScaleVQConfig:
     scale_gain: bool = False
     scale_center: bool = False
     scale_gain_decay: float = 0.9        # EMA decay of the per-scale residual statistics
+    # Per-scale dead codes (not in VAR; off by default). The summed-hits rule above never restarts a code
+    # that the fine scales use but a coarse scale never picks. With `scale_dead_code_threshold` > 0 each
+    # scale k also keeps an EMA (decay `scale_dead_code_decay`, all ranks) of each code's hits per step
+    # divided by the scale's mean hits per code (tokens of scale k per step / codebook size), so 1 is a fair
+    # share; a code below the threshold at a scale whose EMA window holds at least
+    # `scale_dead_code_min_tokens` tokens per code (tokens per code per step / (1 - decay)) restarts from a
+    # residual of that scale. With `scale_gain` the codes live in the normalised space every scale searches
+    # in, so a code moved to a coarse scale's residual still lies in the fine scales' distribution.
+    scale_dead_code_threshold: float = 0.0
+    scale_dead_code_decay: float = 0.97
+    scale_dead_code_min_tokens: float = 2.0
 
     def __post_init__(self) -> None:
         if self.codebook_size < 1 or self.dim < 1:
@@ -87,6 +99,11 @@ class MultiScaleVQConfig:
             raise ConfigError("multiscale scale_center needs scale_gain: true")
         if not 0.0 <= self.scale_gain_decay < 1.0:
             raise ConfigError(f"multiscale scale_gain_decay must lie in [0, 1), got {self.scale_gain_decay}")
+        if self.scale_dead_code_threshold < 0 or self.scale_dead_code_min_tokens < 0:
+            raise ConfigError("multiscale scale_dead_code_threshold and scale_dead_code_min_tokens must not be negative")
+        if not 0.0 < self.scale_dead_code_decay < 1.0:
+            raise ConfigError(
+                f"multiscale scale_dead_code_decay must lie strictly between 0 and 1, got {self.scale_dead_code_decay}")
         if self.straight_through not in ("identity", "rotation"):
             raise ConfigError(f"multiscale straight_through must be 'identity' or 'rotation', got '{self.straight_through}'")
 
@@ -172,10 +189,13 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         self.num_count_scales = K
         if cfg.kmeans_init:
             self.register_buffer("initialized", torch.tensor(False))
-        if cfg.kmeans_init or cfg.dead_code_threshold > 0:
+        if cfg.kmeans_init or cfg.dead_code_threshold > 0 or cfg.scale_dead_code_threshold > 0:
             self.register_buffer("codebook_updates", torch.tensor(0, dtype=torch.long))
         if cfg.dead_code_threshold > 0:
             self.register_buffer("ema_cluster_size", torch.ones(cfg.codebook_size))
+        if cfg.scale_dead_code_threshold > 0:
+            # per scale, each code's EMA of hits per step over the scale's mean hits per code (1 = fair share)
+            self.register_buffer("scale_code_hits", torch.ones(K, cfg.codebook_size))
         if cfg.scale_gain:
             # per-scale, per-channel residual RMS (around the mean with scale_center; 0 = not measured yet:
             # gain 1), the mean itself, and this step's sums, sums of squares and counts
@@ -185,6 +205,11 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
             self._gain_stats: torch.Tensor | None = None
         self._pool = RowPool()  # rows (N, C + 1): a scale's residual vector and the scale index
         self._kmeans_rows: list[torch.Tensor] = []
+
+    @property
+    def _wants_rows(self) -> bool:
+        per_scale = self.config.scale_dead_code_threshold > 0 and not self.codebook_frozen
+        return per_scale or CodebookGuards._wants_rows.fget(self)
 
     @property
     def tokens_per_image(self) -> int:
@@ -301,7 +326,8 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                     codes = self.embedding.weight
                     if cfg.using_znorm:  # the affinity of the search itself: distances between directions
                         rest_grad, codes = F.normalize(rest_grad, dim=-1), F.normalize(codes, dim=-1)
-                    entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, codes), cfg.entropy_temperature)
+                    entropy = entropy + entropy_regularizer(-squared_distances(rest_grad, codes), cfg.entropy_temperature,
+                                                           cfg.entropy_sample_term)
                 r = self._residual_of(idx, k, (H, W), (gains, offsets))
                 f_hat = f_hat + r
                 f_rest = f_rest - r.detach()  # only feeds the next argmin
@@ -395,6 +421,8 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                 self._record_hits(hits[k], k)
             if "ema_cluster_size" in self._buffers:
                 self.ema_cluster_size.lerp_(hits.sum(0), 1 - cfg.dead_code_decay)
+        if "scale_code_hits" in self._buffers:
+            self._record_scale_hits(hits)
         if cfg.scale_gain:
             self._update_scale_stats()
         if cfg.kmeans_init and not bool(self.initialized):
@@ -416,12 +444,42 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
                         self.scale_mean.zero_()
                 if "ema_cluster_size" in self._buffers:  # hits per step expected from the k-means clusters
                     self.ema_cluster_size.copy_(broadcast_(bins.to(self.embedding.weight.device)) / max(1, n_steps))
+                if "scale_code_hits" in self._buffers:  # every new code starts with a fair share at every scale
+                    self.scale_code_hits.fill_(1.0)
                 update.replaced = torch.ones(self.codebook_size, dtype=torch.bool, device=self.embedding.weight.device)
             return update
-        if cfg.dead_code_threshold > 0:
-            update.replaced = self._restart_dead_codes()
+        if cfg.dead_code_threshold > 0 or cfg.scale_dead_code_threshold > 0:
+            update.replaced = self._restart_dead_codes(hits.sum(1))
         self._pool.clear()
         return update
+
+    @torch.no_grad()
+    def _record_scale_hits(self, hits: torch.Tensor) -> None:
+        """Fold this step's (all-ranks) hits of each scale, over the scale's mean hits per code, into
+        `scale_code_hits`; a scale without tokens this step keeps its EMA."""
+        n = hits.sum(1, keepdim=True)
+        share = hits * (self.codebook_size / n.clamp_min(1))
+        ema = self.scale_code_hits
+        ema.copy_(torch.where(n > 0, ema.lerp(share.to(ema.dtype), 1 - self.config.scale_dead_code_decay), ema))
+
+    def _restart_sources(self, scale_tokens: torch.Tensor) -> torch.Tensor:
+        """(V,) the scale whose residual each code restarts from this step, -1 for codes kept.
+
+        Dead by the summed hits: the i-th such code takes scale i mod K. Then, with per-scale accounting, a
+        code below `scale_dead_code_threshold` at a scale whose EMA window holds enough tokens per code
+        takes that scale (the coarsest such scale when there are several)."""
+        cfg, K, V = self.config, len(self.scales), self.codebook_size
+        source = torch.full((V,), -1, dtype=torch.long)
+        if cfg.dead_code_threshold > 0:
+            dead = (self.ema_cluster_size < cfg.dead_code_threshold).cpu().nonzero().squeeze(1)
+            source[dead] = torch.arange(dead.numel()) % K
+        if cfg.scale_dead_code_threshold > 0:
+            window_tokens = scale_tokens.cpu().float() / V / (1 - cfg.scale_dead_code_decay)
+            low = (self.scale_code_hits < cfg.scale_dead_code_threshold).cpu()
+            for k in range(K):
+                if float(window_tokens[k]) >= cfg.scale_dead_code_min_tokens:
+                    source[low[k] & (source < 0)] = k
+        return source
 
     def _equalize_scales(self, rows: torch.Tensor, scale_of: torch.Tensor) -> torch.Tensor:
         """Each scale's rows brought to the RMS of all rows (and, with `scale_center`, centred per channel
@@ -439,18 +497,24 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         return out
 
     @torch.no_grad()
-    def _restart_dead_codes(self) -> torch.Tensor | None:
+    def _restart_dead_codes(self, scale_tokens: torch.Tensor) -> torch.Tensor | None:
+        """Restart the codes `_restart_sources` names from residuals of their scale (every rank's pool, drawn
+        with the update count's generator, so all ranks agree); returns the mask of restarted codes.
+        Collective when anything is to restart (the masks are built from all-reduced hits)."""
         K = len(self.scales)
-        threshold = self.config.dead_code_threshold
-        found = self._dead_codes_and_pool()
-        if found is None:
+        source = self._restart_sources(scale_tokens)
+        restart = source >= 0
+        n_dead = int(restart.sum())
+        if n_dead == 0:
             return None
-        dead, n_dead, pool = found
+        pool = self._pool.gather()
+        if pool.shape[0] == 0:
+            return None
         gen = seeded_generator(int(self.codebook_updates))
         scale_of = pool[:, -1].long()
-        # dead code i takes a residual of scale i mod K: every scale, coarse ones included, gets new codes
+        # dead code i takes a residual of its source scale: every scale, coarse ones included, gets new codes
         new = torch.empty(n_dead, self.dim + 1, device=pool.device)
-        targets = torch.arange(n_dead) % K
+        targets = source[restart]
         for k in range(K):
             want = int((targets == k).sum())
             rows = pool[scale_of == k]
@@ -462,8 +526,12 @@ class MultiScaleResidualVQ(CodebookGuards, Quantizer):
         if self.config.scale_gain:  # a restarted code sits where its residual meets the search
             new = (new - self.offsets().to(new.device)[new_scale]) / self.gains().to(new.device)[new_scale]
         weight = self.embedding.weight.data
+        dead = restart.to(weight.device)
         weight[dead] = new.to(weight.device, weight.dtype)
-        self.ema_cluster_size[dead] = threshold
+        if "ema_cluster_size" in self._buffers:  # codes live by the summed hits stay as they were
+            self.ema_cluster_size[dead] = self.ema_cluster_size[dead].clamp_min(self.config.dead_code_threshold)
+        if "scale_code_hits" in self._buffers:  # a new code gets a fair share's grace at every scale
+            self.scale_code_hits[:, dead] = 1.0
         return dead
 
     @torch.no_grad()

@@ -102,13 +102,16 @@ def nearest_code(z_flat: torch.Tensor, codebook: torch.Tensor, l2_norm: bool = F
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z_flat.device)
 
 
-def entropy_regularizer(affinity: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean per-token entropy minus entropy of the mean distribution (LlamaGen/MAGVIT form)."""
+def entropy_regularizer(affinity: torch.Tensor, temperature: float, sample_term: bool = True) -> torch.Tensor:
+    """Mean per-token entropy minus entropy of the mean distribution (LlamaGen/MAGVIT form); with
+    `sample_term=False` only minus the entropy of the mean distribution (the batch's code spread)."""
     logits = affinity / temperature
     probs = logits.softmax(-1)
-    sample_entropy = -(probs * logits.log_softmax(-1)).sum(-1).mean()
     avg = probs.mean(0)
-    return sample_entropy - (-(avg * torch.log(avg + 1e-5)).sum())
+    marginal = -(-(avg * torch.log(avg + 1e-5)).sum())
+    if not sample_term:
+        return marginal
+    return -(probs * logits.log_softmax(-1)).sum(-1).mean() + marginal
 
 
 def kmeans_plus_plus_seeds(samples: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
