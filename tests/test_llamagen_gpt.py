@@ -577,28 +577,19 @@ def test_sample_cli_static_decoder_with_a_padded_last_batch_writes_the_eager_tok
     # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
     from typer.testing import CliRunner
 
-    import vqtok.app.sample as generate
+    from static_sampling import eager_and_static_tokens
     from vqtok.cli import app
 
     model = random_model(tiny(vocab_size=40, block_size=16, num_classes=5))
     gen = interop.save_converted(model.state_dict(), tmp_path / "gen", block_size=16, n_head=4)
-    made = []
-
-    def static_decoder(model, cfg, batch, graphs):
-        made.append(llamagen.StaticDecoder(model, batch, cfg.uses_cfg))
-        return made[-1]
-
     args = ["sample", "--ckpt", str(gen), "--device", "cpu", "--num-samples", "5", "--batch-size", "2", "--seed", "3",
             "--tokens-only", "--cfg", "2", "--top-p", "0.9"]
-    runner = CliRunner()
-    eager = runner.invoke(app, args + ["--out", str(tmp_path / "eager")])
-    assert eager.exit_code == 0, eager.output
-    monkeypatch.setattr(generate, "_make_decoder", static_decoder)
-    static = runner.invoke(app, args + ["--out", str(tmp_path / "static")])
-    assert static.exit_code == 0, static.output
+    eager, static, made = eager_and_static_tokens(
+        lambda out: CliRunner().invoke(app, args + ["--out", str(out)]),
+        lambda model, cfg, batch: llamagen.StaticDecoder(model, batch, cfg.uses_cfg), monkeypatch, tmp_path)
     assert len(made) == 1 and made[0].batch == 2 and made[0].rows == 4
-    assert np.array_equal(np.load(tmp_path / "eager" / "tokens.npy"), np.load(tmp_path / "static" / "tokens.npy"))
-    assert np.load(tmp_path / "static" / "tokens.npy").shape == (5, 4, 4)
+    assert np.array_equal(eager, static)
+    assert static.shape == (5, 4, 4)
 
 
 def test_cuda_graph_decoder_needs_a_cuda_device():

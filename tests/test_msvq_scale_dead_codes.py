@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gloo_ranks import run_on_gloo_ranks
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ
 
@@ -167,17 +168,6 @@ def test_init_from_weights_without_the_per_scale_hits_starts_them_fresh():
     assert torch.equal(model.quantize.scale_code_hits, torch.ones(6, 512))
 
 
-def _gloo_worker(rank, world, init_file, zs, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out[rank] = [_codebook_care(zs[rank], **kw) for kw in _CARE]
-    finally:
-        dist.destroy_process_group()
-
-
 # accounting only (no scale has enough tokens to restart), then restarts at every scale with the gained search
 _CARE = [dict(scale_dead_code_min_tokens=1e9),
          dict(scale_dead_code_min_tokens=0.0, kmeans_init=True, scale_gain=True, scale_center=True)]
@@ -195,14 +185,14 @@ def _codebook_care(z_steps, **kw):
     return q.scale_code_hits.clone(), q.embedding.weight.detach().clone(), replaced
 
 
-def test_two_gloo_ranks_count_the_whole_batch_and_restart_the_same_codes(tmp_path):
-    import torch.multiprocessing as mp
 
+def _every_care(z_steps):  # one rank's results for every setting in _CARE
+    return [_codebook_care(z_steps, **kw) for kw in _CARE]
+
+def test_two_gloo_ranks_count_the_whole_batch_and_restart_the_same_codes(tmp_path):
     steps = [_one_sided_coarse_latents(s, 8) for s in range(4)]
     halves = [[z[:4] for z in steps], [z[4:] for z in steps]]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), halves, out), nprocs=2, join=True)
+    out = run_on_gloo_ranks(_every_care, halves, tmp_path)
     # the accounting all-reduces the hits: both ranks hold what one process over the whole batch holds
     hits_single, codes_single, _ = _codebook_care(steps, **_CARE[0])
     for rank in range(2):

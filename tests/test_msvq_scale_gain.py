@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gloo_ranks import run_on_gloo_ranks
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ
 from vqtok.tokenizer.quantizers.vq import nearest_code
@@ -173,17 +174,6 @@ def test_scale_gain_state_resumes_exactly_and_defaults_leave_vars_keys_alone():
     torch.testing.assert_close(b.embedding.weight, a.embedding.weight, rtol=0, atol=0)
 
 
-def _gloo_worker(rank, world, init_file, zs, out):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out[rank] = [_codebook_care(zs[rank], **kw) for kw in _CARE]
-    finally:
-        dist.destroy_process_group()
-
-
 _CARE = [dict(kmeans_init=False, dead_code_threshold=0.0),
          dict(kmeans_init=False, dead_code_threshold=0.0, scale_center=True),
          dict(kmeans_init=True, dead_code_threshold=3.0, scale_center=True)]
@@ -199,14 +189,14 @@ def _codebook_care(z_steps, **kw):
     return q.scale_rms.clone(), q.offsets().clone(), q.embedding.weight.detach().clone()
 
 
-def test_two_gloo_ranks_measure_the_gains_of_the_whole_batch_and_agree(tmp_path):
-    import torch.multiprocessing as mp
 
+def _every_care(z_steps):  # one rank's results for every setting in _CARE
+    return [_codebook_care(z_steps, **kw) for kw in _CARE]
+
+def test_two_gloo_ranks_measure_the_gains_of_the_whole_batch_and_agree(tmp_path):
     steps = [_small_middle_latents(s, 8) * (1 + s) for s in range(4)]
     halves = [[z[:4] for z in steps], [z[4:] for z in steps]]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), halves, out), nprocs=2, join=True)
+    out = run_on_gloo_ranks(_every_care, halves, tmp_path)
     # without k-means and restarts (whose pooled rows come in rank order, not batch order) the two ranks
     # measure the residual RMS of the whole global batch, as one process over both halves does
     for i in (0, 1):  # one gain per scale; per-channel means and RMS (scale_center)

@@ -322,21 +322,14 @@ def test_cuda_graphs_on_without_cuda_is_refused(ckpts, tmp_path):
 
 def test_static_decoder_run_with_a_padded_last_batch_writes_the_eager_tokens(ckpts, tmp_path, monkeypatch):
     # what --cuda-graphs does on CUDA, on CPU: one static decoder for --batch-size rows, the last batch padded
-    import vqtok.app.sample as generate
+    from static_sampling import eager_and_static_tokens
     from vqtok.ar.rar_decoding import StaticDecoder
 
-    made = []
-
-    def static_decoder(model, cfg, batch, graphs):
-        made.append(StaticDecoder(model, batch, cfg.uses_cfg, torch.arange(model.config.seq_len)))
-        return made[-1]
-
     args = ["--num-samples", "5", "--batch-size", "2", "--seed", "3", "--tokens-only", "--cfg", "2", "--top-p", "0.9"]
-    eager = sample_cli(ckpts, tmp_path / "eager", *args)
-    assert eager.exit_code == 0, eager.output
-    monkeypatch.setattr(generate, "_make_decoder", static_decoder)
-    static = sample_cli(ckpts, tmp_path / "static", *args)
-    assert static.exit_code == 0, static.output
+    eager, static, made = eager_and_static_tokens(
+        lambda out: sample_cli(ckpts, out, *args),
+        lambda model, cfg, batch: StaticDecoder(model, batch, cfg.uses_cfg, torch.arange(model.config.seq_len)),
+        monkeypatch, tmp_path)
     assert len(made) == 1 and made[0].batch == 2
-    assert np.array_equal(np.load(tmp_path / "eager" / "tokens.npy"), np.load(tmp_path / "static" / "tokens.npy"))
-    assert np.load(tmp_path / "static" / "tokens.npy").shape == (5, 8, 8)
+    assert np.array_equal(eager, static)
+    assert static.shape == (5, 8, 8)

@@ -101,27 +101,17 @@ def test_sample_cli_static_decoder_with_a_padded_last_batch_writes_the_eager_tok
     # padded; the tokenizer is the tiny-msvq recipe's (its search gains on)
     from typer.testing import CliRunner
 
-    import vqtok.app.sample as generate
+    from static_sampling import eager_and_static_tokens
     from vqtok.cli import app
     from vqtok.interop.var_gpt import save_converted
 
     torch.manual_seed(0)
     msvq, cfg = _saved_tokenizers(tmp_path)
     save_converted(VAR(cfg).state_dict(), tmp_path / "gen", tokenizer=tmp_path / "msvq")
-    made = []
-
-    def static_decoder(model, cfg, batch, graphs):
-        made.append(VARStaticDecoder(model, batch, cfg.uses_cfg))
-        return made[-1]
-
     args = ["sample", "--ckpt", str(tmp_path / "gen"), "--device", "cpu", "--num-samples", "5", "--batch-size", "2",
             "--seed", "3", "--tokens-only", "--cfg", "2.5", "--cfg-schedule", "ramp", "--top-k", "9"]
-    runner = CliRunner()
-    eager = runner.invoke(app, args + ["--out", str(tmp_path / "eager")])
-    assert eager.exit_code == 0, eager.output
-    monkeypatch.setattr(generate, "_make_decoder", static_decoder)
-    static = runner.invoke(app, args + ["--out", str(tmp_path / "static")])
-    assert static.exit_code == 0, static.output
+    eager, static, made = eager_and_static_tokens(
+        lambda out: CliRunner().invoke(app, args + ["--out", str(out)]),
+        lambda model, cfg, batch: VARStaticDecoder(model, batch, cfg.uses_cfg), monkeypatch, tmp_path)
     assert len(made) == 1 and made[0].batch == 2 and made[0].rows == 4
-    tokens = np.load(tmp_path / "static" / "tokens.npy")
-    assert np.array_equal(np.load(tmp_path / "eager" / "tokens.npy"), tokens) and tokens.shape[0] == 5
+    assert np.array_equal(eager, static) and static.shape[0] == 5

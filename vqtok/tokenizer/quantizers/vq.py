@@ -108,10 +108,10 @@ def entropy_regularizer(affinity: torch.Tensor, temperature: float, sample_term:
     logits = affinity / temperature
     probs = logits.softmax(-1)
     avg = probs.mean(0)
-    marginal = -(-(avg * torch.log(avg + 1e-5)).sum())
+    minus_marginal_entropy = (avg * torch.log(avg + 1e-5)).sum()
     if not sample_term:
-        return marginal
-    return -(probs * logits.log_softmax(-1)).sum(-1).mean() + marginal
+        return minus_marginal_entropy
+    return -(probs * logits.log_softmax(-1)).sum(-1).mean() + minus_marginal_entropy
 
 
 def kmeans_plus_plus_seeds(samples: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
