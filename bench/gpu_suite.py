@@ -1,7 +1,11 @@
 """The GPU suite: every command's CUDA path on tiny data, then the GPU throughput figures.
 
-    python bench/gpu_suite.py                      # on a CUDA machine: about 5-8 minutes
+    python bench/gpu_suite.py                      # on a CUDA machine: about 5-8 minutes (never measured yet)
     python bench/gpu_suite.py --check --out /tmp/g # on CPU: the same code paths at toy sizes (a test runs this)
+    bash bench/gpu_run.sh                          # on a lent GPU machine (see bench/gpu_prepare.sh)
+
+`--budget-s S` starts no part after S seconds (the rest are reported as skipped), and the report is rewritten
+after every part, so a run stopped from outside keeps what it finished.
 
 Part 1, the commands (the `vqtok` CLI app invoked in this process with exactly the arguments a user types,
 on 8 random 64 px images in two classes): train-tokenizer (tiny-vqgan, 20 steps, bf16 autocast, discriminator on from step 1),
@@ -126,7 +130,8 @@ def vqtok_cli(args: list, log: list) -> float:
 
 
 def sample_has_cuda_graphs() -> bool:
-    """Whether this build's `vqtok sample` takes --cuda-graphs (the option is being added separately)."""
+    """Whether this build's `vqtok sample` takes --cuda-graphs (it does since the option landed; kept so the
+    suite also runs on an older checkout)."""
     import inspect
 
     from vqtok.cli.sample import sample_command
@@ -398,12 +403,15 @@ def markdown(results: dict) -> str:
     def row(name, text):
         lines.append(f"| {name} | {text} |")
 
-    for part in ("commands", "sampling", "rar_train", "tokenizer_train", "encode", "generators"):
+    for part, _ in PARTS:
         r = results.get(part)
         if r is None:
             continue
         if "error" in r:
             row(part, f"FAILED: {r['error'].splitlines()[0][:200]}")
+            continue
+        if "skipped" in r:
+            row(part, f"skipped ({r['skipped']})")
             continue
         if part == "commands":
             row("train-tokenizer / encode / train-ar / sample (tiny, bf16)",
@@ -431,8 +439,33 @@ def markdown(results: dict) -> str:
                     f"eager {r[name + '_eager_img_s']:.1f} img/s, CUDA graphs {r[name + '_graphed_img_s']:.1f} img/s "
                     f"(codes equal eager: {r[name + '_graphed_equal_eager']:.3f})")
     lines.append("")
-    lines.append(f"total {results['total_s']:.0f} s")
+    lines.append(f"total {results.get('total_s', 0.0):.0f} s")
     return "\n".join(lines) + "\n"
+
+
+# (name, function(device, sizes, work folder)) in the order they run
+PARTS = [("commands", part_commands),
+         ("sampling", lambda device, sz, work: part_sampling(device, sz)),
+         ("rar_train", lambda device, sz, work: part_rar_train(device, sz)),
+         ("tokenizer_train", lambda device, sz, work: part_tokenizer_train(device, sz)),
+         ("encode", lambda device, sz, work: part_encode(device, sz)),
+         ("generators", lambda device, sz, work: part_generators(device, sz))]
+
+
+def write_report(results: dict, out_dir: Path) -> str:
+    """gpu_results.json and gpu_results.md as they stand (after every part, so that a run stopped at the
+    device's time limit still leaves the parts it finished); returns the table."""
+    from vqtok.atomic_files import atomic_write_bytes
+
+    results["goals"] = {
+        "rar_b_sampling_with_decode_img_s": {"goal": GOALS["rar_b_sampling_with_decode_img_s"],
+                                             "got": results.get("sampling", {}).get("rar_b_sampling_with_decode_img_s")},
+        "rar_b_train_mfu": {"goal": GOALS["rar_b_train_mfu"], "got": results.get("rar_train", {}).get("rar_b_train_mfu")},
+    }
+    atomic_write_bytes(out_dir / "gpu_results.json", (json.dumps(results, indent=2, default=str) + "\n").encode())
+    table = markdown(results)
+    atomic_write_bytes(out_dir / "gpu_results.md", table.encode())
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,12 +473,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="CPU, toy sizes: prove every code path is wired")
     p.add_argument("--out", default="gpu_results", help="folder for gpu_results.json and gpu_results.md")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --check)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: commands,sampling,rar_train,"
-                   "tokenizer_train,encode,generators")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(n for n, _ in PARTS))
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="start no part once this many seconds have passed (the rest are reported as skipped); "
+                        "bench/gpu_run.sh passes 480 so that a 600-second device command ends with its report")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.check else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; run with --check for the CPU wiring test", file=sys.stderr)
+        return 2
+    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {n for n, _ in PARTS}
+    if unknown:
+        print(f"error: --skip names no part {sorted(unknown)}; the parts: {', '.join(n for n, _ in PARTS)}",
+              file=sys.stderr)
         return 2
     if args.check and device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -459,21 +499,20 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg()[0], "command": " ".join(["python bench/gpu_suite.py", *(argv or sys.argv[1:])])}}
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t_all = time.perf_counter()
-    failed = []
+    failed, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        parts = [("commands", lambda: part_commands(device, sz, Path(tmp))),
-                 ("sampling", lambda: part_sampling(device, sz)),
-                 ("rar_train", lambda: part_rar_train(device, sz)),
-                 ("tokenizer_train", lambda: part_tokenizer_train(device, sz)),
-                 ("encode", lambda: part_encode(device, sz)),
-                 ("generators", lambda: part_generators(device, sz))]
-        for name, fn in parts:
+        for name, fn in PARTS:
             if name in skip:
+                continue
+            elapsed = time.perf_counter() - t_all
+            if elapsed >= args.budget_s:
+                results[name] = {"skipped": f"time budget: {elapsed:.0f} s of --budget-s {args.budget_s:g} spent"}
+                skipped.append(name)
                 continue
             t = time.perf_counter()
             print(f"== {name}", flush=True)
             try:
-                r = fn()
+                r = fn(device, sz, Path(tmp))
             except Exception as exc:  # noqa: BLE001 (one part failing must not hide the others' figures)
                 r = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
                 failed.append(name)
@@ -483,16 +522,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in r.items() if k not in ("commands", "traceback")}, default=str), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            results["total_s"] = time.perf_counter() - t_all
+            write_report(results, out_dir)
     results["total_s"] = time.perf_counter() - t_all
-    results["goals"] = {
-        "rar_b_sampling_with_decode_img_s": {"goal": GOALS["rar_b_sampling_with_decode_img_s"],
-                                             "got": results.get("sampling", {}).get("rar_b_sampling_with_decode_img_s")},
-        "rar_b_train_mfu": {"goal": GOALS["rar_b_train_mfu"], "got": results.get("rar_train", {}).get("rar_b_train_mfu")},
-    }
-    (out_dir / "gpu_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    table = markdown(results)
-    (out_dir / "gpu_results.md").write_text(table)
+    table = write_report(results, out_dir)
     print(table)
+    if skipped:
+        print(f"skipped for the time budget: {', '.join(skipped)} (rerun with --skip for the parts done)", file=sys.stderr)
     if failed:
         print(f"FAILED parts: {', '.join(failed)}", file=sys.stderr)
         return 1

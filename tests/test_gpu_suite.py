@@ -89,3 +89,75 @@ def test_compare_official_time_budget_cuts_rounds_but_keeps_two_per_side(monkeyp
     co.BUDGET.update(case_s=0.2, t0=time.perf_counter())  # room for a few rounds of ~0.04 s, not all 20
     n = len(co.alternate(fns, 20, warmup=0)["vqtok"])
     assert 2 <= n < 20
+
+
+def load_gpu_suite():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", REPO / "bench" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_writes_its_report_after_every_part_and_stops_at_the_budget(tmp_path, monkeypatch):
+    suite = load_gpu_suite()
+    seen, now = {}, [0.0]
+
+    def first(device, sz, work):
+        now[0] = 10.0
+        return {"tokenizer": "tiny-vqgan", "resolution": 64, "batch": 2, "img_s": 5.0}
+
+    def second(device, sz, work):  # a run killed here must already have the first part on disk
+        seen.update(json.loads((tmp_path / "gpu_results.json").read_text()))
+        now[0] = 100.0
+        raise RuntimeError("boom")
+
+    def third(device, sz, work):
+        raise AssertionError("the budget was spent: this part must not start")
+
+    monkeypatch.setattr(suite, "PARTS", [("encode", first), ("sampling", second), ("rar_train", third)])
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: now[0])
+    assert suite.main(["--check", "--out", str(tmp_path), "--budget-s", "50"]) == 1  # a part failed
+    assert seen["encode"]["img_s"] == 5.0 and "sampling" not in seen
+    results = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert results["sampling"]["error"] == "RuntimeError: boom"
+    assert results["rar_train"]["skipped"].startswith("time budget: 100 s of --budget-s 50 spent")
+    table = (tmp_path / "gpu_results.md").read_text()
+    assert "| encode (tiny-vqgan, 64 px, batch 2) | 5.0 img/s |" in table
+    assert "| sampling | FAILED: RuntimeError: boom |" in table and "| rar_train | skipped (time budget" in table
+
+
+def test_gpu_suite_refuses_an_unknown_part_to_skip(tmp_path, capsys):
+    assert load_gpu_suite().main(["--check", "--out", str(tmp_path), "--skip", "sampling,samplnig"]) == 2
+    assert "--skip names no part ['samplnig']" in capsys.readouterr().err
+
+
+def test_gpu_run_script_runs_the_suite_from_the_checkout_and_logs_to_out(tmp_path):
+    # the device-side wrapper: the checkout on PYTHONPATH, the suite's report and a log under $OUT; with the
+    # budget at 0 every part is reported as skipped, so this checks the wiring in seconds
+    env = dict(os.environ, OUT=str(tmp_path / "out"), BUDGET="0", PYTHON=sys.executable)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "--check"], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
+    assert all("skipped" in results[part] for part in ("commands", "sampling", "rar_train", "tokenizer_train",
+                                                          "encode", "generators"))
+    log = (tmp_path / "out" / "gpu_suite.log").read_text()
+    assert "torch " in log and "skipped for the time budget: commands, sampling" in log
+
+
+def test_gpu_run_script_names_the_missing_wheel(tmp_path):
+    if (REPO / ".whl").exists():
+        import pytest
+
+        pytest.skip("this checkout has a prepared .whl/ folder")
+    fake = tmp_path / "python3"  # an interpreter whose image lacks lpips
+    fake.write_text("#!/usr/bin/env bash\nif [ \"$1\" = - ]; then cat >/dev/null; echo lpips; else exit 9; fi\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake))
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh")], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "lpips is not installed here and .whl/ has no lpips-*.whl: run bench/gpu_prepare.sh" in proc.stderr

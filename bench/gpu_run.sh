@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Run ON THE GPU MACHINE (the device tool's `run`, from the repository root, with carry=[".whl"] prepared by
+# bench/gpu_prepare.sh): installs the carried wheels of whatever vqtok needs and the image lacks into
+# /tmp/vqtok_deps, puts the checkout on PYTHONPATH (no pip install of vqtok: nothing can be fetched there),
+# then runs bench/gpu_suite.py with a time budget that leaves the report written inside one 600-second
+# command. Results: $OUT/gpu_results.json, $OUT/gpu_results.md (the table for bench/README.md) and
+# $OUT/gpu_suite.log; the suite rewrites the two results files after every part, so a run cut short keeps
+# the parts it finished. Extra arguments go to gpu_suite.py (e.g. --skip commands for a second try).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_results}
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-480}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+missing=$($PY - <<'PY'
+import importlib.util
+need = {"webdataset": "webdataset", "braceexpand": "braceexpand", "lpips": "lpips", "torch_fidelity": "torch_fidelity"}
+print(" ".join(wheel for module, wheel in need.items() if importlib.util.find_spec(module) is None))
+PY
+)
+if [ -n "$missing" ]; then
+    wheels=()
+    for name in $missing; do
+        found=$(ls .whl/"${name}"-*.whl 2>/dev/null | head -1)
+        if [ -z "$found" ]; then
+            echo "error: $name is not installed here and .whl/ has no ${name}-*.whl: run bench/gpu_prepare.sh on the" \
+                 "build machine and pass carry=[\".whl\"]" | tee "$OUT/gpu_suite.log" >&2
+            exit 2
+        fi
+        wheels+=("$found")
+    done
+    $PY -m pip install --quiet --no-deps --no-index --target /tmp/vqtok_deps "${wheels[@]}" || exit 2
+    export PYTHONPATH=/tmp/vqtok_deps${PYTHONPATH:+:$PYTHONPATH}
+    echo "installed from .whl/: $missing"
+fi
+export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+} | tee "$OUT/gpu_suite.log"
+$PY bench/gpu_suite.py --out "$OUT" --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$OUT/gpu_suite.log"
+exit "${PIPESTATUS[0]}"
