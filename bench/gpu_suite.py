@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; run with --check for the CPU wiring test", file=sys.stderr)
         return 2
-    unknown = {s.strip() for s in args.skip.split(",") if s.strip()} - {n for n, _ in PARTS}
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {n for n, _ in PARTS}
     if unknown:
         print(f"error: --skip names no part {sorted(unknown)}; the parts: {', '.join(n for n, _ in PARTS)}",
               file=sys.stderr)
@@ -497,7 +498,6 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
         "load_average": os.getloadavg()[0], "command": " ".join(["python bench/gpu_suite.py", *(argv or sys.argv[1:])])}}
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t_all = time.perf_counter()
     failed, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
