@@ -15,8 +15,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 missing=$($PY - <<'PY'
 import importlib.util
-need = {"webdataset": "webdataset", "braceexpand": "braceexpand", "lpips": "lpips", "torch_fidelity": "torch_fidelity"}
-print(" ".join(wheel for module, wheel in need.items() if importlib.util.find_spec(module) is None))
+# each module's wheel file is named after it (torch_fidelity-*.whl for torch-fidelity)
+need = ("webdataset", "braceexpand", "lpips", "torch_fidelity")
+print(" ".join(module for module in need if importlib.util.find_spec(module) is None))
 PY
 )
 if [ -n "$missing" ]; then

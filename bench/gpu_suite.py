@@ -10,7 +10,7 @@ after every part, so a run stopped from outside keeps what it finished.
 Part 1, the commands (the `vqtok` CLI app invoked in this process with exactly the arguments a user types,
 on 8 random 64 px images in two classes): train-tokenizer (tiny-vqgan, 20 steps, bf16 autocast, discriminator on from step 1),
 encode (that tokenizer), train-ar (rar-tiny, 20 steps, bf16), sample (CFG 3.0, bf16, with
-`--cuda-graphs on` when this build's `vqtok sample` has the option). Each must exit 0 and leave its
+`--cuda-graphs on` on CUDA). Each must exit 0 and leave its
 file contract (final/model.safetensors, manifest.json, grid.png).
 
 Part 2, the measurements (library calls, median of the timed runs):
@@ -129,16 +129,6 @@ def vqtok_cli(args: list, log: list) -> float:
     return wall
 
 
-def sample_has_cuda_graphs() -> bool:
-    """Whether this build's `vqtok sample` takes --cuda-graphs (it does since the option landed; kept so the
-    suite also runs on an older checkout)."""
-    import inspect
-
-    from vqtok.cli.sample import sample_command
-
-    return "cuda_graphs" in inspect.signature(sample_command).parameters
-
-
 def part_commands(device: torch.device, sz: dict, work: Path) -> dict:
     dev = device.type if device.index is None else f"{device.type}:{device.index}"
     data = write_images(work / "images")
@@ -167,7 +157,7 @@ def part_commands(device: torch.device, sz: dict, work: Path) -> dict:
         "train.log_every=5",
     ], log)
     assert (ar / "final").is_dir(), "train-ar left no final/"
-    graphs = device.type == "cuda" and sample_has_cuda_graphs()
+    graphs = device.type == "cuda"
     out["sample_cuda_graphs"] = graphs if device.type == "cuda" else "n/a (CPU)"
     out["sample_s"] = vqtok_cli([
         "sample", "--ckpt", ar / "final", "--tokenizer", tok / "final", "--cfg", 3.0, "--num-samples", sz["cli_sample_num"],

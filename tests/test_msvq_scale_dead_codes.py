@@ -5,13 +5,12 @@ hits of `dead_code_threshold` never see it). Covers the effect on a coarse scale
 start, the accounting, which scales may restart, state-dict resume, `--init` without the buffer and
 agreement of two gloo ranks."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gloo_ranks import run_on_gloo_ranks
+from quantizer_resume import trained_then_resumed
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ
 
@@ -136,14 +135,7 @@ def test_per_scale_dead_code_state_resumes_exactly_with_the_gained_search():
             replaced += 0 if update.replaced is None else int(update.replaced.sum())
         return replaced
 
-    torch.manual_seed(0)
-    a = make()
-    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2)
-    steps(a, opt_a, 0, 5)
-    b = make()
-    b.load_state_dict(a.state_dict(), strict=True)
-    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
-    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    a, opt_a, b, opt_b = trained_then_resumed(make, steps)
     torch.testing.assert_close(b.scale_code_hits, a.scale_code_hits, rtol=0, atol=0)
     replaced = steps(a, opt_a, 5, 6)
     assert steps(b, opt_b, 5, 6) == replaced and replaced > 0  # restarts happened after the resume

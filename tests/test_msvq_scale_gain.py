@@ -3,13 +3,12 @@ the codebook's own magnitude (r_k / g_k, g_k = running residual RMS / codebook R
 Covers its effect on per-scale usage from a skewed start, the search / decode / gradient algebra, the
 restarts and k-means in the gained space, state-dict resume and agreement of two gloo ranks."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gloo_ranks import run_on_gloo_ranks
+from quantizer_resume import trained_then_resumed
 from vqtok.errors import ConfigError
 from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ
 from vqtok.tokenizer.quantizers.vq import nearest_code
@@ -159,14 +158,7 @@ def test_scale_gain_state_resumes_exactly_and_defaults_leave_vars_keys_alone():
             opt.step()
             q.update_codebook(s)
 
-    torch.manual_seed(0)
-    a = make()
-    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2)
-    steps(a, opt_a, 0, 5)
-    b = make()
-    b.load_state_dict(a.state_dict(), strict=True)
-    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
-    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # not the same moment tensors
+    a, opt_a, b, opt_b = trained_then_resumed(make, steps)
     torch.testing.assert_close(b.gains(), a.gains(), rtol=0, atol=0)
     steps(a, opt_a, 5, 5)
     steps(b, opt_b, 5, 5)
