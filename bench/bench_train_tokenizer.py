@@ -3,6 +3,7 @@
     python bench/bench_train_tokenizer.py --recipe tiny-vqgan --batch 8 --steps 5
     python bench/bench_train_tokenizer.py --recipe vqgan-f16 --batch 1 --steps 2 --threads 1
     python bench/bench_train_tokenizer.py --recipe vqgan-f16 --device cuda --batch 16 --steps 10   # bf16 autocast
+    python bench/bench_train_tokenizer.py --recipe tiny-vqgan --batch 8 --steps 12 --ab train.channels_last=false,true
 
 Each timed step is `Engine.train_step` on the recipe's `TokenizerTrainTask`: the generator phase (tokenizer
 forward, every loss term the recipe switches on - reconstruction, LPIPS when perceptual_weight > 0,
@@ -11,6 +12,9 @@ discriminator phase when the recipe's discriminator is active. The discriminator
 (`loss.disc_start=0`) so every timed step has both phases, as in the bulk of a run. Data loading is not in
 the timing: the same batch of random images (already on the device) is fed each step. LPIPS, where the
 recipe uses it, runs the random VGG16 trunk unless --lpips PATH (same cost as the real one).
+
+`--ab KEY=A,B` times two engines in one process, one per value of the config key, alternating their steps
+(A B, then B A, ...) so that both see the same machine load, and reports each side's median and the ratio.
 """
 
 from __future__ import annotations
@@ -71,12 +75,16 @@ def main() -> None:
     ap.add_argument("--lpips", default="random-for-tests")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--ab", default=None, metavar="KEY=A,B",
+                    help="compare two values of one config key, steps alternating (e.g. train.channels_last=false,true)")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     load0 = os.getloadavg()[0]
+    if args.ab:
+        return compare_ab(args, device, load0)
     step, task, cfg = build_engine_step(args.recipe, args.batch, device, args.overrides, args.lpips, args.resolution)
     cpu: list[float] = []
 
@@ -98,6 +106,29 @@ def main() -> None:
           f"{args.batch / med:.2f} img/s (best {args.batch / best:.2f})")
     # this process's CPU seconds per step: on a shared machine steadier than wall time (1 thread: the same work)
     print(f"engine step CPU time: median {statistics.median(cpu) * 1e3:.1f} ms, min {min(cpu) * 1e3:.1f} ms")
+
+
+def compare_ab(args, device: torch.device, load0: float) -> None:
+    key, sep, values = args.ab.partition("=")
+    sides = values.split(",")
+    if not sep or len(sides) != 2 or not all(sides):
+        raise SystemExit(f"--ab wants KEY=A,B (two values), got {args.ab!r}")
+    steps = {v: build_engine_step(args.recipe, args.batch, device, [*args.overrides, f"{key}={v}"], args.lpips,
+                                  args.resolution)[0] for v in sides}
+    for fn in steps.values():  # warm-up: first-call allocations and oneDNN primitive creation
+        fn()
+        fn()
+    times: dict[str, list[float]] = {v: [] for v in sides}
+    for i in range(args.steps):
+        for v in (sides if i % 2 == 0 else sides[::-1]):
+            times[v] += time_calls(steps[v], device, 1, warmup=0)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, device {device}, "
+          f"threads {torch.get_num_threads()}, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
+    med = {v: statistics.median(t) for v, t in times.items()}
+    for v in sides:
+        print(f"{key}={v}: engine step median {med[v] * 1e3:.1f} ms, min {min(times[v]) * 1e3:.1f} ms "
+              f"over {len(times[v])} steps (recipe={args.recipe} batch={args.batch})")
+    print(f"ratio {key}={sides[0]} / {key}={sides[1]} (medians): {med[sides[0]] / med[sides[1]]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,35 @@ def test_resume_is_bit_identical(photos, tmp_path):
     assert rows(tmp_path / "half")[-1]["loss"] == rows(tmp_path / "full")[-1]["loss"]
 
 
+def test_channels_last_trains_as_the_contiguous_layout(photos, tmp_path):
+    """train.channels_last (the default) only changes the conv weights' memory layout: the parameters, the
+    optimizer moments and the checkpoint hold NHWC 4-D tensors, and the run's losses and weights match
+    a train.channels_last=false run up to float rounding."""
+    over = FAST + ["train.steps=3", "train.ckpt_every=3"]
+    # Adam's first steps move a weight by about lr (9e-4 at step 3) whatever the gradient's size, so a
+    # rounding-level change in a tiny gradient can flip one step's sign: two such steps at most
+    ADAM_FLIP = 2e-3
+    runs = {flag: train_tokenizer(photos, "tiny-vqgan", tmp_path / flag, over + [f"train.channels_last={flag}"])
+            for flag in ("true", "false")}
+    states = {f: torch.load(r.last_checkpoint / "state.pt", weights_only=True) for f, r in runs.items()}
+    for name in ("generator", "discriminator"):
+        convs = [k for k, v in states["true"]["modules"][name].items() if v.ndim == 4 and v.shape[-1] > 1]
+        assert convs, name
+        for k in convs:
+            nhwc, nchw = states["true"]["modules"][name][k], states["false"]["modules"][name][k]
+            assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous(), (name, k)
+            assert nchw.is_contiguous(), (name, k)
+            torch.testing.assert_close(nhwc, nchw, rtol=0, atol=ADAM_FLIP)
+    moments = [s["exp_avg"] for s in states["true"]["optimizers"]["generator"]["state"].values() if s["exp_avg"].ndim == 4]
+    assert moments and all(m.is_contiguous(memory_format=torch.channels_last) for m in moments if m.shape[-1] > 1)
+    for a, b in zip(rows(tmp_path / "true"), rows(tmp_path / "false")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a["step"], a["loss"], b["loss"])
+    sa = load_state_dict_file(runs["true"].final_dir / "model.safetensors")
+    sb = load_state_dict_file(runs["false"].final_dir / "model.safetensors")
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=ADAM_FLIP)
+
+
 def test_sigterm_saves_and_resume_finishes(photos, tmp_path, monkeypatch):
     original = TokenizerLoss.generator_loss
 

@@ -56,6 +56,9 @@ class TokenizerEngineConfig(EngineConfig):
     # parts of the tokenizer that do not train, comma-separated: encoder, quantizer, decoder
     # (decoder-only fine-tuning from --init: freeze=encoder,quantizer)
     freeze: str = ""
+    # conv weights (tokenizer, discriminator, LPIPS trunk) in channels_last (NHWC), the layout oneDNN and cuDNN
+    # run fastest: the tiny-vqgan step takes ~20% less time on CPU (bench/README "channels_last")
+    channels_last: bool = True
 
 
 def _default_tokenizer() -> TokenizerConfig:
@@ -149,6 +152,9 @@ class TokenizerTrainTask:
         broadcast_module(self.tokenizer, env)
         if self.loss_fn.discriminator is not None:
             broadcast_module(self.loss_fn.discriminator, env)
+        if cfg.train.channels_last:  # before the optimizers: their moments take the parameters' layout
+            self.tokenizer.to(memory_format=torch.channels_last)
+            self.loss_fn.to(memory_format=torch.channels_last)
         if cfg.train.compile:
             self.tokenizer.compile()
         self.dataset = TrainImageDataset(self.records, res, tuple(cfg.data.scale_range), cfg.data.hflip, cfg.train.seed)
