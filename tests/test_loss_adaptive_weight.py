@@ -35,7 +35,7 @@ def test_one_pass_adaptive_backward_equals_the_double_backward(step, perceptual)
     params = list(model.parameters())
 
     recon, aux = model(x)
-    total, m = fn.generator_loss(x, recon, aux, step, model.conv_out.weight)
+    total, m, _ = fn.generator_loss(x, recon, aux, step, model.conv_out.weight)
     got = torch.autograd.grad(total, params)
 
     # straightforward: w from autograd.grad at the last layer, then one backward of the whole loss
@@ -75,7 +75,7 @@ def test_without_the_adaptive_weight_the_loss_is_the_plain_sum():
     fn = TokenizerLoss(cfg, 32)
     x = torch.rand(2, 3, 32, 32)
     recon, aux = model(x)
-    total, m = fn.generator_loss(x, recon, aux, 0, model.conv_out.weight)
+    total, m, _ = fn.generator_loss(x, recon, aux, 0, model.conv_out.weight)
     assert m["loss"] is total and total.grad_fn is not None
     expected = (x * 2 - 1 - (recon * 2 - 1)).abs().mean() + aux["loss"] + 0.5 * m["g_adv"]
     torch.testing.assert_close(total, expected)

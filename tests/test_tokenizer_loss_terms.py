@@ -35,7 +35,7 @@ def test_lpips_term_and_its_weight_in_the_total(hub_with_vgg16):
         cfg = LossConfig(perceptual_weight=w, disc_weight=0.0, l1_weight=1.0, quantizer_weight=1.0)
         fn = TokenizerLoss(cfg, 32)
         assert (fn.lpips is not None) == (w > 0) and (w == 0 or not fn.uses_random_lpips)
-        total, m = fn.generator_loss(x, r, aux, 0, None)
+        total, m, _ = fn.generator_loss(x, r, aux, 0, None)
         losses[w] = (float(total), m)
     lp = vl.LPIPS(str(hub_with_vgg16))(x * 2 - 1, r * 2 - 1).mean()  # the file from the hub cache, [-1, 1] inputs
     torch.testing.assert_close(losses[1.0][1]["lpips"], lp)
@@ -63,7 +63,7 @@ def test_adaptive_weight_matches_a_hand_computation_on_a_tiny_decoder():
                      g_loss="hinge", disc=DiscriminatorConfig(kind="patchgan", channels=8))
     fn = TokenizerLoss(cfg, 32)
     recon = dec(z)
-    total, m = fn.generator_loss(x, recon, {"loss": torch.tensor(0.0)}, 5, dec.conv_out.weight)
+    total, m, _ = fn.generator_loss(x, recon, {"loss": torch.tensor(0.0)}, 5, dec.conv_out.weight)
     # by hand: w = 0.7 * |d nll / dW| / (|d g / dW| + 1e-4), nll = L1 on [-1, 1], g = -mean D(x̂)
     recon2 = dec(z)
     nll = ((x * 2 - 1) - (recon2 * 2 - 1)).abs().mean()

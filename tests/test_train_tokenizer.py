@@ -140,13 +140,53 @@ def test_channels_last_trains_as_the_contiguous_layout(photos, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=ADAM_FLIP)
 
 
+@pytest.mark.parametrize("adaptive", ["true", "false"])
+def test_shared_fake_forward_trains_as_two_forwards(photos, tmp_path, adaptive):
+    """loss.share_fake_forward (the default) runs D once on the reconstruction per step, for both passes:
+    losses, D's logits and every weight of both networks (and LeCam's EMAs) are those of separate forwards."""
+    over = FAST + ["train.steps=3", "train.ckpt_every=3", f"loss.adaptive_weight={adaptive}", "loss.lecam_weight=0.1"]
+    runs = {flag: train_tokenizer(photos, "tiny-vqgan", tmp_path / flag, over + [f"loss.share_fake_forward={flag}"])
+            for flag in ("true", "false")}
+    shared, separate = rows(tmp_path / "true"), rows(tmp_path / "false")
+    assert any("logits_fake" in r for r in shared)
+    assert [sorted(r) for r in shared] == [sorted(r) for r in separate]
+    for a, b in zip(shared, separate):
+        for key in {"loss", "g_adv", "adv_weight", "d_loss", "logits_fake", "logits_real", "lecam"} & set(a):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+    # with the adaptive weight both ways run the same ops; without it, G's adversarial gradient is D's
+    # backward from 1 scaled by the weight instead of D's backward from the weight, a rounding-level change
+    # that Adam turns into a step of about lr where a gradient is rounding noise (biases before a norm)
+    atol = 1e-6 if adaptive == "true" else 2e-3
+    states = {f: torch.load(r.last_checkpoint / "state.pt", weights_only=True) for f, r in runs.items()}
+    for name in ("generator", "discriminator"):
+        for k, v in states["true"]["modules"][name].items():
+            torch.testing.assert_close(v, states["false"]["modules"][name][k], rtol=1e-5, atol=atol,
+                                       msg=lambda m: f"{name} {k}: {m}")
+
+
+def test_shared_fake_forward_needs_one_micro_batch_and_no_batchnorm(photos, tmp_path):
+    """A BatchNorm discriminator (its running statistics count forwards) and grad_accum > 1 (one D graph
+    per micro-batch would wait) keep two forwards."""
+    from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
+    from vqtok.distributed import DistEnv
+
+    def task(*over):
+        cfg = load_run_config("tiny-vqgan", FAST + list(over))
+        return TokenizerTrainTask(cfg, DistEnv(device=torch.device("cpu")), photos, tmp_path / "run")
+
+    assert task()._share_fake
+    assert not task("train.grad_accum=2")._share_fake
+    assert not task("loss.disc.kind=patchgan")._share_fake
+    assert not task("loss.share_fake_forward=false")._share_fake
+
+
 def test_sigterm_saves_and_resume_finishes(photos, tmp_path, monkeypatch):
     original = TokenizerLoss.generator_loss
 
-    def loss_then_signal(self, images, recon, aux, step, last_layer):
+    def loss_then_signal(self, images, recon, aux, step, last_layer, keep_fake=False):
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, images, recon, aux, step, last_layer)
+        return original(self, images, recon, aux, step, last_layer, keep_fake)
 
     monkeypatch.setattr(TokenizerLoss, "generator_loss", loss_then_signal)
     over = FAST + ["train.steps=3", "train.ckpt_every=100"]
@@ -161,9 +201,9 @@ def test_sigterm_saves_and_resume_finishes(photos, tmp_path, monkeypatch):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(photos, tmp_path, monkeypatch):
     original = TokenizerLoss.generator_loss
 
-    def nan_at_step_3(self, images, recon, aux, step, last_layer):
-        loss, metrics = original(self, images, recon, aux, step, last_layer)
-        return (loss * float("nan") if step == 3 else loss), metrics
+    def nan_at_step_3(self, images, recon, aux, step, last_layer, keep_fake=False):
+        loss, metrics, fake = original(self, images, recon, aux, step, last_layer, keep_fake)
+        return (loss * float("nan") if step == 3 else loss), metrics, fake
 
     monkeypatch.setattr(TokenizerLoss, "generator_loss", nan_at_step_3)
     over = FAST + ["train.steps=6"]

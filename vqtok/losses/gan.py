@@ -71,7 +71,8 @@ def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, max_weight: fl
 
 
 def reconstruction_grads(
-    nll: torch.Tensor, g: torch.Tensor, recon: torch.Tensor, last_layer: nn.Parameter
+    nll: torch.Tensor, g: torch.Tensor, recon: torch.Tensor, last_layer: nn.Parameter,
+    g_at_recon: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d nll / d recon, d g / d recon, d nll / dW, d g / dW) for the adaptive GAN weight.
 
@@ -80,10 +81,13 @@ def reconstruction_grads(
     last layer alone. The caller then drives the tokenizer's backward with the combined reconstruction
     gradient, so neither LPIPS nor D is back-propagated a second time. The graph below `recon` is kept
     for that backward. A loss that does not depend on the reconstruction has zero gradients.
+    `g_at_recon`: d g / d recon when the caller has it already (a D forward shared with D's own pass).
     """
     at_recon = []
-    for loss in (nll, g):
-        if loss.requires_grad:
+    for loss, known in ((nll, None), (g, g_at_recon)):
+        if known is not None:
+            at_recon.append(known)
+        elif loss.requires_grad:
             at_recon.append(torch.autograd.grad(loss, recon, retain_graph=True)[0])
         else:
             at_recon.append(torch.zeros_like(recon))

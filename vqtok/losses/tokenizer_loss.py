@@ -7,6 +7,11 @@ with w_adv = disc_weight * ||∇nll|| / (||∇G|| + 1e-4) on the decoder's last 
 costs no second pass through LPIPS or D: nll and G are each back-propagated once to the reconstruction,
 their gradients at the last layer come from those, and the loss returned for the backward carries the
 combined reconstruction gradient (its value is the true loss).
+With `share_fake_forward` (default; a discriminator without BatchNorm, one micro-batch per step) D's
+forward on the reconstruction runs once per step: the generator pass runs it on a detached copy with D's
+parameters trainable, back-propagates G_loss to that copy only, and hands the graph to the discriminator
+pass, whose backward reaches D's parameters from it. The numbers are the same as two forwards; the step
+saves one D forward.
 Discriminator: factor(step) * (d_loss_weight*D_loss(D(x), D(x̂)) + lecam_weight*LeCam + lazy R1 every `r1_every`
 steps): the regularisers follow the same start/warm-up ramp as the loss they regularise. LlamaGen multiplies
 D's loss by its disc_weight too (vq_loss.py: `disc_weight * self.disc_loss(...)`), hence `d_loss_weight`.
@@ -56,6 +61,9 @@ class LossConfig:
     # (all ranks); a warning when it stays under usage_warn for 3 log rows (None: 0.5 for vq/msvq, off otherwise)
     usage_window: int = 100
     usage_warn: float | None = None
+    # one D forward on the reconstruction per step, shared by the generator and discriminator passes (see
+    # the module docstring; the trainer uses it only with grad_accum 1 and a D without BatchNorm)
+    share_fake_forward: bool = True
 
     def check_ranges(self, where: str = "loss") -> None:
         from vqtok.validation import check_fields
@@ -83,6 +91,9 @@ class TokenizerLoss(nn.Module):
             )
         if cfg.d_loss_weight <= 0:
             raise ConfigError(f"loss.d_loss_weight must be positive, got {cfg.d_loss_weight:g}")
+        # BatchNorm's running statistics would see the reconstruction once per step instead of twice
+        self.can_share_fake = (self.discriminator is not None and cfg.share_fake_forward
+                               and not _has_batchnorm(self.discriminator))
 
     @property
     def uses_random_lpips(self) -> bool:
@@ -98,7 +109,14 @@ class TokenizerLoss(nn.Module):
         aux: dict[str, torch.Tensor],
         step: int,
         last_layer: nn.Parameter | None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        keep_fake: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """(loss, metrics, D's logits of the reconstruction for `discriminator_loss`, or None).
+
+        `keep_fake` (needs `can_share_fake`): D runs on a detached copy of the reconstruction with its
+        parameters trainable, and its logits come back with their graph for the discriminator pass of the
+        same step; G_loss reaches the tokenizer through the returned loss's reconstruction gradient.
+        """
         cfg = self.cfg
         x, xr = images * 2 - 1, recon * 2 - 1
         metrics: dict[str, torch.Tensor] = {}
@@ -116,30 +134,45 @@ class TokenizerLoss(nn.Module):
         metrics["quant"] = quant
         total = nll + cfg.quantizer_weight * quant
         factor = disc_factor(step, cfg.disc_start, cfg.disc_warmup) if self.discriminator is not None else 0.0
+        fake = None
         if factor > 0:
-            # D's parameters are frozen for this pass: G's loss must not train D.
-            requires = [p.requires_grad for p in self.discriminator.parameters()]
-            self.discriminator.requires_grad_(False)
-            try:
-                g = g_loss(cfg.g_loss, self.discriminator(xr).float())
-            finally:
-                for p, r in zip(self.discriminator.parameters(), requires):
-                    p.requires_grad_(r)
-            upstream = None
-            if cfg.adaptive_weight and last_layer is not None and torch.is_grad_enabled() and recon.requires_grad:
-                nll_rec, g_rec, nll_w, g_w = reconstruction_grads(nll, g, recon, last_layer)
+            grads = torch.is_grad_enabled() and recon.requires_grad
+            g_rec = None  # d g / d recon, when computed here
+            if keep_fake and grads:
+                if not self.can_share_fake:
+                    raise ValueError("keep_fake needs a discriminator without BatchNorm and loss.share_fake_forward")
+                xr_d = xr.detach().requires_grad_(True)
+                fake = self.discriminator(xr_d)
+                g = g_loss(cfg.g_loss, fake.float())
+                (g_xr,) = torch.autograd.grad(g, xr_d, retain_graph=True)  # D's input only: its weights wait
+                g_rec = g_xr * 2  # xr = 2 recon - 1
+            else:
+                # D's parameters are frozen for this pass: G's loss must not train D.
+                requires = [p.requires_grad for p in self.discriminator.parameters()]
+                self.discriminator.requires_grad_(False)
+                try:
+                    g = g_loss(cfg.g_loss, self.discriminator(xr).float())
+                finally:
+                    for p, r in zip(self.discriminator.parameters(), requires):
+                        p.requires_grad_(r)
+            surrogate = None
+            if cfg.adaptive_weight and last_layer is not None and grads:
+                nll_rec, g_rec, nll_w, g_w = reconstruction_grads(nll, g, recon, last_layer, g_rec)
                 w = adaptive_weight(nll_w, g_w, cfg.adaptive_weight_max) * cfg.disc_weight
-                upstream = nll_rec + (factor * w) * g_rec  # d(nll + factor * w * g) / d recon, w a constant
+                # LPIPS and D were back-propagated above: the tokenizer's backward starts from their combined
+                # gradient at the reconstruction, d(nll + factor * w * g) / d recon with w a constant (plus
+                # the quantizer term, which does not pass through it)
+                surrogate = (recon * (nll_rec + (factor * w) * g_rec)).sum() + cfg.quantizer_weight * quant
             else:
                 w = torch.tensor(cfg.disc_weight, device=g.device)
+                if g_rec is not None:  # the shared forward: g's graph ends at D's input copy
+                    surrogate = nll + cfg.quantizer_weight * quant + (recon * ((factor * w) * g_rec)).sum()
             metrics["g_adv"] = g
             metrics["adv_weight"] = w * factor
             total = total + factor * w * g
-            if upstream is not None:
-                # LPIPS and D were back-propagated above: the tokenizer's backward starts from their combined
-                # gradient at the reconstruction (plus the quantizer term, which does not pass through it).
-                # Its value stays the true loss; the metrics are detached so LPIPS's and D's graphs go now.
-                surrogate = (recon * upstream).sum() + cfg.quantizer_weight * quant
+            if surrogate is not None:
+                # the returned loss has the surrogate's gradient and the true loss's value; the metrics are
+                # detached so LPIPS's and D's graphs go now (a kept `fake` keeps D's)
                 metrics = {k: v.detach() for k, v in metrics.items()}
                 true_total = total.detach()
                 total = surrogate + (true_total - surrogate.detach())
@@ -148,15 +181,18 @@ class TokenizerLoss(nn.Module):
             if name != "loss" and torch.is_tensor(value) and value.numel() == 1:
                 metrics[f"q_{name}"] = value.detach().float().reshape(())
         metrics.setdefault("loss", total)
-        return total, metrics
+        return total, metrics, fake
 
     def discriminator_loss(
-        self, images: torch.Tensor, recon: torch.Tensor, step: int
+        self, images: torch.Tensor, recon: torch.Tensor, step: int, fake: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """D's loss; `fake`: D's logits of this reconstruction kept by `generator_loss` (else D runs on it)."""
         cfg = self.cfg
         d = self.discriminator
-        x, xr = images * 2 - 1, recon.detach() * 2 - 1
-        real, fake = d(x).float(), d(xr).float()  # separate calls: BatchNorm sees real and fake apart (taming)
+        x = images * 2 - 1
+        # separate calls: BatchNorm sees real and fake apart (taming)
+        real = d(x).float()
+        fake = (d(recon.detach() * 2 - 1) if fake is None else fake).float()
         factor = disc_factor(step, cfg.disc_start, cfg.disc_warmup)
         d_main = D_LOSSES[cfg.d_loss](real, fake)
         total = cfg.d_loss_weight * d_main

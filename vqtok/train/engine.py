@@ -411,6 +411,10 @@ class Engine:
             phase.optimizer.zero_grad(set_to_none=True)
             phase_metrics: dict[str, torch.Tensor] = {}
             losses = []
+            # without DDP the backward reaches this phase's parameters only: nothing else's gradient is
+            # computed (e.g. a graph the phase shares with another ends at an input that needs none)
+            params = [p for p in phase.module.parameters() if p.requires_grad]
+            inputs = params if phase.ddp is None and params else None
             for i, mb in enumerate(micro):
                 # DDP: reduce once per optimizer step, on the last micro-batch's backward
                 local = phase.ddp.no_sync() if phase.ddp is not None and i < len(micro) - 1 else nullcontext()
@@ -423,13 +427,12 @@ class Engine:
                             f"{type(task).__name__} has grad_sync 'ddp' but its {phase.name} loss did not run through "
                             "Phase.forward; its gradients would not be averaged over ranks"
                         )
-                    (loss / len(micro)).backward()
+                    (loss / len(micro)).backward(inputs=inputs)
                 losses.append(loss.detach().float())
                 for k, v in m.items():
                     v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                     phase_metrics[k] = phase_metrics[k] + v / len(micro) if k in phase_metrics else v / len(micro)
             self._watch.observe(phase.name, step, torch.stack(losses).sum(), phase_metrics)
-            params = [p for p in phase.module.parameters() if p.requires_grad]
             if phase.ddp is None:
                 average_gradients(params, env)
             if phase.config.grad_clip > 0:

@@ -175,6 +175,10 @@ class TokenizerTrainTask:
         self._param_names = {id(p): n for n, p in self.tokenizer.named_parameters()}
         self.monitor = self._make_monitor(tok_cfg)
         self._recon: dict[int, torch.Tensor] = {}
+        # D's logits of the reconstruction, kept from the generator pass for the discriminator pass of the
+        # same step (one D forward saved); with one micro-batch only, so that no more than one graph waits
+        self._fake: dict[int, torch.Tensor] = {}
+        self._share_fake = self.loss_fn.can_share_fake and cfg.train.grad_accum == 1
         self.skipped_total = 0
         self.codebook_restarts = 0
         self._preview = preview_images(self.records, res, cfg.data.preview_images)
@@ -295,11 +299,14 @@ class TokenizerTrainTask:
             recon = out.recon.float()
             if len(self._phases) > 1:
                 self._recon[micro_index] = recon.detach()
-            loss, metrics = self.loss_fn.generator_loss(images, recon, out.aux, step, self.tokenizer.last_layer_weight())
+            loss, metrics, fake = self.loss_fn.generator_loss(images, recon, out.aux, step,
+                                                              self.tokenizer.last_layer_weight(), self._share_fake)
+            if fake is not None:
+                self._fake[micro_index] = fake
             metrics["skipped_images"] = torch.tensor(float(self.skipped_total))
             return loss, metrics
-        loss, metrics = self.loss_fn.discriminator_loss(images, self._recon.pop(micro_index), step)
-        return loss, metrics
+        return self.loss_fn.discriminator_loss(images, self._recon.pop(micro_index), step,
+                                               self._fake.pop(micro_index, None))
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"skipped_total": self.skipped_total, "codebook_restarts": self.codebook_restarts,
