@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 from conftest import make_photos  # noqa: F401 (other test modules import it from here)
 from vqtok.cli import app
 from vqtok.config import list_recipes
+from vqtok.distributed import DistEnv
 from vqtok.errors import ConfigError, UserError
 from vqtok.losses.tokenizer_loss import TokenizerLoss
 from vqtok.tokenizer.tokenizer import load_tokenizer
 from vqtok.train.engine import TrainingDiverged
-from vqtok.train.tokenizer_task import train_tokenizer
+from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config, train_tokenizer
 from vqtok.weights import load_state_dict_file
 
 
@@ -167,9 +168,6 @@ def test_shared_fake_forward_trains_as_two_forwards(photos, tmp_path, adaptive):
 def test_shared_fake_forward_needs_one_micro_batch_and_no_batchnorm(photos, tmp_path):
     """A BatchNorm discriminator (its running statistics count forwards) and grad_accum > 1 (one D graph
     per micro-batch would wait) keep two forwards."""
-    from vqtok.train.tokenizer_task import TokenizerTrainTask, load_run_config
-    from vqtok.distributed import DistEnv
-
     def task(*over):
         cfg = load_run_config("tiny-vqgan", FAST + list(over))
         return TokenizerTrainTask(cfg, DistEnv(device=torch.device("cpu")), photos, tmp_path / "run")

@@ -10,8 +10,9 @@ combined reconstruction gradient (its value is the true loss).
 With `share_fake_forward` (default; a discriminator without BatchNorm, one micro-batch per step) D's
 forward on the reconstruction runs once per step: the generator pass runs it on a detached copy with D's
 parameters trainable, back-propagates G_loss to that copy only, and hands the graph to the discriminator
-pass, whose backward reaches D's parameters from it. The numbers are the same as two forwards; the step
-saves one D forward.
+pass, whose backward reaches D's parameters from it. With the adaptive weight the ops are those of two
+forwards; without it G's gradient differs by rounding (D's backward from 1, then scaled by the weight). The
+step saves one D forward.
 Discriminator: factor(step) * (d_loss_weight*D_loss(D(x), D(x̂)) + lecam_weight*LeCam + lazy R1 every `r1_every`
 steps): the regularisers follow the same start/warm-up ramp as the loss they regularise. LlamaGen multiplies
 D's loss by its disc_weight too (vq_loss.py: `disc_weight * self.disc_loss(...)`), hence `d_loss_weight`.
@@ -166,7 +167,7 @@ class TokenizerLoss(nn.Module):
             else:
                 w = torch.tensor(cfg.disc_weight, device=g.device)
                 if g_rec is not None:  # the shared forward: g's graph ends at D's input copy
-                    surrogate = nll + cfg.quantizer_weight * quant + (recon * ((factor * w) * g_rec)).sum()
+                    surrogate = total + (recon * ((factor * w) * g_rec)).sum()  # total: nll + quantizer term
             metrics["g_adv"] = g
             metrics["adv_weight"] = w * factor
             total = total + factor * w * g
