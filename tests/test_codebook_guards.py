@@ -229,8 +229,9 @@ def test_monitor_per_scale_and_too_few_tokens_never_warn():
 
 
 def test_collapse_warning_and_window_metrics_in_a_real_run(photos, tmp_path, capsys):
-    # 32 px, batch 4: 64 tokens per step, so the 20-step window holds the 2 x 512 tokens a warning needs
-    over = FAST + ["train.steps=20", "loss.usage_window=20", "loss.usage_warn=0.99", "loss.disc_start=100",
+    # 32 px, batch 4: 64 tokens per step, so the 20-step window holds the 2 x 512 tokens a warning needs with a
+    # 512-code book (the recipe's 1024 codes would need 32 steps)
+    over = FAST + ["model.quantizer.params.codebook_size=512", "train.steps=20", "loss.usage_window=20", "loss.usage_warn=0.99", "loss.disc_start=100",
                    "train.ckpt_every=20", "train.preview_every=20",
                    "model.quantizer.params.kmeans_init=false", "model.quantizer.params.dead_code_threshold=0"]
     train_tokenizer(photos, "tiny-vqgan", tmp_path / "run", over)
@@ -261,7 +262,7 @@ def test_restarted_codes_get_fresh_adam_moments_and_ema_rows(photos, tmp_path):
     # and the EMA of an untouched weight is really an average (not a copy): the reset above is specific
     enc = names[0]
     assert not torch.equal(state["ema"]["generator"][enc], state["modules"]["generator"][enc])
-    assert rows(tmp_path / "run")[-1]["codes_reseeded"] == 3 * 512
+    assert rows(tmp_path / "run")[-1]["codes_reseeded"] == 3 * live.shape[0] == 3 * 1024  # the recipe's book
 
 
 def test_guards_under_two_process_torchrun_give_the_one_process_codebook(photos, tmp_path):
@@ -275,10 +276,10 @@ def test_guards_under_two_process_torchrun_give_the_one_process_codebook(photos,
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r1, r2 = rows(tmp_path / "single"), rows(tmp_path / "ddp")
-    # k-means at step 1 re-seeds all 512 codes, then restarts: the same number of codes in both runs
-    assert r1[-1]["codes_reseeded"] == r2[-1]["codes_reseeded"] > 512
+    # k-means at step 1 re-seeds all 1024 codes (the recipe's book), then restarts: the same number in both runs
+    assert r1[-1]["codes_reseeded"] == r2[-1]["codes_reseeded"] > 1024
     # usage counts codes: float round-off (the ranks' reduction order) may move a vector or two to a neighbour code
-    assert [x["code_usage"] for x in r1] == pytest.approx([x["code_usage"] for x in r2], abs=2 / 512)
+    assert [x["code_usage"] for x in r1] == pytest.approx([x["code_usage"] for x in r2], abs=2 / 1024)
     a = load_state_dict_file(single.final_dir / "model.safetensors")
     b = load_state_dict_file(tmp_path / "ddp" / "final" / "model.safetensors")
     # The ranks reduce gradients in another order than one process: round-off that Adam's first steps (update ~ lr
