@@ -25,9 +25,10 @@ from pathlib import Path
 #   adaptive weight) and the recipe's codebook guards (k-means init, dead-code restarts), which keep
 #   ~all codes in use on held-out photos (bench/README.md, "Tokenizer quality"). LPIPS joins the loss
 #   when the VGG16 file is present; without it the demo says so and trains with L1 + GAN only.
-# - codebook_size=512 (the recipe has 1024): the demo's 108 held-out tiles hold 6912 tokens, 13.5 per code of a
-#   512-code book but 6.75 of a 1024-code one, too few to show a full book in use (on one idle 2-core machine, 2026-12-03:
-#   1024 codes gave 92.2% held-out usage, perplexity 568, PSNR 15.44 dB; 512 codes 98.0%, 330, 15.36 dB).
+# - codebook_size=512 (the recipe has 1024): the demo's 108 held-out tiles hold 6912 tokens, 13.5 per code of
+#   a 512-code book but 6.75 of a 1024-code one, too few to show a full book in use (on one idle 2-core
+#   machine, 2026-12-03: 1024 codes gave 92.2% held-out usage, perplexity 568, PSNR 15.44 dB; 512 codes 98.0%,
+#   330, 15.36 dB).
 # - TOKENIZER_OVERRIDES: the recipe's 40 steps are a smoke run. 600 steps (150 passes over the 32 photos)
 #   give reconstructions where faces, cups and the cat are recognisable; with 200 the generator's samples
 #   match their class markedly less often (the tokenizer's step, with its D, is the slowest part of the demo).

@@ -231,8 +231,8 @@ def test_monitor_per_scale_and_too_few_tokens_never_warn():
 def test_collapse_warning_and_window_metrics_in_a_real_run(photos, tmp_path, capsys):
     # 32 px, batch 4: 64 tokens per step, so the 20-step window holds the 2 x 512 tokens a warning needs with a
     # 512-code book (the recipe's 1024 codes would need 32 steps)
-    over = FAST + ["model.quantizer.params.codebook_size=512", "train.steps=20", "loss.usage_window=20", "loss.usage_warn=0.99", "loss.disc_start=100",
-                   "train.ckpt_every=20", "train.preview_every=20",
+    over = FAST + ["model.quantizer.params.codebook_size=512", "train.steps=20", "loss.usage_window=20",
+                   "loss.usage_warn=0.99", "loss.disc_start=100", "train.ckpt_every=20", "train.preview_every=20",
                    "model.quantizer.params.kmeans_init=false", "model.quantizer.params.dead_code_threshold=0"]
     train_tokenizer(photos, "tiny-vqgan", tmp_path / "run", over)
     out = capsys.readouterr().out
