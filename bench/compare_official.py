@@ -30,6 +30,11 @@ Cases:
                    TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
                    the same (random) VGG16 LPIPS trunk on both sides, the official PatchGAN weights loaded
                    into vqtok's
+  var_sampling_bf16 var_sampling with both timed sides under torch.autocast("cpu", bfloat16) (the official
+                   demo samples under autocast; vqtok's `--dtype bf16`); only with --only (bf16 GEMMs are
+                   fast only on CPUs with AVX512-BF16 / AMX). The float32 checks run first, then the two
+                   sides' teacher-forced logits under autocast are compared (printed, bounded) and the share
+                   of equal codes with the same seed is printed (bf16 rounds differently on each side)
   llamagen_sampling official LlamaGen `generate` vs the `vqtok sample` token loop (vqtok.ar.sampling.sample
                    with the run's per-sample noise and the family's KV-cached decoder), c2i GPT with the GPT-B
                    layout scaled to dim 384 / 6 layers / 6 heads (16M, 16384 codes), batch 8, 256 tokens, the
@@ -50,6 +55,7 @@ What cannot be imported or run on a CPU without network is stubbed, and every st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -62,12 +68,13 @@ import types
 from pathlib import Path
 
 CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step", "var_sampling",
-         "llamagen_sampling"]
+         "llamagen_sampling", "var_sampling_bf16"]
+OPT_IN = {"var_sampling_bf16"}  # run with --only: bf16 GEMMs are fast only on CPUs with AVX512-BF16 / AMX
 PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "rar_train_h256": "1d-tokenizer",
            "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen", "var_sampling": "VAR",
-           "llamagen_sampling": "LlamaGen"}
+           "llamagen_sampling": "LlamaGen", "var_sampling_bf16": "VAR"}
 GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2,
-         "var_sampling": 2.0, "llamagen_sampling": 2.0}
+         "var_sampling": 2.0, "llamagen_sampling": 2.0, "var_sampling_bf16": 2.0}
 # packages the official code imports that vqtok does not depend on (module -> pip name)
 PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf antlr4-python3-runtime==4.9.3"},
                  "LlamaGen": {}, "VAR": {}}
@@ -546,7 +553,7 @@ def case_vqgan_train_step(args) -> dict:
 # ------------------------------------------------------------------------------------------- VAR
 
 
-def case_var_sampling(args) -> dict:
+def case_var_sampling(args, bf16: bool = False) -> dict:
     """Official `VAR.autoregressive_infer_cfg` vs vqtok.ar.sampling.sample with VAR's cached decoder: the same
     random weights (loaded through vqtok.interop.var_gpt with the VQVAE's quantizer), batch 8, the README's FID
     setting (cfg 1.5 ramped, top-k 900, top-p 0.96), V 4096, Cvae 32, the 10 released scales (680 tokens).
@@ -615,20 +622,41 @@ def case_var_sampling(args) -> dict:
     if same < 1.0:
         raise RuntimeError("vqtok's VAR does not reproduce the official codes with the same seed")
 
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if bf16:  # same weights under autocast: close logits (bf16 rounding), and mostly the same codes
+        with torch.no_grad(), precision():
+            err = (official(classes[:2], x).float() - ours(classes[:2], x, drop_labels=False).float()).abs().max().item()
+            spread = ref.std().item()
+        print(f"  bf16 autocast: max |logit difference| of the teacher-forced forward = {err:.3f} "
+              f"(float32 logits' std {spread:.3f})")
+        if err > 0.25 * spread:
+            raise RuntimeError(f"under bf16 autocast the two sides' logits differ by {err} (std {spread})")
+        drawn.clear()
+        hook = vae.quantize.embedding.register_forward_hook(lambda m, inp, out: drawn.append(inp[0].clone()))
+        with torch.no_grad(), precision():
+            official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+            got = sample(ours, classes, cfg, generator=g.manual_seed(0)).tokens
+        hook.remove()
+        same = (got == torch.cat(drawn, dim=1)).float().mean().item()
+        print(f"  bf16 autocast: {same:.4f} of the codes equal the official sampler's (same seed; not exact in bf16)")
+
     def run_official():
-        out = official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+        with precision():
+            out = official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
         assert out.shape == (batch, 32, 16, 16)
 
     decoder = ours.default_decoder(True)
 
     def run_vqtok():  # what `vqtok sample` runs per batch: per-sample noise, the cached decoder kept across batches
-        out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, 680, batch), decoder=decoder)
+        with precision():
+            out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, 680, batch), decoder=decoder)
         assert out.tokens.shape == (batch, 680)
 
     times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=1)
     n_params = sum(p.numel() for p in ours.parameters())
     return summary(times) | {"detail": f"{n_params / 1e6:.0f}M (depth {depth}, width {64 * depth}), batch {batch}, "
-                                       "cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only"}
+                                       "cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only"
+                                       + (", bf16 autocast on both sides" if bf16 else "")}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -698,8 +726,8 @@ def run_case(name: str, args) -> dict:
         result = case_rar_train(args, 256, 8, 8)
     elif name == "maskgit_encode":
         result = case_maskgit_encode(args)
-    elif name == "var_sampling":
-        result = case_var_sampling(args)
+    elif name in ("var_sampling", "var_sampling_bf16"):
+        result = case_var_sampling(args, bf16=name == "var_sampling_bf16")
     elif name == "llamagen_sampling":
         result = case_llamagen_sampling(args)
     else:
@@ -752,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.case:
         return child_main(args)
-    cases = CASES if not args.only else [c.strip() for c in args.only.split(",") if c.strip()]
+    cases = [c for c in CASES if c not in OPT_IN] if not args.only else [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         print(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)

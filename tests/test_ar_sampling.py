@@ -120,7 +120,7 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
 
 def _top_k_then_top_p_by_full_sort(logits, top_k, top_p):
     logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
-    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    sorted_logits, idx = logits.sort(dim=-1, descending=True, stable=True)  # equal logits: lowest index first
     probs = sorted_logits.softmax(dim=-1)
     drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
     return logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted), float("-inf"))
@@ -147,6 +147,34 @@ def test_top_p_after_top_k_equals_sorting_the_whole_row():
         assert torch.equal(got[r], _top_k_then_top_p_by_full_sort(batch[r:r + 1], 900, 0.96)[0]), r
     assert torch.equal(got, _top_k_then_top_p_by_full_sort(batch, 900, 0.96))
     assert (got[[0, 2]].isfinite().sum(-1) <= 900).all()
+
+
+def test_top_p_after_top_k_with_bf16_ties_equals_a_stable_sort_of_the_whole_row():
+    # bf16 logits (a bf16 head) tie at the k-th value and at the top-p boundary in most rows: every logit
+    # tied with the k-th stays, and of a group of equal logits the boundary cuts the lowest indices stay
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(64, 4096, generator=g) * 3).bfloat16().float()
+    kth = logits.topk(900).values[:, -1:]
+    assert (logits >= kth).sum(-1).gt(900).float().mean() > 0.5
+    want = _top_k_then_top_p_by_full_sort(logits, 900, 0.96)
+    smallest_kept = want.masked_fill(want.isinf(), float("inf")).amin(-1, keepdim=True)
+    assert ((logits == smallest_kept) & want.isinf()).any(-1).sum() > 32  # the boundary cuts a tie group
+    assert torch.equal(filter_logits(logits, 900, 0.96), want)
+    flipped = logits.flip(-1)  # the same rows, other indices: other members of each tie group stay
+    assert torch.equal(filter_logits(flipped, 900, 0.96), _top_k_then_top_p_by_full_sort(flipped, 900, 0.96))
+    # a group of three equal logits cut after its first: the lowest index stays
+    probs = torch.tensor([[0.1, 0.3, 0.1, 0.4, 0.1]])
+    assert filter_logits(probs.log(), 4, 0.75).isfinite().tolist() == [[True, True, False, True, False]]
+
+
+def test_top_p_after_top_k_equals_a_stable_sort_on_random_tied_rows():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):  # sizes, k, p and tie densities drawn at random: rounded logits tie everywhere
+        V, R = int(torch.randint(2, 300, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g))
+        x = torch.randn(R, V, generator=g) * float(torch.rand(1, generator=g) * 5)
+        x = [x, x.bfloat16().float(), x.round(), (x * 2).round() / 2][trial % 4]
+        k, p = int(torch.randint(1, V, (1,), generator=g)), float(torch.rand(1, generator=g)) * 0.999 + 0.001
+        assert torch.equal(filter_logits(x, k, p), _top_k_then_top_p_by_full_sort(x, k, p)), (trial, V, R, k, p)
 
 
 def test_sampled_tokens_respect_top_k():

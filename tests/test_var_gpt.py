@@ -173,6 +173,29 @@ def test_cached_decoder_equals_full_recompute_and_teacher_forcing(shared_aln):
     assert cached.cache is cache and torch.equal(again, outs[0][0])
 
 
+def test_cached_decoder_under_bf16_autocast_caches_keys_in_bf16():
+    # keys and values are stored in the dtype attention computes in, so no step re-casts the cached prefix;
+    # a decoder reused at another precision makes a new cache
+    model = tiny()
+    tokens = tokens_for(model, 2)
+    per_scale = model.quantizer.split_scales(tokens)
+    cond_ids = torch.tensor([3, 7, 10, 10])
+    decoder = VARCachedDecoder(model)
+    with torch.no_grad():
+        decoder.start(cond_ids)
+        assert decoder.cache.k[0].dtype == torch.float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [decoder.start(cond_ids)]
+            outs += [decoder.step(torch.cat([per_scale[k - 1]] * 2), k) for k in range(1, len(PATCH))]
+            teacher = model.prefix_logits(cond_ids, model.teacher_forcing_input(torch.cat([tokens, tokens])))
+        assert decoder.cache.k[0].dtype == decoder.cache.v[-1].dtype == torch.bfloat16
+        fp32 = model.prefix_logits(cond_ids, model.teacher_forcing_input(torch.cat([tokens, tokens])))
+    got = torch.cat(outs, dim=1)
+    assert fp32.abs().max() > 4  # logits of a few units: a bf16 head rounds them to 1/32 .. 1/16
+    torch.testing.assert_close(got, teacher, atol=0.07, rtol=0)  # one bf16 step apart at most
+    torch.testing.assert_close(got, fp32, atol=0.15, rtol=0)
+
+
 def test_cached_decoder_guides_before_the_head_as_the_loop_guides_the_logits():
     # with a HeadMix the decoder takes the B drawn token rows and returns the guided logits of B rows: the
     # head over uncond + (cond - uncond) * s of its input equals the same mix of the 2B rows' logits

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqtok.ar.few_rows import linear_few_rows
-from vqtok.ar.sampling import HeadMix, StaticHeadMix, load_mix
+from vqtok.ar.sampling import HeadMix, StaticHeadMix, attention_dtype, load_mix
 from vqtok.errors import ConfigError, UserError
 
 
@@ -469,8 +469,7 @@ class LlamaGen(nn.Module):
     def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         device = torch.device(device or self.output.weight.device)
         if dtype is None:  # keys/values are stored in the dtype the attention computes in
-            autocast_on = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.output.weight.dtype
+            dtype = attention_dtype(device, self.output.weight.dtype)
         return KVCache(self.config, batch, device, dtype)
 
     def _decode(self, h: torch.Tensor, start: int, cache: KVCache, mix: HeadMix | None = None) -> torch.Tensor:

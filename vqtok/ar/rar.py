@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqtok.ar.orders import scan_order
+from vqtok.ar.sampling import attention_dtype
 from vqtok.errors import UserError
 
 # Official table sizes: both positional tables have seq_len + 1024 rows and the per-slot adaLN table has
@@ -498,8 +499,7 @@ class RAR(nn.Module):
         cfg = self.config
         device = torch.device(device or self.lm_head.weight.device)
         if dtype is None:  # keys/values are stored in the dtype the attention computes in
-            autocast_on = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocast_on else self.lm_head.weight.dtype
+            dtype = attention_dtype(device, self.lm_head.weight.dtype)
         return KVCache(cfg.depth, batch, cfg.num_heads, PREFIX + cfg.seq_len - 1, cfg.head_dim, device, dtype)
 
     def decode_slots(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -104,21 +104,21 @@ def guidance_schedule(cfg: SamplingConfig, num_steps: int) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest set with probability mass >= top_p."""
+    """Set to -inf every logit outside the top k and outside the smallest set with probability mass >= top_p.
+
+    Equal logits: every logit tied with the k-th stays (as in the official samplers); where the top-p boundary
+    cuts a group of equal logits, the lowest indices stay (the order of a stable sort), so the kept set does
+    not depend on a device's sort. bf16 logits tie like that in most rows; float32 ones almost never do.
+    """
     V = logits.shape[-1]
     if top_k and top_k < V:
         top = logits.topk(top_k, dim=-1)  # sorted, largest first
         kth = top.values[..., -1:]
         if top_p < 1.0:
-            out = _top_p_of_top_k(logits, top.values, top.indices, top_p)
-            tied = (logits >= kth).sum(dim=-1).gt(top_k)  # rows where a tie at the k-th value keeps more than k
-            if bool(tied.any()):  # those rows (and only those) take the general path below, row by row the same
-                rows = tied.nonzero(as_tuple=True)
-                out[rows] = filter_logits(logits[rows].masked_fill(logits[rows] < kth[rows], float("-inf")), 0, top_p)
-            return out
+            return _top_p_of_top_k(logits, top, top_p)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        sorted_logits, idx = logits.sort(dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it and stays
         drop_sorted = mass_before >= top_p
@@ -127,21 +127,44 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _top_p_of_top_k(logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p after top-k when exactly k logits survive top-k (no tie at the k-th value), with the k survivors
-    `values` / `indices` sorted largest first: the same kept set as sorting the whole top-k-masked row.
+def _top_p_of_top_k(logits: torch.Tensor, top: torch.return_types.topk, top_p: float) -> torch.Tensor:
+    """Top-p after top-k from `top`, the k largest logits of each row sorted largest first: the kept set of
+    sorting the whole top-k-masked row (stably) without that sort.
 
-    That sort would put the k survivors first, in this order, and the -inf logits after them; the softmax
-    runs over the same full-width row (survivors, then -inf) so its sum adds the same numbers in the same
-    order, and the cumulative mass of the first k sorted entries is a prefix of the full cumulative sum.
+    That sort gives the k values, then the logits tied with the k-th beyond k (all equal to it), then -inf;
+    the softmax runs over the same full-width row so its sum adds the same numbers in the same order, and
+    the cumulative mass of the first entries is a prefix of the full cumulative sum. The kept entries are
+    the leading ones with mass before them < top_p (a prefix: the mass only grows), ending at a value tau.
+    Where every logit equal to tau is kept, those are top-k entries and go back by its indices; in rows where
+    the prefix cuts a group of equal logits or runs past k (ties with the k-th), every logit above tau stays
+    and of those equal to tau the lowest indices, as many as the prefix holds.
     """
+    values, kth = top.values, top.values[..., -1:]
     k = values.shape[-1]
+    at_least_kth = (logits >= kth).sum(dim=-1, keepdim=True, dtype=torch.int32)  # k, or more with ties at the k-th
+    width = int(at_least_kth.max())
     row = torch.full_like(logits, float("-inf"))
     row[..., :k] = values
-    probs = row.softmax(dim=-1)[..., :k]
+    if width > k:
+        tied = torch.arange(k, width, device=logits.device) < at_least_kth
+        row[..., k:width] = kth.expand(*kth.shape[:-1], width - k).masked_fill(~tied, float("-inf"))
+    probs = row.softmax(dim=-1)[..., :width]
     mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it and stays
-    kept = values.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, kept)
+    kept = torch.minimum((mass_before < top_p).sum(dim=-1, keepdim=True, dtype=torch.int32), at_least_kth)
+    head = row[..., :width]  # holds every logit >= tau, so the counts need not scan the whole row
+    tau = head.gather(-1, kept.long() - 1)  # the smallest kept value
+    keep_at_tau = kept - (head > tau).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    cut = (head == tau).sum(dim=-1, keepdim=True, dtype=torch.int32) > keep_at_tau  # a group of equals cut
+    kept_values = values.masked_fill(torch.arange(k, device=logits.device) >= kept, float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, kept_values)
+    slow = (cut | (kept > k))[..., 0]
+    if bool(slow.any()):
+        rows = slow.nonzero(as_tuple=True)
+        x, t = logits[rows], tau[rows]
+        at_tau = x == t
+        drop = (x < t) | (at_tau & (at_tau.cumsum(dim=-1, dtype=torch.int32) > keep_at_tau[rows]))
+        out[rows] = x.masked_fill(drop, float("-inf"))
+    return out
 
 
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -319,6 +342,15 @@ class Decoder(Protocol):
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def attention_dtype(device: torch.device | str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention computes in on `device`: autocast's when it is on there (SDPA casts its inputs to
+    it), else the weights'. KV caches store keys and values in it, so no step re-casts the cached prefix."""
+    device_type = torch.device(device).type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
 
 
 # ------------------------------------------------------------------------------------------- loop

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqtok.ar.sampling import HeadMix
+from vqtok.ar.sampling import HeadMix, attention_dtype
 from vqtok.errors import UserError
 
 # VAR's schedule for 256 px images with a 16x downsampling tokenizer (10 scales, 680 tokens)
@@ -220,9 +220,10 @@ class SelfAttention(nn.Module):
         if cache is not None:  # this scale's queries see it and every cached coarser scale: no mask
             k, v = cache.update(layer, k, v)
         p = self.attn_drop if self.training else 0.0
+        dt = attention_dtype(q.device, q.dtype)  # q is float32 after the l2 scale; k and v may be bf16
         if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_bias, dropout_p=p,
+            attn_bias = attn_bias.to(dt)
+        out = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=attn_bias, dropout_p=p,
                                              scale=self.scale)
         out = self.proj(out.transpose(1, 2).reshape(B, L, C))
         return F.dropout(out, self.proj_drop, self.training) if self.proj_drop > 0 else out
@@ -583,8 +584,10 @@ class VARCachedDecoder:
               ) -> torch.Tensor:
         model, cfg = self.model, self.model.config
         quant = model.quantizer
-        dtype = model.head.weight.dtype
-        if self.cache is None or self.cache.rows != cond_ids.shape[0] or self.cache.k[0].device != cond_ids.device:
+        dtype = attention_dtype(cond_ids.device, model.head.weight.dtype)
+        cache = self.cache
+        want = (cond_ids.shape[0], cond_ids.device, dtype)
+        if cache is None or (cache.rows, cache.k[0].device, cache.k[0].dtype) != want:
             self.cache = self._new_cache(cond_ids.shape[0], cond_ids.device, dtype)
         self.cache.length = 0
         cond, self.mods, self.head_mod = model.conditions(cond_ids)

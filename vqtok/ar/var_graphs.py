@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vqtok.ar.sampling import HeadMix, StaticHeadMix, load_mix
+from vqtok.ar.sampling import HeadMix, StaticHeadMix, attention_dtype, load_mix
 from vqtok.ar.var import VAR, VARKVCache
 
 
@@ -43,7 +43,8 @@ class VARStaticDecoder:
         device = model.head.weight.device
         self.sides = list(cfg.patch_nums)
         self.cond_ids = torch.zeros(rows, dtype=torch.long, device=device)
-        self.cache = VARKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device, model.head.weight.dtype)
+        self.cache = VARKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device,
+                                attention_dtype(device, model.head.weight.dtype))
         most = max(side * side for side in self.sides)
         self.codes = torch.zeros(batch, most, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch, most, cfg.vocab_size, device=device)
