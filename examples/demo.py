@@ -25,20 +25,17 @@ from pathlib import Path
 #   adaptive weight) and the recipe's codebook guards (k-means init, dead-code restarts), which keep
 #   ~all codes in use on held-out photos (bench/README.md, "Tokenizer quality"). LPIPS joins the loss
 #   when the VGG16 file is present; without it the demo says so and trains with L1 + GAN only.
-# - codebook_size=512 (the recipe has 1024): the demo's 108 held-out tiles hold 6912 tokens, 13.5 per code of
-#   a 512-code book but 6.75 of a 1024-code one, too few to show a full book in use (on one idle 2-core
-#   machine, 2026-12-03: 1024 codes gave 92.2% held-out usage, perplexity 568, PSNR 15.44 dB; 512 codes 98.0%,
-#   330, 15.36 dB).
+# - the recipe's 1024 codes: the held-out tiles (three zooms, below) hold 19,968 tokens, 19.5 per code, enough
+#   to show a full book in use (two zooms, 6.75 per code, gave 92.2% usage for the same book).
 # - TOKENIZER_OVERRIDES: the recipe's 40 steps are a smoke run. 600 steps (150 passes over the 32 photos)
 #   give reconstructions where faces, cups and the cat are recognisable; with 200 the generator's samples
 #   match their class markedly less often (the tokenizer's step, with its D, is the slowest part of the demo).
 TOKENIZER_RECIPE = "tiny-vqgan"
-TOKENIZER_OVERRIDES = ["model.quantizer.params.codebook_size=512", "train.steps=600", "train.log_every=50",
-                       "train.ckpt_every=600", "train.preview_every=600"]
+TOKENIZER_OVERRIDES = ["train.steps=600", "train.log_every=50", "train.ckpt_every=600", "train.preview_every=600"]
 # Held-out photos for the tokenizer evaluation: scikit-image photos that are NOT in the demo dataset,
-# tiled into 64 px crops at two zooms (108 tiles, 13.5 tokens per code of the 512-code book).
+# tiled into 64 px crops at three zooms (312 tiles of 64 tokens, 19.5 per code of the 1024-code book).
 HELD_OUT_PHOTOS = ("camera.png", "coins.png", "cell.png", "microaneurysms.png", "clock_motion.png")
-HELD_OUT_SIDES = (128, 256)
+HELD_OUT_SIDES = (128, 256, 384)
 AR_RECIPE = "rar-tiny"
 # Settings on top of rar-tiny, and why: the demo's generator has to learn its 32 photos (320 ten-crop views)
 # well enough that its guided samples look like them; the preset alone stays far from that at this budget.

@@ -58,6 +58,20 @@ def test_held_out_tiles_come_from_photos_outside_the_demo_dataset(tmp_path):
     assert all(Image.open(f).size == (64, 64) for f in files[:5])
 
 
+def test_held_out_set_has_enough_tokens_per_code_for_the_book_the_demo_trains(tmp_path):
+    """Held-out usage can only show a full book when every code has many chances to occur: at 6.75 tokens
+    per code (two zooms, 1024 codes) the demo measured 92.2% usage, at 19.5 (three zooms) 98.6%."""
+    from vqtok.config import load_config
+    from vqtok.train.tokenizer_task import TrainTokenizerConfig
+
+    demo = _demo()
+    tok = load_config(TrainTokenizerConfig, demo.TOKENIZER_RECIPE, demo.TOKENIZER_OVERRIDES, kind="tokenizer")
+    book = tok.model.quantizer.params["codebook_size"]
+    assert book == 1024  # the recipe's book, not a demo-sized one
+    tokens_per_tile = (tok.model.resolution // 2 ** (len(tok.model.autoencoder.ch_mult) - 1)) ** 2
+    assert demo.write_held_out(tmp_path / "held") * tokens_per_tile >= 16 * book
+
+
 def test_demo_settings_are_valid_overrides_of_their_recipes():
     """A renamed config key or a bad value in the demo's settings fails here, not minutes into `make demo`."""
     from vqtok.config import load_config
