@@ -627,8 +627,8 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
         with torch.no_grad(), precision():
             err = (official(classes[:2], x).float() - ours(classes[:2], x, drop_labels=False).float()).abs().max().item()
             spread = ref.std().item()
-        print(f"  bf16 autocast: max |logit difference| of the teacher-forced forward = {err:.3f} "
-              f"(float32 logits' std {spread:.3f})")
+        print(f"  bf16 autocast: max |logit difference| of the teacher-forced forward = {err:.2e} "
+              f"(float32 logits' std {spread:.2e})")
         if err > 0.25 * spread:
             raise RuntimeError(f"under bf16 autocast the two sides' logits differ by {err} (std {spread})")
         drawn.clear()
