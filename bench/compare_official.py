@@ -609,20 +609,31 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
     cfg = SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)
     g = torch.Generator()
 
-    # same weights and seed: vqtok's loop draws the official codes (read where the official sampler embeds them)
-    drawn = []
-    hook = vae.quantize.embedding.register_forward_hook(lambda m, inp, out: drawn.append(inp[0].clone()))
-    with torch.no_grad():
-        official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
-    hook.remove()
-    want = torch.cat(drawn, dim=1)
-    got = sample(ours, classes, cfg, generator=g.manual_seed(0)).tokens
-    same = (got == want).float().mean().item() if got.shape == want.shape else 0.0
-    print(f"  same-weights check: {same:.4f} of the {want.numel()} codes equal the official sampler's (same seed)")
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def official_sample():
+        return official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+
+    def share_of_equal_codes() -> tuple[float, int]:
+        """vqtok's loop from the official's seed against the codes the official sampler draws (read where it
+        embeds them), under the caller's autocast setting: (fraction equal, number of codes)."""
+        drawn = []
+        hook = vae.quantize.embedding.register_forward_hook(lambda m, inp, out: drawn.append(inp[0].clone()))
+        try:
+            with torch.no_grad():
+                official_sample()
+        finally:
+            hook.remove()
+        want = torch.cat(drawn, dim=1)
+        got = sample(ours, classes, cfg, generator=g.manual_seed(0)).tokens
+        return ((got == want).float().mean().item() if got.shape == want.shape else 0.0), want.numel()
+
+    # same weights and seed: vqtok's loop draws the official codes
+    same, n_codes = share_of_equal_codes()
+    print(f"  same-weights check: {same:.4f} of the {n_codes} codes equal the official sampler's (same seed)")
     if same < 1.0:
         raise RuntimeError("vqtok's VAR does not reproduce the official codes with the same seed")
 
-    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if bf16:  # same weights under autocast: close logits (bf16 rounding), and mostly the same codes
         with torch.no_grad(), precision():
             err = (official(classes[:2], x).float() - ours(classes[:2], x, drop_labels=False).float()).abs().max().item()
@@ -631,18 +642,13 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
               f"(float32 logits' std {spread:.2e})")
         if err > 0.25 * spread:
             raise RuntimeError(f"under bf16 autocast the two sides' logits differ by {err} (std {spread})")
-        drawn.clear()
-        hook = vae.quantize.embedding.register_forward_hook(lambda m, inp, out: drawn.append(inp[0].clone()))
-        with torch.no_grad(), precision():
-            official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
-            got = sample(ours, classes, cfg, generator=g.manual_seed(0)).tokens
-        hook.remove()
-        same = (got == torch.cat(drawn, dim=1)).float().mean().item()
+        with precision():
+            same, _ = share_of_equal_codes()
         print(f"  bf16 autocast: {same:.4f} of the codes equal the official sampler's (same seed; not exact in bf16)")
 
     def run_official():
         with precision():
-            out = official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
+            out = official_sample()
         assert out.shape == (batch, 32, 16, 16)
 
     decoder = ours.default_decoder(True)
