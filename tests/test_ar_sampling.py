@@ -7,9 +7,9 @@ from vqtok.ar.orders import scan_order
 from vqtok.ar.presets import SAMPLING_PRESETS, paper_sampling
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.ar.rar_decoding import CachedDecoder, FullRecompute, StaticDecoder
-from vqtok.ar.sampling import (ForcedDraw, GeneratorDraw, InverseCDFDraw, SamplingConfig,
+from vqtok.ar.sampling import (ForcedDraw, GeneratorDraw, InverseCDFDraw, SamplingConfig, _cdf_block,
                                 describe_sampling, filter_logits, guidance_scale_at, guidance_schedule,
-                                sample)
+                                inverse_cdf, sample)
 from vqtok.errors import UserError
 
 
@@ -175,6 +175,33 @@ def test_top_p_after_top_k_equals_a_stable_sort_on_random_tied_rows():
         x = [x, x.bfloat16().float(), x.round(), (x * 2).round() / 2][trial % 4]
         k, p = int(torch.randint(1, V, (1,), generator=g)), float(torch.rand(1, generator=g)) * 0.999 + 0.001
         assert torch.equal(filter_logits(x, k, p), _top_k_then_top_p_by_full_sort(x, k, p)), (trial, V, R, k, p)
+
+
+def _one_level_inverse_cdf(probs, uniforms):
+    cdf = probs.double().cumsum(dim=-1)
+    target = uniforms.double()[..., None] * cdf[..., -1:]
+    return torch.searchsorted(cdf, target, right=True)[..., 0].clamp_max(probs.shape[-1] - 1)
+
+
+def test_two_level_inverse_cdf_picks_the_token_of_the_whole_row_cdf():
+    assert (_cdf_block(4096), _cdf_block(16384), _cdf_block(4100), _cdf_block(1000), _cdf_block(100)) == (64, 128, 0, 0, 0)
+    g = torch.Generator().manual_seed(3)
+    for V in (256, 4096, 16384, 1000):
+        logits = torch.randn(2, 300, V, generator=g) * 4
+        u = torch.rand(2, 300, generator=g, dtype=torch.float64)
+        u[0, :2] = torch.tensor([0.0, 1.0 - 2 ** -53], dtype=torch.float64)
+        for top_k, top_p in [(0, 1.0), (900, 0.96), (3, 1.0), (1, 1.0), (0, 0.5)]:
+            for x in (logits, logits.bfloat16().float()):
+                probs = filter_logits(x, min(top_k, V - 1), top_p).softmax(-1)
+                got = inverse_cdf(probs, u)
+                assert got.shape == (2, 300)
+                assert torch.equal(got, _one_level_inverse_cdf(probs, u)), (V, top_k, top_p)
+                assert (probs.gather(-1, got[..., None]) > 0).all()
+    # mass at both sides of a block edge: a target on a CDF step moves past it and past the zeros after it
+    probs = torch.zeros(4, 4096)
+    probs[:, 63], probs[:, 64], probs[:, 4095] = 0.25, 0.25, 0.5
+    u = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [63, 64, 4095, 4095] == _one_level_inverse_cdf(probs, u).tolist()
 
 
 def test_sampled_tokens_respect_top_k():

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -135,9 +136,11 @@ def _top_p_of_top_k(logits: torch.Tensor, top: torch.return_types.topk, top_p: f
     the softmax runs over the same full-width row so its sum adds the same numbers in the same order, and
     the cumulative mass of the first entries is a prefix of the full cumulative sum. The kept entries are
     the leading ones with mass before them < top_p (a prefix: the mass only grows), ending at a value tau.
-    Where every logit equal to tau is kept, those are top-k entries and go back by its indices; in rows where
-    the prefix cuts a group of equal logits or runs past k (ties with the k-th), every logit above tau stays
-    and of those equal to tau the lowest indices, as many as the prefix holds.
+    Where every logit equal to tau is kept, those are top-k entries and go back by its indices. Where the
+    prefix cuts a group of equal logits, every logit above tau stays and of those equal to tau the lowest
+    indices, as many as the prefix holds: found among the top-k entries when tau is above the k-th value
+    (bf16 logits make that the common row), else (tau is the k-th value, or the prefix runs past k into
+    the ties with it) by scanning the whole row.
     """
     values, kth = top.values, top.values[..., -1:]
     k = values.shape[-1]
@@ -155,7 +158,14 @@ def _top_p_of_top_k(logits: torch.Tensor, top: torch.return_types.topk, top_p: f
     tau = head.gather(-1, kept.long() - 1)  # the smallest kept value
     keep_at_tau = kept - (head > tau).sum(dim=-1, keepdim=True, dtype=torch.int32)
     cut = (head == tau).sum(dim=-1, keepdim=True, dtype=torch.int32) > keep_at_tau  # a group of equals cut
-    kept_values = values.masked_fill(torch.arange(k, device=logits.device) >= kept, float("-inf"))
+    keep = torch.arange(k, device=logits.device) < kept
+    # a cut group above the k-th value lies inside the top k (every logit above the k-th is in it): its
+    # lowest indices are found among the top-k entries; any other cut, or a prefix past k, takes the whole row
+    inside = cut & (tau > kth) & (kept <= k)
+    if bool(inside.any()):
+        _keep_lowest_indices_at_tau(keep, top, inside[..., 0], tau, kept - keep_at_tau, keep_at_tau)
+        cut = cut & ~inside
+    kept_values = values.masked_fill(~keep, float("-inf"))
     out = torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, kept_values)
     slow = (cut | (kept > k))[..., 0]
     if bool(slow.any()):
@@ -165,6 +175,24 @@ def _top_p_of_top_k(logits: torch.Tensor, top: torch.return_types.topk, top_p: f
         drop = (x < t) | (at_tau & (at_tau.cumsum(dim=-1, dtype=torch.int32) > keep_at_tau[rows]))
         out[rows] = x.masked_fill(drop, float("-inf"))
     return out
+
+
+def _keep_lowest_indices_at_tau(keep: torch.Tensor, top: torch.return_types.topk, rows: torch.Tensor,
+                                tau: torch.Tensor, above: torch.Tensor, keep_at_tau: torch.Tensor) -> None:
+    """In the `rows` (mask over the leading dims) of the (..., k) top-k keep mask, keep the `above` entries
+    greater than tau and, of the entries equal to tau (contiguous after them in the sorted top-k, in no
+    particular index order), the `keep_at_tau` with the lowest vocabulary indices. In place."""
+    values, indices = top.values[rows], top.indices[rows]
+    start, need, t = above[rows], keep_at_tau[rows], tau[rows]
+    k = values.shape[-1]
+    group = (values == t).sum(dim=-1, keepdim=True)
+    width = int(group.max())
+    offsets = torch.arange(width, device=values.device)
+    at = (start + offsets).clamp_max_(k - 1)
+    ids = indices.gather(-1, at).masked_fill_(offsets >= group, torch.iinfo(indices.dtype).max)
+    last_kept = ids.sort(dim=-1).values.gather(-1, need.long() - 1)  # the largest index that stays
+    positions = torch.arange(k, device=values.device)
+    keep[rows] = (positions < start) | ((values == t) & (indices <= last_kept))
 
 
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -284,14 +312,61 @@ class GeneratorDraw:
 def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Token per row at the inverse CDF of (..., V) `probs` at `uniforms` (...) in [0, 1), in float64.
 
-    Equivalent in distribution to `torch.multinomial` on the same probabilities.
+    Equivalent in distribution to `torch.multinomial` on the same probabilities. The token is the first
+    whose cumulative mass (in vocabulary order, summed in float64) exceeds `u * total`, so zero-probability
+    tokens (flat stretches of the CDF) are never chosen. For a wide vocabulary the search runs in two levels
+    (`_two_level_inverse_cdf`), which finds the same token without a float64 copy of the whole row.
     """
+    V = probs.shape[-1]
+    block = _cdf_block(V)
+    if block:
+        lead = probs.shape[:-1]
+        return _two_level_inverse_cdf(probs.reshape(-1, V), uniforms.reshape(-1), block).view(lead)
     cdf = probs.double().cumsum(dim=-1)
     target = uniforms.to(cdf.device, torch.float64)[..., None] * cdf[..., -1:]
-    # right=True: the first token whose cumulative mass exceeds the target, so zero-probability tokens
-    # (flat stretches of the CDF) are never chosen
     token = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True)[..., 0]
-    return token.clamp_max(probs.shape[-1] - 1)
+    return token.clamp_max(V - 1)
+
+
+def _cdf_block(V: int) -> int:
+    """Block width of the two-level inverse CDF for a V-token vocabulary: the power of two nearest sqrt(V)
+    that divides V (at least 16), or 0 (one level) for a narrow vocabulary."""
+    if V < 256:
+        return 0
+    block = 1 << round(math.log2(V) / 2)
+    while block >= 16 and V % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
+def _block_masses(probs: torch.Tensor, block: int) -> torch.Tensor:
+    """(R, V) float32 probabilities -> (R, V // block) float64 sums of each block. On CPU through numpy,
+    whose float32 -> float64 reduction is several times faster than torch's there (which converts first)."""
+    R, V = probs.shape
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        blocks = probs.detach().contiguous().numpy().reshape(R, V // block, block)
+        return torch.from_numpy(np.add.reduce(blocks, axis=-1, dtype=np.float64))
+    return probs.reshape(R, V // block, block).sum(dim=-1, dtype=torch.float64)
+
+
+def _two_level_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: int) -> torch.Tensor:
+    """`inverse_cdf` of (R, V) rows: the float64 masses of blocks of `block` tokens locate the block where the
+    cumulative mass first exceeds the target, and the cumulative sum of that block alone gives the token.
+
+    The token is the one of the one-level search: float32 probabilities of the same row all at least 2^-30
+    sum exactly in float64 in any order, so each block's cumulative mass is the one-level CDF at its last
+    token. Rows holding smaller probabilities can differ only where `u * total` falls within float64
+    rounding of a CDF step."""
+    R, V = probs.shape
+    nb = V // block
+    block_cdf = _block_masses(probs, block).to(probs.device).cumsum_(dim=-1)
+    target = uniforms.to(probs.device, torch.float64)[:, None] * block_cdf[:, -1:]
+    b = torch.searchsorted(block_cdf, target, right=True).clamp_max_(nb - 1)  # (R, 1)
+    before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp_min(0)), 0.0)
+    rows = probs.reshape(R, nb, block).gather(1, b[:, :, None].expand(R, 1, block))[:, 0]
+    cdf = rows.double().cumsum_(dim=-1).add_(before)
+    j = torch.searchsorted(cdf, target, right=True).clamp_max_(block - 1)
+    return (b * block + j)[:, 0]
 
 
 class InverseCDFDraw:
