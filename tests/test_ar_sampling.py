@@ -315,6 +315,38 @@ def test_the_cached_decoder_reuses_its_cache_across_batches_of_the_same_size():
     assert decoder.cache is cache and torch.equal(again, sample(model, torch.tensor([3, 3]), cfg).tokens)
 
 
+def _tiny_llamagen():
+    from vqtok.ar.llamagen import LlamaGen, LlamaGenConfig
+
+    torch.manual_seed(0)
+    model = LlamaGen(LlamaGenConfig(dim=32, n_layer=2, n_head=4, vocab_size=40, block_size=16, num_classes=10,
+                                    multiple_of=16, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0))
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5)  # zero at init
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["rar", "llamagen"])
+def test_a_cached_decoder_builds_a_new_cache_when_the_precision_changes(family):
+    # the cache follows the attention dtype: reused while rows, device and precision stay, rebuilt in bf16
+    # under bf16 autocast and in float32 after it, with the tokens of a fresh decoder at each precision
+    model = make_model() if family == "rar" else _tiny_llamagen()
+    classes = torch.tensor([0, 1, 3])
+    cfg = SamplingConfig(guidance_scale=2.0, temperature=0.0)
+    decoder = model.default_decoder(True)
+    fp32 = sample(model, classes, cfg, decoder=decoder).tokens
+    cache = decoder.cache
+    assert cache.k[0].dtype == torch.float32
+    sample(model, classes, cfg, decoder=decoder)
+    assert decoder.cache is cache
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = sample(model, classes, cfg, decoder=decoder).tokens
+        assert decoder.cache.k[0].dtype == decoder.cache.v[-1].dtype == torch.bfloat16
+        assert torch.equal(bf16, sample(model, classes, cfg, decoder=model.default_decoder(True)).tokens)
+    assert torch.equal(sample(model, classes, cfg, decoder=decoder).tokens, fp32)
+    assert decoder.cache.k[0].dtype == torch.float32
+
+
 def test_describe_sampling_names_the_resolved_settings():
     paper = paper_sampling("rar-b")
     line = describe_sampling(paper, 256)

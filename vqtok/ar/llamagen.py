@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqtok.ar.few_rows import linear_few_rows
-from vqtok.ar.sampling import HeadMix, StaticHeadMix, attention_dtype, load_mix
+from vqtok.ar.sampling import HeadMix, StaticHeadMix, attention_dtype, cache_fits, load_mix
 from vqtok.errors import ConfigError, UserError
 
 
@@ -515,7 +515,7 @@ class CachedDecoder:
 
     def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None
               ) -> torch.Tensor:
-        if self.cache is None or self.cache.batch != cond_ids.shape[0]:
+        if not cache_fits(self.cache, cond_ids.shape[0], cond_ids.device, self.model.output.weight.dtype):
             self.cache = self.model.new_cache(cond_ids.shape[0], device=cond_ids.device)
         return self.model.prefill(cond_ids, self.cache, mix)
 

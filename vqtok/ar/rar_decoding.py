@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from vqtok.ar.rar import PREFIX, RAR, KVCache, group_conditions
+from vqtok.ar.sampling import cache_fits
 
 
 class CachedDecoder:
@@ -27,7 +28,7 @@ class CachedDecoder:
         self.cache: KVCache | None = None
 
     def start(self, cond_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        if self.cache is None or self.cache.batch != cond_ids.shape[0]:
+        if not cache_fits(self.cache, cond_ids.shape[0], cond_ids.device, self.model.lm_head.weight.dtype):
             self.cache = self.model.new_cache(cond_ids.shape[0], device=cond_ids.device)
         self.orders = order.expand(cond_ids.shape[0], -1)
         return self.model.prefill(cond_ids, self.orders, self.cache, group_conditions(cond_ids))[:, None]

@@ -428,6 +428,16 @@ def attention_dtype(device: torch.device | str, weight_dtype: torch.dtype) -> to
     return weight_dtype
 
 
+def cache_fits(cache, rows: int, device: torch.device, weight_dtype: torch.dtype) -> bool:
+    """Whether a decoder's KV cache (keys per layer in `cache.k`, rows first; None: none yet) serves a batch
+    of `rows` rows on `device` in the attention dtype of `weight_dtype` weights there: decoders keep their
+    cache across batches and build a new one when the row count, the device or the precision changes."""
+    if cache is None:
+        return False
+    k = cache.k[0]
+    return (k.shape[0], k.device, k.dtype) == (rows, torch.device(device), attention_dtype(device, weight_dtype))
+
+
 # ------------------------------------------------------------------------------------------- loop
 
 

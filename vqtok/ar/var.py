@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqtok.ar.sampling import HeadMix, attention_dtype
+from vqtok.ar.sampling import HeadMix, attention_dtype, cache_fits
 from vqtok.errors import UserError
 
 # VAR's schedule for 256 px images with a 16x downsampling tokenizer (10 scales, 680 tokens)
@@ -584,10 +584,8 @@ class VARCachedDecoder:
               ) -> torch.Tensor:
         model, cfg = self.model, self.model.config
         quant = model.quantizer
-        dtype = attention_dtype(cond_ids.device, model.head.weight.dtype)
-        cache = self.cache
-        want = (cond_ids.shape[0], cond_ids.device, dtype)
-        if cache is None or (cache.rows, cache.k[0].device, cache.k[0].dtype) != want:
+        if not cache_fits(self.cache, cond_ids.shape[0], cond_ids.device, model.head.weight.dtype):
+            dtype = attention_dtype(cond_ids.device, model.head.weight.dtype)
             self.cache = self._new_cache(cond_ids.shape[0], cond_ids.device, dtype)
         self.cache.length = 0
         cond, self.mods, self.head_mod = model.conditions(cond_ids)
