@@ -2,6 +2,13 @@
 
     python bench/compare_official.py --peers ../shared/peers --deps /work/benchdeps
     python bench/compare_official.py --peers ../shared/peers --only rar_sampling,maskgit_encode --json out.json
+    python bench/compare_official.py --peers .peers --device cuda --only var_sampling,var_sampling_bf16,llamagen_sampling
+
+On a CUDA device (`--device cuda`, the generator cases only) both sides run there at the released models'
+sizes (VAR-d16 and GPT-B, batch 32 each; the CPU sizes are below), each timed run ends with a synchronize,
+and the same-seed share of equal codes is recorded but not required (the official attention and vqtok's SDPA
+may round differently on a GPU). bench/gpu_run.sh runs this after the GPU suite when bench/gpu_prepare.sh
+has copied the peers into .peers/.
 
 Each case runs in its own child process (so one peer's imports and memory never touch another case). Inside
 it the official model is built, its state dict is converted to vqtok through vqtok's own interop
@@ -69,6 +76,7 @@ from pathlib import Path
 
 CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step", "var_sampling",
          "llamagen_sampling", "var_sampling_bf16"]
+DEVICE_CASES = {"var_sampling", "var_sampling_bf16", "llamagen_sampling"}  # also run with --device cuda
 OPT_IN = {"var_sampling_bf16"}  # run with --only: bf16 GEMMs are fast only on CPUs with AVX512-BF16 / AMX
 PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "rar_train_h256": "1d-tokenizer",
            "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen", "var_sampling": "VAR",
@@ -185,6 +193,29 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]
                   f"{BUDGET['case_s']:.0f} s share of --budget-min", flush=True)
             break
     return times
+
+
+def synced(fns: dict, device) -> dict:
+    """The same callables, each followed by a CUDA synchronize on a CUDA device (so the wall time of a run
+    covers the work it queued); unchanged on the CPU."""
+    if device.type != "cuda":
+        return fns
+    import torch
+
+    def wrap(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize(device)
+        return run
+    return {name: wrap(fn) for name, fn in fns.items()}
+
+
+def check_codes(same: float, device, what: str) -> None:
+    """On the CPU the two sides' codes from one seed must be identical (the same kernels run on both); on a
+    GPU their kernels may round differently (the official's attention is not SDPA), so the share is printed
+    and recorded but not required."""
+    if same < 1.0 and device.type == "cpu":
+        raise RuntimeError(f"vqtok's {what} does not reproduce the official codes with the same seed")
 
 
 def summary(times: dict[str, list[float]]) -> dict:
@@ -571,7 +602,8 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
     from vqtok.interop import var_gpt
     from vqtok.tokenizer.quantizers.multiscale import MultiScaleResidualVQ, MultiScaleVQConfig
 
-    depth, batch = 6, 8
+    dev = torch.device(args.device)
+    depth, batch = (6, 8) if dev.type == "cpu" else (16, 32)  # on a GPU: the released VAR-d16's size
     patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=4096, z_channels=32, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=patch_nums)
@@ -594,10 +626,14 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
     official.vae_proxy = (FHatOnly(),)
     quant = MultiScaleResidualVQ(MultiScaleVQConfig(codebook_size=4096, dim=32, patch_nums=patch_nums))
     quant.load_state_dict(vae.quantize.state_dict(), strict=True)
-    ours = var_gpt.load(official.state_dict(), quant.eval())
-    classes = torch.arange(batch) * 97 % 1000
+    ours = var_gpt.load(official.state_dict(), quant.eval().to(dev)).to(dev)
+    official.to(dev)
+    vae.to(dev)
+    official.rng = torch.Generator(device=dev)  # made on dist.get_device() (the CPU here) at construction
+    official.uniform_prob = official.uniform_prob.to(dev)
+    classes = (torch.arange(batch) * 97 % 1000).to(dev)
     with torch.no_grad():  # same weights: the teacher-forced logits must agree
-        gt = [torch.randint(0, 4096, (2, p * p)) for p in patch_nums]
+        gt = [torch.randint(0, 4096, (2, p * p), device=dev) for p in patch_nums]
         x = vae.quantize.idxBl_to_var_input(gt)
         official.cond_drop_rate = 0.0
         ref = official(classes[:2], x)
@@ -607,9 +643,9 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
     if err > 1e-3:
         raise RuntimeError(f"the converted VAR does not reproduce the official logits (max difference {err})")
     cfg = SamplingConfig(guidance_scale=2.5, guidance_schedule="ramp", top_k=900, top_p=0.96)
-    g = torch.Generator()
+    g = torch.Generator(device=dev)
 
-    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    precision = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def official_sample():
         return official.autoregressive_infer_cfg(batch, classes, g_seed=0, cfg=1.5, top_k=900, top_p=0.96)
@@ -631,8 +667,8 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
     # same weights and seed: vqtok's loop draws the official codes
     same, n_codes = share_of_equal_codes()
     print(f"  same-weights check: {same:.4f} of the {n_codes} codes equal the official sampler's (same seed)")
-    if same < 1.0:
-        raise RuntimeError("vqtok's VAR does not reproduce the official codes with the same seed")
+    check_codes(same, dev, "VAR")
+    codes_equal = {"fp32": same}
 
     if bf16:  # same weights under autocast: close logits (bf16 rounding), and mostly the same codes
         with torch.no_grad(), precision():
@@ -644,6 +680,7 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
             raise RuntimeError(f"under bf16 autocast the two sides' logits differ by {err} (std {spread})")
         with precision():
             same, _ = share_of_equal_codes()
+        codes_equal["bf16"] = same
         print(f"  bf16 autocast: {same:.4f} of the codes equal the official sampler's (same seed; not exact in bf16)")
 
     def run_official():
@@ -658,9 +695,10 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
             out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, 680, batch), decoder=decoder)
         assert out.tokens.shape == (batch, 680)
 
-    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=1)
+    times = alternate(synced({"official": run_official, "vqtok": run_vqtok}, dev), args.repeats, warmup=1)
     n_params = sum(p.numel() for p in ours.parameters())
-    return summary(times) | {"detail": f"{n_params / 1e6:.0f}M (depth {depth}, width {64 * depth}), batch {batch}, "
+    return summary(times) | {"device": str(dev), "codes_equal": codes_equal,
+                             "detail": f"{n_params / 1e6:.0f}M (depth {depth}, width {64 * depth}), batch {batch}, "
                                        "cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only"
                                        + (", bf16 autocast on both sides" if bf16 else "")}
 
@@ -681,7 +719,9 @@ def case_llamagen_sampling(args) -> dict:
     from vqtok.ar.sampling import GeneratorDraw, SamplingConfig, sample
     from vqtok.interop import llamagen_gpt as llamagen_interop
 
-    dim, layers, heads, batch, tokens = 384, 6, 6, 8, 256
+    dev = torch.device(args.device)
+    # on a GPU: the released GPT-B's layout (c2i_B_256) and a FID-sampling batch
+    dim, layers, heads, batch, tokens = (384, 6, 6, 8, 256) if dev.type == "cpu" else (768, 12, 12, 32, 256)
     torch.manual_seed(0)
     official = Transformer(ModelArgs(dim=dim, n_layer=layers, n_head=heads, vocab_size=16384, block_size=tokens,
                                      num_classes=1000, cls_token_num=1, model_type="c2i"))
@@ -691,8 +731,9 @@ def case_llamagen_sampling(args) -> dict:
     cfg_model, state = llamagen_interop.load_official(official.state_dict(), block_size=tokens, n_head=heads)
     ours = LlamaGen(cfg_model)
     ours.load_state_dict(state, strict=True)
-    ours.eval()
-    classes = torch.arange(batch) * 61 % 1000
+    ours.eval().to(dev)
+    official.to(dev)
+    classes = (torch.arange(batch) * 61 % 1000).to(dev)
     cfg = SamplingConfig(guidance_scale=2.0, guidance_schedule="constant", temperature=1.0, top_k=0, top_p=1.0)
 
     def run_official():
@@ -707,16 +748,18 @@ def case_llamagen_sampling(args) -> dict:
         got = sample(ours, classes, cfg, draw=GeneratorDraw(None)).tokens
     same = (got == want).float().mean().item()
     print(f"  same-weights check: {same:.4f} of the {want.numel()} codes equal the official generate's (re-seeded)")
-    if same < 1.0:
-        raise RuntimeError("vqtok's LlamaGen does not reproduce the official codes with the same seed")
+    check_codes(same, dev, "LlamaGen")
     decoder = ours.default_decoder(True)
 
     def run_vqtok():  # what `vqtok sample` runs per batch: per-sample noise, the cached decoder kept across batches
         out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, tokens, batch), decoder=decoder).tokens
         assert out.shape == (batch, tokens)
 
-    times = alternate({"official": run_official, "vqtok": run_vqtok}, args.repeats, warmup=0)
-    return summary(times) | {"detail": "16M (dim 384, 6 layers, 16384 codes), batch 8, CFG 2.0 constant, 256 tokens, tokens only"}
+    times = alternate(synced({"official": run_official, "vqtok": run_vqtok}, dev), args.repeats, warmup=0)
+    n_params = sum(p.numel() for p in ours.parameters())
+    return summary(times) | {"device": str(dev), "codes_equal": {"fp32": same},
+                             "detail": f"{n_params / 1e6:.0f}M (dim {dim}, {layers} layers, 16384 codes), batch {batch}, "
+                                       "CFG 2.0 constant, 256 tokens, tokens only"}
 
 
 def run_case(name: str, args) -> dict:
@@ -775,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write {case: {official_s, vqtok_s, ratio, ...}} here")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides (default 1: on a shared "
                    "2-core machine two OpenMP threads spin against other work and make both sides noisier)")
+    p.add_argument("--device", default="cpu", help=f"cpu (default) or cuda[:N]: the cases {', '.join(sorted(DEVICE_CASES))} "
+                   "also run on a CUDA device, at the released models' sizes (VAR-d16 batch 32, GPT-B batch 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side for rar_sampling")
     p.add_argument("--train-repeats", type=int, default=4, help="timed steps per side for the training cases")
     p.add_argument("--encode-repeats", type=int, default=3, help="timed batches per side for maskgit_encode")
@@ -791,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)
         return 2
+    if args.device != "cpu" and [c for c in cases if c not in DEVICE_CASES]:
+        print(f"error: on --device {args.device} only {', '.join(sorted(DEVICE_CASES))} run; drop "
+              f"{', '.join(c for c in cases if c not in DEVICE_CASES)} from --only", file=sys.stderr)
+        return 2
     try:
         check_paths(Path(args.peers), [Path(d) for d in args.deps], cases)
     except Missing as exc:
@@ -798,6 +847,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    if args.device != "cpu":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as exc:
+            print(f"error: --device {args.device}: {exc}", file=sys.stderr)
+            return 2
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            print(f"error: --device {args.device}: only cpu or an available CUDA device (torch.cuda.is_available() is "
+                  f"{torch.cuda.is_available()})", file=sys.stderr)
+            return 2
+        print(f"device: {torch.cuda.get_device_name(dev)}", flush=True)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {args.threads} (both sides), load average {load_avg():.2f}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
@@ -809,6 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         print(f"== {name}", flush=True)
         cmd = [sys.executable, __file__, "--case", name, "--peers", args.peers, "--threads", str(args.threads),
+               "--device", args.device,
                "--repeats", str(args.repeats), "--train-repeats", str(args.train_repeats),
                "--encode-repeats", str(args.encode_repeats)]
         if args.budget_min > 0:

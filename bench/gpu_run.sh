@@ -6,11 +6,13 @@
 # command. Results: $OUT/gpu_results.json, $OUT/gpu_results.md (the table for bench/README.md) and
 # $OUT/gpu_suite.log; the suite rewrites the two results files after every part, so a run cut short keeps
 # the parts it finished. Extra arguments go to gpu_suite.py (e.g. --skip commands for a second try).
+# Then, when .peers/ was carried, bench/compare_official.py's generator cases on the GPU (official vs vqtok,
+# same weights and batch): $OUT/compare_official_cuda.json and its log; COMPARE=0 skips them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-360}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 missing=$($PY - <<'PY'
@@ -40,4 +42,10 @@ export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH}
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 } | tee "$OUT/gpu_suite.log"
 $PY bench/gpu_suite.py --out "$OUT" --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$OUT/gpu_suite.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+if [ "${COMPARE:-1}" != 0 ] && [ -d .peers/VAR ] && [ -d .peers/LlamaGen ]; then
+    $PY bench/compare_official.py --peers .peers --device cuda --threads 4 --budget-min 2 \
+        --only var_sampling,var_sampling_bf16,llamagen_sampling --json "$OUT/compare_official_cuda.json" \
+        2>&1 | tee "$OUT/compare_official_cuda.log"
+fi
+exit "$rc"

@@ -63,6 +63,45 @@ def test_compare_official_names_a_missing_peers_path(tmp_path):
     assert proc.returncode == 2 and "--deps" in proc.stderr and "does not exist" in proc.stderr
 
 
+def test_compare_official_runs_only_the_generator_cases_on_a_gpu_and_needs_one(tmp_path):
+    script = REPO / "bench" / "compare_official.py"
+    (tmp_path / "peers" / "VAR").mkdir(parents=True)
+    base = [sys.executable, str(script), "--peers", str(tmp_path / "peers"), "--device"]
+    proc = subprocess.run(base + ["cuda", "--only", "var_sampling,rar_sampling"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: on --device cuda only llamagen_sampling, var_sampling, var_sampling_bf16 "
+                                   "run; drop rar_sampling from --only")
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run(base + ["cuda", "--only", "var_sampling"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "only cpu or an available CUDA device" in proc.stderr
+    proc = subprocess.run(base + ["mps", "--only", "var_sampling"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_compare_official_synchronizes_each_timed_run_only_on_a_gpu():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("compare_official_sync", REPO / "bench" / "compare_official.py")
+    co = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(co)
+    fns = {"official": lambda: None}
+    assert co.synced(fns, torch.device("cpu")) is fns
+    wrapped = co.synced(fns, torch.device("cuda"))
+    assert list(wrapped) == ["official"] and wrapped["official"] is not fns["official"]
+    co.check_codes(0.9, torch.device("cuda"), "VAR")  # recorded, not required, on a GPU
+    try:
+        co.check_codes(0.9, torch.device("cpu"), "VAR")
+    except RuntimeError as exc:
+        assert "does not reproduce the official codes" in str(exc)
+    else:
+        raise AssertionError("unequal codes on the CPU must fail the case")
+
+
 def test_compare_official_time_budget_cuts_rounds_but_keeps_two_per_side(monkeypatch):
     import importlib.util
     import time
@@ -136,7 +175,7 @@ def test_gpu_suite_refuses_an_unknown_part_to_skip(tmp_path, capsys):
 def test_gpu_run_script_runs_the_suite_from_the_checkout_and_logs_to_out(tmp_path):
     # the device-side wrapper: the checkout on PYTHONPATH, the suite's report and a log under $OUT; with the
     # budget at 0 every part is reported as skipped, so this checks the wiring in seconds
-    env = dict(os.environ, OUT=str(tmp_path / "out"), BUDGET="0", PYTHON=sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), BUDGET="0", PYTHON=sys.executable, COMPARE="0")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "--check"], capture_output=True, text=True,
                           env=env, timeout=300, cwd=tmp_path)

@@ -353,9 +353,9 @@ def _two_level_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, block: i
     """`inverse_cdf` of (R, V) rows: the float64 masses of blocks of `block` tokens locate the block where the
     cumulative mass first exceeds the target, and the cumulative sum of that block alone gives the token.
 
-    The token is the one of the one-level search: float32 probabilities of the same row all at least 2^-30
-    sum exactly in float64 in any order, so each block's cumulative mass is the one-level CDF at its last
-    token. Rows holding smaller probabilities can differ only where `u * total` falls within float64
+    The token is the one of the one-level search: float32 probabilities of at least 2^-29 are multiples of
+    2^-52, so a row of them (total below 2) sums exactly in float64 in any order, and each block's cumulative
+    mass is the one-level CDF at its last token. Rows holding smaller probabilities can differ only where `u * total` falls within float64
     rounding of a CDF step."""
     R, V = probs.shape
     nb = V // block
