@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vqtok.ar.few_rows import linear_few_rows
+from vqtok.ar.kv_cache import KVCache
 from vqtok.ar.sampling import HeadMix, StaticHeadMix, attention_dtype, cache_fits, load_mix
 from vqtok.errors import ConfigError, UserError
 
@@ -254,26 +255,6 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(cond_ids)[:, None]  # (B, 1, D)
 
 
-class KVCache:
-    """Keys and values of every layer, (B, kv_heads, cache_len, head_dim) each, preallocated and filled by slot."""
-
-    def __init__(self, cfg: LlamaGenConfig, batch: int, device, dtype):
-        shape = (batch, cfg.kv_heads, cfg.cache_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.batch = batch
-        self.max_len = cfg.cache_len
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KVH, T, hd) at slots start..start+T-1; the keys and values of slots 0..start+T-1."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention of one query per head, q (B, H, 1, hd), over cache slices k, v (B, KVH, L, hd).
 
@@ -306,7 +287,7 @@ class Attention(nn.Module):
         q, k = qk.split([cfg.n_head, cfg.kv_heads], dim=1)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(layer, start, k, v)
+            k, v = cache.update(layer, k, v, start)
         if cache is not None and T == 1:
             out = one_query_attention(q, k, v)
         else:
@@ -470,7 +451,8 @@ class LlamaGen(nn.Module):
         device = torch.device(device or self.output.weight.device)
         if dtype is None:  # keys/values are stored in the dtype the attention computes in
             dtype = attention_dtype(device, self.output.weight.dtype)
-        return KVCache(self.config, batch, device, dtype)
+        cfg = self.config  # zero-filled, as the official LlamaGen cache starts
+        return KVCache(cfg.n_layer, batch, cfg.kv_heads, cfg.cache_len, cfg.head_dim, device, dtype, zeroed=True)
 
     def _decode(self, h: torch.Tensor, start: int, cache: KVCache, mix: HeadMix | None = None) -> torch.Tensor:
         rope = rope_factors(self.rope[start:start + h.shape[1]])
@@ -523,8 +505,8 @@ class CachedDecoder:
         tokens = tokens.reshape(-1, 1)
         if mix is not None:
             tokens = torch.cat([tokens, tokens])
-        if tokens.shape[0] != self.cache.batch:
-            raise ValueError(f"{tokens.shape[0]} token rows for a decoder of {self.cache.batch} rows")
+        if tokens.shape[0] != self.cache.rows:
+            raise ValueError(f"{tokens.shape[0]} token rows for a decoder of {self.cache.rows} rows")
         return self.model.decode_step(tokens, step, self.cache, mix)
 
 

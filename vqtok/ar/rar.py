@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqtok.ar.kv_cache import KVCache
 from vqtok.ar.orders import scan_order
 from vqtok.ar.sampling import attention_dtype
 from vqtok.errors import UserError
@@ -192,35 +193,26 @@ def group_conditions(cond_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return distinct, index
 
 
-class KVCache:
-    """Keys and values of every layer for a whole sequence, allocated once: (B, H, L, head_dim) per layer.
-
-    Each step writes its new keys/values in place at `length` and attends over the filled prefix, so no
-    tensor grows by concatenation (the official cache copies O(L^2) memory over a sample).
-
-    The cache also holds the batch's adaLN conditions, set once by `RAR.prefill` from an explicit grouping:
-    `cond` (U, D) distinct condition embeddings and `cond_index` (B,) (row b uses cond[cond_index[b]]) or
-    None (row b uses cond[b]). When the shapes stay the same, a later prefill refills these buffers in
-    place, so a decoder with static buffers (CUDA graphs) always reads the current batch's conditions.
+class RARKVCache(KVCache):
+    """vqtok.ar.kv_cache.KVCache over [cls, cond, x_0 ..] that also holds the batch's adaLN conditions, set
+    once by `RAR.prefill` from an explicit grouping: `cond` (U, D) distinct condition embeddings and
+    `cond_index` (B,) (row b uses cond[cond_index[b]]) or None (row b uses cond[b]). When the shapes stay the
+    same, a later prefill refills these buffers in place, so a decoder with static buffers (CUDA graphs)
+    always reads the current batch's conditions.
     """
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.batch = batch
-        self.max_len = max_len
-        self.length = 0  # slots filled; advanced by the model after all layers have written
+        super().__init__(depth, batch, heads, max_len, head_dim, device, dtype)
         self.cond: torch.Tensor | None = None
         self.cond_index: torch.Tensor | None = None
 
     def set_conditions(self, cond: torch.Tensor, index: torch.Tensor | None) -> None:
         """Store the batch's distinct condition embeddings (U, D) and row index (B,) or None; in place when
         the existing buffers have the same shapes."""
-        if index is not None and index.shape != (self.batch,):
-            raise ValueError(f"condition index has shape {tuple(index.shape)}, expected ({self.batch},)")
-        if index is None and cond.shape[0] != self.batch:
-            raise ValueError(f"{cond.shape[0]} condition rows for a cache of batch {self.batch} and no index")
+        if index is not None and index.shape != (self.rows,):
+            raise ValueError(f"condition index has shape {tuple(index.shape)}, expected ({self.rows},)")
+        if index is None and cond.shape[0] != self.rows:
+            raise ValueError(f"{cond.shape[0]} condition rows for a cache of batch {self.rows} and no index")
         if self.cond is not None and self.cond.shape == cond.shape and self.cond.dtype == cond.dtype:
             self.cond.copy_(cond)
         else:
@@ -231,14 +223,6 @@ class KVCache:
             self.cond_index.copy_(index)
         else:
             self.cond_index = index.clone()
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} slots")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -303,7 +287,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cache: RARKVCache | None = None, layer: int = 0,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """`rows` (B,), when given: c holds distinct condition rows and row b of x uses c[rows[b]]."""
         mod = self.adaLN_modulation(c)
@@ -494,15 +478,15 @@ class RAR(nn.Module):
         return self.lm_head(self.adaln_before_head(x, c) if rows is None else self.adaln_before_head(x, c, rows))
 
     # --------------------------------------------------------------------------- cached decoding
-    def new_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch: int, device=None, dtype=None) -> RARKVCache:
         """A KV cache for [cls, cond, x_0 .. x_{N-2}]: the last token is sampled but never fed back."""
         cfg = self.config
         device = torch.device(device or self.lm_head.weight.device)
         if dtype is None:  # keys/values are stored in the dtype the attention computes in
             dtype = attention_dtype(device, self.lm_head.weight.dtype)
-        return KVCache(cfg.depth, batch, cfg.num_heads, PREFIX + cfg.seq_len - 1, cfg.head_dim, device, dtype)
+        return RARKVCache(cfg.depth, batch, cfg.num_heads, PREFIX + cfg.seq_len - 1, cfg.head_dim, device, dtype)
 
-    def decode_slots(self, x: torch.Tensor, c: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_slots(self, x: torch.Tensor, c: torch.Tensor, cache: RARKVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run new slots (B, T, D) through the blocks against the cache; logits of the last slot (B, V).
 
         With `rows`, c holds distinct condition rows and x's row b uses c[rows[b]] (Block.forward)."""
@@ -511,7 +495,7 @@ class RAR(nn.Module):
         cache.length += x.shape[1]
         return self.head(x[:, -1], c[:, -1], rows)
 
-    def prefill(self, cond_ids: torch.Tensor, orders: torch.Tensor, cache: KVCache,
+    def prefill(self, cond_ids: torch.Tensor, orders: torch.Tensor, cache: RARKVCache,
                 groups: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Process [cls, cond] into the cache (from slot 0); returns the logits for generated token 0 (B, V).
 
@@ -525,7 +509,7 @@ class RAR(nn.Module):
         x, cond = self.prefix_embeddings(cond_ids, orders)
         return self.decode_slots(x, self.slot_conditions(cond, 0, PREFIX), cache)
 
-    def decode_step(self, token: torch.Tensor, step: int, orders: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, step: int, orders: torch.Tensor, cache: RARKVCache) -> torch.Tensor:
         """Feed generated token `step-1` (B,) (slot step+1) and return the logits for token `step` (B, V).
 
         The adaLN conditions are the ones `prefill` stored in the cache. Nothing here synchronises with

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vqtok.ar.rar import PREFIX, RAR, KVCache, group_conditions
+from vqtok.ar.rar import PREFIX, RAR, RARKVCache, group_conditions
 from vqtok.ar.sampling import cache_fits
 
 
@@ -25,7 +25,7 @@ class CachedDecoder:
 
     def __init__(self, model: RAR):
         self.model = model
-        self.cache: KVCache | None = None
+        self.cache: RARKVCache | None = None
 
     def start(self, cond_ids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         if not cache_fits(self.cache, cond_ids.shape[0], cond_ids.device, self.model.lm_head.weight.dtype):

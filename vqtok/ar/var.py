@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vqtok.ar.kv_cache import KVCache
 from vqtok.ar.sampling import HeadMix, attention_dtype, cache_fits
 from vqtok.errors import UserError
 
@@ -165,28 +166,6 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep.div_(1 - p)
 
 
-class VARKVCache:
-    """Keys and values of every block for all L positions, allocated once: (R, H, L, head_dim) per block.
-
-    A scale's keys/values are written in place at `length` (the positions already filled: every coarser
-    scale); the decoder advances `length` after all blocks have run the scale.
-    """
-
-    def __init__(self, depth: int, rows: int, heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (rows, heads, max_len, head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(depth)]
-        self.rows, self.max_len, self.length = rows, max_len, 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"VAR KV cache overflow: {end} > {self.max_len} positions")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 class SelfAttention(nn.Module):
     """Multi-head attention with q/v biases, the `zero_k_bias` buffer and (optionally) l2-normalised q, k."""
 
@@ -208,7 +187,7 @@ class SelfAttention(nn.Module):
         self.attn_drop = cfg.attn_drop_rate
         self.proj_drop = cfg.drop_rate
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, cache: VARKVCache | None = None,
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
@@ -267,7 +246,7 @@ class AdaLNSelfAttn(nn.Module):
         return F.layer_norm(x, (self.C,), eps=self.eps)
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, attn_bias: torch.Tensor | None,
-                cache: VARKVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         h = self.attn(self._ln(x).mul(scale1.add(1)).add_(shift1), attn_bias, cache, layer).mul_(gamma1)
         x = x + drop_path(h, self.drop_path_p, self.training)
@@ -427,7 +406,7 @@ class VAR(nn.Module):
         return self.word_embed(tokens.to(self.word_embed.weight.dtype)) + self.level_position(begin, end)
 
     def _blocks(self, x: torch.Tensor, mods: list[torch.Tensor], attn_bias: torch.Tensor | None,
-                cache: VARKVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             if self.config.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
                 x = checkpoint(block, x, mods[i], attn_bias, use_reentrant=False)
@@ -574,11 +553,11 @@ class VARCachedDecoder:
 
     def __init__(self, model: VAR):
         self.model = model
-        self.cache: VARKVCache | None = None
+        self.cache: KVCache | None = None
 
-    def _new_cache(self, rows: int, device, dtype) -> VARKVCache:
+    def _new_cache(self, rows: int, device, dtype) -> KVCache:
         cfg = self.model.config
-        return VARKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device, dtype)
+        return KVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device, dtype)
 
     def start(self, cond_ids: torch.Tensor, order: torch.Tensor | None = None, mix: HeadMix | None = None
               ) -> torch.Tensor:
@@ -631,6 +610,6 @@ class VARFullRecompute:
 
 
 __all__ = [
-    "PRESETS", "VAR", "VARConfig", "VARCachedDecoder", "VARFullRecompute", "VARKVCache", "VAR_PATCH_NUMS",
+    "PRESETS", "VAR", "VARConfig", "VARCachedDecoder", "VARFullRecompute", "VAR_PATCH_NUMS",
     "check_quantizer", "preset_for", "token_fields", "train_loss", "var_loss",
 ]

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from vqtok.ar.kv_cache import KVCache
 from vqtok.ar.sampling import HeadMix, StaticHeadMix, attention_dtype, load_mix
-from vqtok.ar.var import VAR, VARKVCache
+from vqtok.ar.var import VAR
 
 
 def _keep(static: list[torch.Tensor] | None, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -43,7 +44,7 @@ class VARStaticDecoder:
         device = model.head.weight.device
         self.sides = list(cfg.patch_nums)
         self.cond_ids = torch.zeros(rows, dtype=torch.long, device=device)
-        self.cache = VARKVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device,
+        self.cache = KVCache(cfg.depth, rows, cfg.num_heads, cfg.seq_len, cfg.head_dim, device,
                                 attention_dtype(device, model.head.weight.dtype))
         most = max(side * side for side in self.sides)
         self.codes = torch.zeros(batch, most, dtype=torch.long, device=device)
