@@ -2,7 +2,7 @@
 
     python bench/compare_official.py --peers ../shared/peers --deps /work/benchdeps
     python bench/compare_official.py --peers ../shared/peers --only rar_sampling,maskgit_encode --json out.json
-    python bench/compare_official.py --peers .peers --device cuda --only var_sampling,var_sampling_bf16,llamagen_sampling
+    python bench/compare_official.py --peers .peers --device cuda --only var_sampling,var_sampling_bf16,llamagen_sampling,llamagen_sampling_bf16
 
 On a CUDA device (`--device cuda`, the generator cases only) both sides run there at the released models'
 sizes (VAR-d16 and GPT-B, batch 32 each; the CPU sizes are below), each timed run ends with a synchronize,
@@ -48,6 +48,9 @@ Cases:
                    release's published FID settings (constant CFG 2.0, top-k 0, top-p 1.0, temperature 1.0);
                    the codes must be identical when vqtok draws from the re-seeded global generator as the
                    official does
+  llamagen_sampling_bf16 llamagen_sampling with each side's own bf16 (only with --only): the official model
+                   cast to bf16 (as its sample_c2i.py --precision bf16 does), vqtok under bf16 autocast (its
+                   `--dtype bf16`); the float32 check runs first, the bf16 share of equal codes is printed
 
 Weights are random (the timing does not depend on them): the official checkpoints cannot be downloaded
 here. The official code needs a few packages vqtok does not (timm, einops, omegaconf, requests); install
@@ -75,14 +78,14 @@ import types
 from pathlib import Path
 
 CASES = ["rar_sampling", "rar_train_h768", "rar_train_h256", "maskgit_encode", "vqgan_train_step", "var_sampling",
-         "llamagen_sampling", "var_sampling_bf16"]
-DEVICE_CASES = {"var_sampling", "var_sampling_bf16", "llamagen_sampling"}  # also run with --device cuda
-OPT_IN = {"var_sampling_bf16"}  # run with --only: bf16 GEMMs are fast only on CPUs with AVX512-BF16 / AMX
+         "llamagen_sampling", "var_sampling_bf16", "llamagen_sampling_bf16"]
+DEVICE_CASES = {"var_sampling", "var_sampling_bf16", "llamagen_sampling", "llamagen_sampling_bf16"}  # also run with --device cuda
+OPT_IN = {"var_sampling_bf16", "llamagen_sampling_bf16"}  # run with --only: bf16 GEMMs are fast only on CPUs with AVX512-BF16 / AMX
 PEER_OF = {"rar_sampling": "1d-tokenizer", "rar_train_h768": "1d-tokenizer", "rar_train_h256": "1d-tokenizer",
            "maskgit_encode": "1d-tokenizer", "vqgan_train_step": "LlamaGen", "var_sampling": "VAR",
-           "llamagen_sampling": "LlamaGen", "var_sampling_bf16": "VAR"}
+           "llamagen_sampling": "LlamaGen", "var_sampling_bf16": "VAR", "llamagen_sampling_bf16": "LlamaGen"}
 GOALS = {"rar_sampling": 3.0, "rar_train_h768": 1.0, "rar_train_h256": 1.0, "maskgit_encode": 1.2, "vqgan_train_step": 1.2,
-         "var_sampling": 2.0, "llamagen_sampling": 2.0, "var_sampling_bf16": 2.0}
+         "var_sampling": 2.0, "llamagen_sampling": 2.0, "var_sampling_bf16": 2.0, "llamagen_sampling_bf16": 2.0}
 # packages the official code imports that vqtok does not depend on (module -> pip name)
 PEER_PACKAGES = {"1d-tokenizer": {"timm": "timm", "einops": "einops", "omegaconf": "omegaconf antlr4-python3-runtime==4.9.3"},
                  "LlamaGen": {}, "VAR": {}}
@@ -709,7 +712,10 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
 # -------------------------------------------------------------------------------------- LlamaGen GPT
 
 
-def case_llamagen_sampling(args) -> dict:
+def case_llamagen_sampling(args, bf16: bool = False) -> dict:
+    import contextlib
+    import copy
+
     import torch
     from autoregressive.models.generate import generate
     from autoregressive.models.gpt import ModelArgs, Transformer
@@ -749,17 +755,32 @@ def case_llamagen_sampling(args) -> dict:
     same = (got == want).float().mean().item()
     print(f"  same-weights check: {same:.4f} of the {want.numel()} codes equal the official generate's (re-seeded)")
     check_codes(same, dev, "LlamaGen")
+    codes_equal = {"fp32": same}
+    precision = contextlib.nullcontext
+    if bf16:  # each side's own bf16: the official script casts the model, `vqtok sample --dtype bf16` autocasts
+        official = copy.deepcopy(official).to(torch.bfloat16)
+        precision = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
+        with torch.no_grad():
+            want = run_official().long()
+            torch.manual_seed(0)
+            with precision():
+                got = sample(ours, classes, cfg, draw=GeneratorDraw(None)).tokens
+        codes_equal["bf16"] = (got == want).float().mean().item()
+        print(f"  bf16: {codes_equal['bf16']:.4f} of the codes equal the official generate's (re-seeded; the official "
+              "runs a bf16 model, vqtok float32 weights under autocast: not the same rounding)")
     decoder = ours.default_decoder(True)
 
     def run_vqtok():  # what `vqtok sample` runs per batch: per-sample noise, the cached decoder kept across batches
-        out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, tokens, batch), decoder=decoder).tokens
+        with precision():
+            out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, tokens, batch), decoder=decoder).tokens
         assert out.shape == (batch, tokens)
 
     times = alternate(synced({"official": run_official, "vqtok": run_vqtok}, dev), args.repeats, warmup=0)
     n_params = sum(p.numel() for p in ours.parameters())
-    return summary(times) | {"device": str(dev), "codes_equal": {"fp32": same},
+    return summary(times) | {"device": str(dev), "codes_equal": codes_equal,
                              "detail": f"{n_params / 1e6:.0f}M (dim {dim}, {layers} layers, 16384 codes), batch {batch}, "
-                                       "CFG 2.0 constant, 256 tokens, tokens only"}
+                                       "CFG 2.0 constant, 256 tokens, tokens only"
+                                       + (", bf16: the official model cast to bf16, vqtok under bf16 autocast" if bf16 else "")}
 
 
 def run_case(name: str, args) -> dict:
@@ -777,8 +798,8 @@ def run_case(name: str, args) -> dict:
         result = case_maskgit_encode(args)
     elif name in ("var_sampling", "var_sampling_bf16"):
         result = case_var_sampling(args, bf16=name == "var_sampling_bf16")
-    elif name == "llamagen_sampling":
-        result = case_llamagen_sampling(args)
+    elif name in ("llamagen_sampling", "llamagen_sampling_bf16"):
+        result = case_llamagen_sampling(args, bf16=name == "llamagen_sampling_bf16")
     else:
         result = case_vqgan_train_step(args)
     result["threads"] = torch.get_num_threads()
@@ -898,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = time.perf_counter() - t0
         results[name] = result
         print("  " + fmt_case(name, result), flush=True)
+        if args.json:  # after every case, so a run stopped early keeps the cases it finished
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     total = time.perf_counter() - t_all
     budget = f", budget {args.budget_min * 60:.0f} s" if args.budget_min > 0 else ""
     print(f"\nsummary ({total:.0f} s in all{budget}; ratio = official / vqtok median time, > 1 = vqtok faster)")

@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-360}
+BUDGET=${BUDGET:-330}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 missing=$($PY - <<'PY'
@@ -45,7 +45,7 @@ $PY bench/gpu_suite.py --out "$OUT" --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$OU
 rc=${PIPESTATUS[0]}
 if [ "${COMPARE:-1}" != 0 ] && [ -d .peers/VAR ] && [ -d .peers/LlamaGen ]; then
     $PY bench/compare_official.py --peers .peers --device cuda --threads 4 --budget-min 2 \
-        --only var_sampling,var_sampling_bf16,llamagen_sampling --json "$OUT/compare_official_cuda.json" \
+        --only var_sampling,var_sampling_bf16,llamagen_sampling,llamagen_sampling_bf16 --json "$OUT/compare_official_cuda.json" \
         2>&1 | tee "$OUT/compare_official_cuda.log"
 fi
 exit "$rc"

@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(n for n, _ in PARTS))
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="start no part once this many seconds have passed (the rest are reported as skipped); "
-                        "bench/gpu_run.sh passes 360 so that a 600-second device command ends with its report")
+                        "bench/gpu_run.sh passes 330 so that a 600-second device command ends with its report")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.check else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():

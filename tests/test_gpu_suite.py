@@ -70,8 +70,8 @@ def test_compare_official_runs_only_the_generator_cases_on_a_gpu_and_needs_one(t
     proc = subprocess.run(base + ["cuda", "--only", "var_sampling,rar_sampling"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: on --device cuda only llamagen_sampling, var_sampling, var_sampling_bf16 "
-                                   "run; drop rar_sampling from --only")
+    assert proc.stderr.strip() == ("error: on --device cuda only llamagen_sampling, llamagen_sampling_bf16, "
+                                   "var_sampling, var_sampling_bf16 run; drop rar_sampling from --only")
     import torch
 
     if not torch.cuda.is_available():
