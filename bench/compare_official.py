@@ -747,25 +747,27 @@ def case_llamagen_sampling(args, bf16: bool = False) -> dict:
         return generate(official, classes, tokens, cfg_scale=2.0, cfg_interval=-1, temperature=1.0, top_k=0,
                         top_p=1.0, sample_logits=True)
 
-    # same weights: re-seeding the global generator, vqtok's loop draws the official codes
-    with torch.no_grad():
-        want = run_official().long()
-        torch.manual_seed(0)
-        got = sample(ours, classes, cfg, draw=GeneratorDraw(None)).tokens
-    same = (got == want).float().mean().item()
-    print(f"  same-weights check: {same:.4f} of the {want.numel()} codes equal the official generate's (re-seeded)")
-    check_codes(same, dev, "LlamaGen")
-    codes_equal = {"fp32": same}
     precision = contextlib.nullcontext
-    if bf16:  # each side's own bf16: the official script casts the model, `vqtok sample --dtype bf16` autocasts
-        official = copy.deepcopy(official).to(torch.bfloat16)
-        precision = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def share_of_equal_codes() -> float:
+        """vqtok's loop re-seeded as the official re-seeds the global generator, against the official's codes;
+        vqtok's side under `precision` (the official's precision is its model's)."""
         with torch.no_grad():
             want = run_official().long()
             torch.manual_seed(0)
             with precision():
                 got = sample(ours, classes, cfg, draw=GeneratorDraw(None)).tokens
-        codes_equal["bf16"] = (got == want).float().mean().item()
+        return (got == want).float().mean().item()
+
+    # same weights: re-seeding the global generator, vqtok's loop draws the official codes
+    same = share_of_equal_codes()
+    print(f"  same-weights check: {same:.4f} of the {batch * tokens} codes equal the official generate's (re-seeded)")
+    check_codes(same, dev, "LlamaGen")
+    codes_equal = {"fp32": same}
+    if bf16:  # each side's own bf16: the official script casts the model, `vqtok sample --dtype bf16` autocasts
+        official = copy.deepcopy(official).to(torch.bfloat16)
+        precision = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
+        codes_equal["bf16"] = share_of_equal_codes()
         print(f"  bf16: {codes_equal['bf16']:.4f} of the codes equal the official generate's (re-seeded; the official "
               "runs a bf16 model, vqtok float32 weights under autocast: not the same rounding)")
     decoder = ours.default_decoder(True)

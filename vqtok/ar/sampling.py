@@ -185,14 +185,15 @@ def _keep_lowest_indices_at_tau(keep: torch.Tensor, top: torch.return_types.topk
     values, indices = top.values[rows], top.indices[rows]
     start, need, t = above[rows], keep_at_tau[rows], tau[rows]
     k = values.shape[-1]
-    group = (values == t).sum(dim=-1, keepdim=True)
+    at_tau = values == t
+    group = at_tau.sum(dim=-1, keepdim=True)
     width = int(group.max())
     offsets = torch.arange(width, device=values.device)
     at = (start + offsets).clamp_max_(k - 1)
     ids = indices.gather(-1, at).masked_fill_(offsets >= group, torch.iinfo(indices.dtype).max)
     last_kept = ids.sort(dim=-1).values.gather(-1, need.long() - 1)  # the largest index that stays
     positions = torch.arange(k, device=values.device)
-    keep[rows] = (positions < start) | ((values == t) & (indices <= last_kept))
+    keep[rows] = (positions < start) | (at_tau & (indices <= last_kept))
 
 
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
