@@ -8,8 +8,9 @@ from vqtok.ar.presets import SAMPLING_PRESETS, paper_sampling
 from vqtok.ar.rar import RAR, RARConfig
 from vqtok.ar.rar_decoding import CachedDecoder, FullRecompute, StaticDecoder
 from vqtok.ar.sampling import (ForcedDraw, GeneratorDraw, InverseCDFDraw, SamplingConfig, _cdf_block,
-                                describe_sampling, filter_logits, guidance_scale_at, guidance_schedule,
-                                inverse_cdf, sample)
+                                _drop_ties_after_the_lowest, describe_sampling, filter_logits,
+                                guidance_scale_at, guidance_schedule, inverse_cdf, keep_at_least, sample,
+                                sorted_values)
 from vqtok.errors import UserError
 
 
@@ -175,6 +176,38 @@ def test_top_p_after_top_k_equals_a_stable_sort_on_random_tied_rows():
         x = [x, x.bfloat16().float(), x.round(), (x * 2).round() / 2][trial % 4]
         k, p = int(torch.randint(1, V, (1,), generator=g)), float(torch.rand(1, generator=g)) * 0.999 + 0.001
         assert torch.equal(filter_logits(x, k, p), _top_k_then_top_p_by_full_sort(x, k, p)), (trial, V, R, k, p)
+
+
+def test_the_cpu_filter_paths_equal_the_generic_torch_ones():
+    # float32 on the CPU sorts through numpy; float64 (and every other device) through torch.sort
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 4096, generator=g) * 3
+    x[0, 0, :5] = float("-inf")
+    x[0, 1, 7] = float("nan")  # NaN sorts last (the largest), as in torch
+    got, want = sorted_values(x), x.sort(dim=-1).values
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()]) and torch.equal(got.isnan(), want.isnan())
+    y = x.nan_to_num(nan=0.0)
+    for x32 in (y, y.bfloat16().float()):
+        for top_k, top_p in [(900, 0.96), (1, 1.0), (77, 1.0), (4000, 0.5)]:
+            assert torch.equal(filter_logits(x32, top_k, top_p), filter_logits(x32.double(), top_k, top_p).float())
+
+
+def test_keep_at_least_is_exact_at_the_threshold():
+    tiny = torch.finfo(torch.float32).smallest_normal * 2 ** -23  # the smallest subnormal
+    x = torch.tensor([[1.0, 1.0 - 2 ** -24, 1.0 + 2 ** -23, float("-inf"), 3.0, float("inf")],
+                      [0.0, -tiny, tiny, -0.0, float("-inf"), -5.0],
+                      [-1e30, 2.0, float("-inf"), 0.5, -3.0, 7.0]])
+    t = torch.tensor([[1.0], [0.0], [float("-inf")]])
+    want = x.masked_fill(x < t, float("-inf"))
+    assert torch.equal(keep_at_least(x, t), want)
+    assert keep_at_least(x, t).isfinite().sum(-1).tolist() == [3, 3, 5]
+
+
+def test_dropping_the_ties_after_the_lowest_indices():
+    x = torch.tensor([[2.0, 1.0, 3.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0], [5.0, 4.0, 4.0, 4.0, 9.0, 4.0]])
+    _drop_ties_after_the_lowest(x, torch.tensor([1.0, 1.0, 4.0]), torch.tensor([2, 6, 1]))
+    inf = float("-inf")
+    assert x.tolist() == [[2.0, 1.0, 3.0, 1.0, inf, 0.0], [1.0] * 6, [5.0, 4.0, inf, inf, 9.0, inf]]
 
 
 def _one_level_inverse_cdf(probs, uniforms):

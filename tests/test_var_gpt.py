@@ -146,6 +146,18 @@ def test_layernorm_eps_chunk_order_and_tanh_gelu():
     assert torch.equal(block(x, mod, None), x)
 
 
+def test_ffn_in_place_gelu_at_inference_equals_the_training_path():
+    ffn = tiny().blocks[0].ffn
+    x = torch.randn(2, 7, 32) * 3
+    trained = ffn(x)  # parameters require grad: the module's GELU
+    assert trained.requires_grad
+    with torch.no_grad():
+        fast = ffn(x)  # in place on the fc1 output
+    assert torch.equal(fast, trained.detach())
+    want = ffn.fc2(F.gelu(ffn.fc1(x), approximate="tanh"))
+    assert torch.equal(trained, want)
+
+
 @pytest.mark.parametrize("shared_aln", [False, True])
 def test_cached_decoder_equals_full_recompute_and_teacher_forcing(shared_aln):
     model = tiny(shared_aln=shared_aln)

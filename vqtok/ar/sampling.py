@@ -113,11 +113,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     """
     V = logits.shape[-1]
     if top_k and top_k < V:
-        top = logits.topk(top_k, dim=-1)  # sorted, largest first
-        kth = top.values[..., -1:]
+        ascending = sorted_values(logits)
+        kth = ascending[..., V - top_k:V - top_k + 1].contiguous()
         if top_p < 1.0:
-            return _top_p_of_top_k(logits, top, top_p)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+            return _top_p_of_top_k(logits, ascending, kth, top_p)
+        return keep_at_least(logits, kth)
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(dim=-1)
@@ -128,72 +128,65 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _top_p_of_top_k(logits: torch.Tensor, top: torch.return_types.topk, top_p: float) -> torch.Tensor:
-    """Top-p after top-k from `top`, the k largest logits of each row sorted largest first: the kept set of
-    sorting the whole top-k-masked row (stably) without that sort.
+def sorted_values(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) the values of each row in ascending order (values only: equal values need no order; NaN last).
 
-    That sort gives the k values, then the logits tied with the k-th beyond k (all equal to it), then -inf;
-    the softmax runs over the same full-width row so its sum adds the same numbers in the same order, and
-    the cumulative mass of the first entries is a prefix of the full cumulative sum. The kept entries are
-    the leading ones with mass before them < top_p (a prefix: the mass only grows), ending at a value tau.
-    Where every logit equal to tau is kept, those are top-k entries and go back by its indices. Where the
-    prefix cuts a group of equal logits, every logit above tau stays and of those equal to tau the lowest
-    indices, as many as the prefix holds: found among the top-k entries when tau is above the k-th value
-    (bf16 logits make that the common row), else (tau is the k-th value, or the prefix runs past k into
-    the ties with it) by scanning the whole row.
+    On the CPU through numpy, whose vectorized sort is many times faster than torch's there (2048 x 4096
+    float32 rows on one core: 20 ms against 370 ms for `torch.sort` and 128 ms for a top-900 `torch.topk`)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(np.sort(logits.numpy(), axis=-1))
+    return logits.sort(dim=-1).values
+
+
+def _top_p_of_top_k(logits: torch.Tensor, ascending: torch.Tensor, kth: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p after top-k from each row's values in ascending order and its k-th largest value: the kept set
+    of sorting the whole top-k-masked row (stably) without that sort.
+
+    That sort gives the values >= the k-th (k of them, or more where some tie with the k-th) largest first,
+    then -inf. Its softmax is taken over a prefix of it padded with -inf to a multiple of 64 entries, which
+    adds the same numbers in the same vector lanes as the softmax of the whole row (the full-sort test
+    checks that), and the cumulative mass of the first entries is a prefix of the full cumulative sum. The
+    kept entries are the leading ones with mass before them < top_p (a prefix: the mass only grows), ending
+    at a value tau: every logit >= tau stays, except where the prefix cuts a group of logits equal to tau;
+    there the lowest indices of that group stay, as many as the prefix holds (the common row in bf16).
+    Counts of values above and at tau are searches in the sorted row, not scans.
     """
-    values, kth = top.values, top.values[..., -1:]
-    k = values.shape[-1]
-    at_least_kth = (logits >= kth).sum(dim=-1, keepdim=True, dtype=torch.int32)  # k, or more with ties at the k-th
-    width = int(at_least_kth.max())
-    row = torch.full_like(logits, float("-inf"))
-    row[..., :k] = values
-    if width > k:
-        tied = torch.arange(k, width, device=logits.device) < at_least_kth
-        row[..., k:width] = kth.expand(*kth.shape[:-1], width - k).masked_fill(~tied, float("-inf"))
-    probs = row.softmax(dim=-1)[..., :width]
-    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always has 0 before it and stays
-    kept = torch.minimum((mass_before < top_p).sum(dim=-1, keepdim=True, dtype=torch.int32), at_least_kth)
-    head = row[..., :width]  # holds every logit >= tau, so the counts need not scan the whole row
-    tau = head.gather(-1, kept.long() - 1)  # the smallest kept value
-    keep_at_tau = kept - (head > tau).sum(dim=-1, keepdim=True, dtype=torch.int32)
-    cut = (head == tau).sum(dim=-1, keepdim=True, dtype=torch.int32) > keep_at_tau  # a group of equals cut
-    keep = torch.arange(k, device=logits.device) < kept
-    # a cut group above the k-th value lies inside the top k (every logit above the k-th is in it): its
-    # lowest indices are found among the top-k entries; any other cut, or a prefix past k, takes the whole row
-    inside = cut & (tau > kth) & (kept <= k)
-    if bool(inside.any()):
-        _keep_lowest_indices_at_tau(keep, top, inside[..., 0], tau, kept - keep_at_tau, keep_at_tau)
-        cut = cut & ~inside
-    kept_values = values.masked_fill(~keep, float("-inf"))
-    out = torch.full_like(logits, float("-inf")).scatter_(-1, top.indices, kept_values)
-    slow = (cut | (kept > k))[..., 0]
-    if bool(slow.any()):
-        rows = slow.nonzero(as_tuple=True)
-        x, t = logits[rows], tau[rows]
-        at_tau = x == t
-        drop = (x < t) | (at_tau & (at_tau.cumsum(dim=-1, dtype=torch.int32) > keep_at_tau[rows]))
-        out[rows] = x.masked_fill(drop, float("-inf"))
+    V = logits.shape[-1]
+    at_least_kth = V - torch.searchsorted(ascending, kth)  # k, or more with ties at the k-th
+    width = min(V, -(-int(at_least_kth.max()) // 64) * 64)
+    head = ascending[..., V - width:].flip(-1)  # largest first
+    head.masked_fill_(torch.arange(width, device=logits.device) >= at_least_kth, float("-inf"))
+    probs = head.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1).sub_(probs)  # the most likely token always has 0 before it and stays
+    kept = torch.minimum(torch.count_nonzero(mass_before < top_p, dim=-1)[..., None], at_least_kth)
+    tau = head.gather(-1, kept - 1)  # the smallest kept value
+    below_or_at = torch.searchsorted(ascending, tau, right=True)
+    keep_at_tau = kept - (V - below_or_at)  # kept minus the values above tau
+    cut = below_or_at - torch.searchsorted(ascending, tau) > keep_at_tau  # a group of equals cut
+    out = keep_at_least(logits, tau)
+    if bool(cut.any()):
+        _drop_ties_after_the_lowest(out.view(-1, V), tau.reshape(-1), keep_at_tau.masked_fill(~cut, V).reshape(-1))
     return out
 
 
-def _keep_lowest_indices_at_tau(keep: torch.Tensor, top: torch.return_types.topk, rows: torch.Tensor,
-                                tau: torch.Tensor, above: torch.Tensor, keep_at_tau: torch.Tensor) -> None:
-    """In the `rows` (mask over the leading dims) of the (..., k) top-k keep mask, keep the `above` entries
-    greater than tau and, of the entries equal to tau (contiguous after them in the sorted top-k, in no
-    particular index order), the `keep_at_tau` with the lowest vocabulary indices. In place."""
-    values, indices = top.values[rows], top.indices[rows]
-    start, need, t = above[rows], keep_at_tau[rows], tau[rows]
-    k = values.shape[-1]
-    at_tau = values == t
-    group = at_tau.sum(dim=-1, keepdim=True)
-    width = int(group.max())
-    offsets = torch.arange(width, device=values.device)
-    at = (start + offsets).clamp_max_(k - 1)
-    ids = indices.gather(-1, at).masked_fill_(offsets >= group, torch.iinfo(indices.dtype).max)
-    last_kept = ids.sort(dim=-1).values.gather(-1, need.long() - 1)  # the largest index that stays
-    positions = torch.arange(k, device=values.device)
-    keep[rows] = (positions < start) | (at_tau & (indices <= last_kept))
+def keep_at_least(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """`logits` where >= the row's `threshold` (..., 1), else -inf, in float ops only: on the CPU a boolean
+    mask (`masked_fill`, `where`) over a (2048, 4096) slab costs 35 ms, these passes 14. Exact: for floats
+    x - t == 0 only where x == t (subnormals kept), so the sign of x - t decides, then min(+-inf, x); an
+    infinite x equal to t gives NaN there, which `fmin` skips (x stays, as x >= t)."""
+    w = logits - threshold
+    F.threshold_(w, -1e-45, float("-inf"))  # x - t >= 0 stays (the smallest subnormal below 0 does not)
+    w.add_(1).mul_(float("inf"))  # +inf where kept, -inf where not
+    return torch.fmin(w, logits) if w.requires_grad else torch.fmin(w, logits, out=w)
+
+
+def _drop_ties_after_the_lowest(x: torch.Tensor, tau: torch.Tensor, keep: torch.Tensor) -> None:
+    """In the (R, V) rows `x`, set to -inf every entry equal to the row's `tau` after its first `keep`
+    (lowest indices first). In place."""
+    row, col = (x == tau[:, None]).nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    first = torch.searchsorted(row, torch.arange(x.shape[0], device=x.device))
+    drop = torch.arange(row.numel(), device=x.device) - first[row] >= keep[row]
+    x[row[drop], col[drop]] = float("-inf")
 
 
 def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:

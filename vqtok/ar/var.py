@@ -217,7 +217,12 @@ class FFN(nn.Module):
         self.drop = cfg.drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if h.requires_grad:
+            h = self.act(h)
+        else:  # inference: in place, no second (rows, 4C) buffer to allocate and fault in
+            torch.ops.aten.gelu_(h, approximate="tanh")
+        out = self.fc2(h)
         return F.dropout(out, self.drop, self.training) if self.drop > 0 else out
 
 
