@@ -201,6 +201,12 @@ def test_keep_at_least_is_exact_at_the_threshold():
     want = x.masked_fill(x < t, float("-inf"))
     assert torch.equal(keep_at_least(x, t), want)
     assert keep_at_least(x, t).isfinite().sum(-1).tolist() == [3, 3, 5]
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):  # no constant of one dtype's range
+        xd, td = x.to(dtype), t.to(dtype)
+        assert torch.equal(keep_at_least(xd, td), xd.masked_fill(xd < td, float("-inf"))), dtype
+    nan = torch.tensor([[float("nan"), 2.0, float("inf")]])
+    assert keep_at_least(nan, torch.tensor([[float("inf")]])).tolist()[0][1:] == [float("-inf"), float("inf")]
+    assert keep_at_least(nan, torch.tensor([[0.0]]))[0, 0].isnan()  # a NaN logit stays, as with masked_fill
 
 
 def test_dropping_the_ties_after_the_lowest_indices():
