@@ -31,7 +31,10 @@ Cases:
                    batch 10; the indices must be identical
   var_sampling     official `VAR.autoregressive_infer_cfg` vs the `vqtok sample` token loop (per-sample noise, VAR's
                    KV-cached decoder), depth 6 (width 384), batch 8, cfg 1.5 ramp, top-k 900, top-p 0.96, 680
-                   tokens, tokens only; the codes must be identical when vqtok draws from the official's seed
+                   tokens, tokens only; the codes must be identical when vqtok draws from the official's seed.
+                   On the CPU one more profiled run per side sums the time in the kernels both run (GEMMs,
+                   SDPA, GELU; the smaller side's per group): `floor_s`, and `ratio_bound` = official / floor,
+                   the most any sampler on those kernels could reach here
   vqgan_train_step LlamaGen's vq_train.py step (VQ-16 VQModel + VQLoss: l2 + LPIPS + PatchGAN hinge, Adam
                    (0.9, 0.95), clipping 1.0, EMA, then the discriminator step) vs one vqtok Engine step of
                    TokenizerTrainTask with the same settings; 64 px, batch 4, discriminator on from step 0,
@@ -232,6 +235,39 @@ def summary(times: dict[str, list[float]]) -> dict:
         out["official_cpu_s"], out["vqtok_cpu_s"] = statistics.median(CPU_TIMES["official"]), statistics.median(CPU_TIMES["vqtok"])
         out["ratio_cpu"] = out["official_cpu_s"] / out["vqtok_cpu_s"]
     return out
+
+
+# the ATen CPU kernels that carry a transformer sampler's arithmetic, grouped by what they compute
+SHARED_KERNELS = {"aten::addmm": "gemm", "aten::mm": "gemm", "aten::bmm": "gemm",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+                  "aten::gelu": "gelu", "aten::gelu_": "gelu"}
+
+
+def shared_kernel_floor(fns: dict, official_s: float) -> dict:
+    """Profiles one run of each side (CPU only) and sums each side's self time in SHARED_KERNELS per group.
+    Per group the smaller side's time is what the computation needs from those kernels on this machine, so
+    their sum (`floor_s`) is a lower bound on any run that uses the same kernels, and `ratio_bound` =
+    official_s / floor_s is the largest ratio such a run could reach even if nothing else cost any time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_side = {}
+    for name, fn in fns.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        groups = dict.fromkeys(sorted(set(SHARED_KERNELS.values())), 0.0)
+        for event in prof.key_averages():
+            if event.key in SHARED_KERNELS:
+                groups[SHARED_KERNELS[event.key]] += event.self_cpu_time_total / 1e6
+        per_side[name] = groups
+    floor = sum(min(side[g] for side in per_side.values()) for g in next(iter(per_side.values())))
+    return {"shared_kernels_s": per_side, "floor_s": floor, "ratio_bound": official_s / floor if floor else float("inf")}
+
+
+def fmt_floor(floor: dict) -> str:
+    sides = "; ".join(f"{name} " + ", ".join(f"{g} {s:.3f}" for g, s in groups.items())
+                      for name, groups in floor["shared_kernels_s"].items())
+    return (f"  shared kernels (s, one profiled run each): {sides}; floor {floor['floor_s']:.3f} s, so no run on the "
+            f"same kernels could exceed {floor['ratio_bound']:.2f}x")
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -699,11 +735,15 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
         assert out.tokens.shape == (batch, 680)
 
     times = alternate(synced({"official": run_official, "vqtok": run_vqtok}, dev), args.repeats, warmup=1)
+    result = summary(times)
+    if dev.type == "cpu":  # what the two sides' shared kernels alone take: the ratio's ceiling on this machine
+        result |= shared_kernel_floor({"official": run_official, "vqtok": run_vqtok}, result["official_s"])
+        print(fmt_floor(result), flush=True)
     n_params = sum(p.numel() for p in ours.parameters())
-    return summary(times) | {"device": str(dev), "codes_equal": codes_equal,
-                             "detail": f"{n_params / 1e6:.0f}M (depth {depth}, width {64 * depth}), batch {batch}, "
-                                       "cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only"
-                                       + (", bf16 autocast on both sides" if bf16 else "")}
+    return result | {"device": str(dev), "codes_equal": codes_equal,
+                     "detail": f"{n_params / 1e6:.0f}M (depth {depth}, width {64 * depth}), batch {batch}, "
+                               "cfg 1.5 ramp, top-k 900, top-p 0.96, 680 tokens, tokens only"
+                               + (", bf16 autocast on both sides" if bf16 else "")}
 
 
 # ------------------------------------------------------------------------------------------- driver

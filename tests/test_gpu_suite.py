@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -200,3 +202,31 @@ def test_gpu_run_script_names_the_missing_wheel(tmp_path):
                           timeout=60)
     assert proc.returncode == 2
     assert "lpips is not installed here and .whl/ has no lpips-*.whl: run bench/gpu_prepare.sh" in proc.stderr
+
+
+def test_compare_official_shared_kernel_floor_takes_the_smaller_side_per_kernel_group():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("compare_official_floor", REPO / "bench" / "compare_official.py")
+    co = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(co)
+    a, w, b = torch.randn(64, 32), torch.randn(48, 32), torch.randn(48)
+
+    def lean():  # one GEMM and one GELU
+        torch.nn.functional.gelu(torch.nn.functional.linear(a, w, b), approximate="tanh")
+
+    def heavy():  # the same, twice more GEMMs, and unshared work that the floor must not count
+        for _ in range(3):
+            y = torch.nn.functional.linear(a, w, b)
+        torch.nn.functional.gelu(y, approximate="tanh").exp().sum()
+
+    out = co.shared_kernel_floor({"official": heavy, "vqtok": lean}, official_s=1.0)
+    sides = out["shared_kernels_s"]
+    assert set(sides) == {"official", "vqtok"} and set(sides["vqtok"]) == {"attention", "gelu", "gemm"}
+    assert sides["vqtok"]["gemm"] > 0 and sides["vqtok"]["gelu"] > 0 and sides["vqtok"]["attention"] == 0
+    want = sum(min(sides["official"][g], sides["vqtok"][g]) for g in sides["vqtok"])
+    assert out["floor_s"] == pytest.approx(want) and out["floor_s"] <= sum(sides["official"].values())
+    assert out["ratio_bound"] == pytest.approx(1.0 / out["floor_s"])
+    assert "floor" in co.fmt_floor(out) and "exceed" in co.fmt_floor(out)
