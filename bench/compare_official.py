@@ -734,10 +734,10 @@ def case_var_sampling(args, bf16: bool = False) -> dict:
             out = sample(ours, classes, cfg, draw=batch_draw(0, 0, batch, 680, batch), decoder=decoder)
         assert out.tokens.shape == (batch, 680)
 
-    times = alternate(synced({"official": run_official, "vqtok": run_vqtok}, dev), args.repeats, warmup=1)
-    result = summary(times)
+    sides = {"official": run_official, "vqtok": run_vqtok}
+    result = summary(alternate(synced(sides, dev), args.repeats, warmup=1))
     if dev.type == "cpu":  # what the two sides' shared kernels alone take: the ratio's ceiling on this machine
-        result |= shared_kernel_floor({"official": run_official, "vqtok": run_vqtok}, result["official_s"])
+        result |= shared_kernel_floor(sides, result["official_s"])
         print(fmt_floor(result), flush=True)
     n_params = sum(p.numel() for p in ours.parameters())
     return result | {"device": str(dev), "codes_equal": codes_equal,

@@ -18,6 +18,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def load_bench_script(name: str):
+    """bench/<name>.py as a fresh module (the bench scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_suite_check_runs_every_part_on_cpu(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [x for x in [env.get("PYTHONPATH")] if x])
@@ -84,13 +94,9 @@ def test_compare_official_runs_only_the_generator_cases_on_a_gpu_and_needs_one(t
 
 
 def test_compare_official_synchronizes_each_timed_run_only_on_a_gpu():
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("compare_official_sync", REPO / "bench" / "compare_official.py")
-    co = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(co)
+    co = load_bench_script("compare_official")
     fns = {"official": lambda: None}
     assert co.synced(fns, torch.device("cpu")) is fns
     wrapped = co.synced(fns, torch.device("cuda"))
@@ -105,12 +111,9 @@ def test_compare_official_synchronizes_each_timed_run_only_on_a_gpu():
 
 
 def test_compare_official_time_budget_cuts_rounds_but_keeps_two_per_side(monkeypatch):
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("compare_official_under_test", REPO / "bench" / "compare_official.py")
-    co = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(co)
+    co = load_bench_script("compare_official")
     calls = []
 
     def fn(name):
@@ -133,12 +136,7 @@ def test_compare_official_time_budget_cuts_rounds_but_keeps_two_per_side(monkeyp
 
 
 def load_gpu_suite():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", REPO / "bench" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("gpu_suite")
 
 
 def test_gpu_suite_writes_its_report_after_every_part_and_stops_at_the_budget(tmp_path, monkeypatch):
@@ -205,13 +203,9 @@ def test_gpu_run_script_names_the_missing_wheel(tmp_path):
 
 
 def test_compare_official_shared_kernel_floor_takes_the_smaller_side_per_kernel_group():
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("compare_official_floor", REPO / "bench" / "compare_official.py")
-    co = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(co)
+    co = load_bench_script("compare_official")
     a, w, b = torch.randn(64, 32), torch.randn(48, 32), torch.randn(48)
 
     def lean():  # one GEMM and one GELU
